@@ -1,0 +1,64 @@
+"""Argument checks and pieces shared by every transformation.
+
+Numeric hyperparameters may be arrays or tracers (``optax.inject_hyperparams``),
+so they are checked only when given as plain Python numbers.
+"""
+
+from typing import Any, Optional
+
+import jax
+import optax
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    lower: float | None = None,
+    upper: float | None = None,
+    lower_open: bool = False,
+) -> None:
+  """Raises a ``ValueError`` if a Python number lies outside a range.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value given; arrays, tracers and schedules are not checked.
+    lower: the smallest allowed value (``None``: no bound).
+    upper: the largest allowed value (``None``: no bound).
+    lower_open: whether ``lower`` itself is excluded.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return
+  too_low = lower is not None and (value <= lower if lower_open else value < lower)
+  too_high = upper is not None and value > upper
+  if too_low or too_high or value != value:  # value != value: NaN.
+    lo = "-inf" if lower is None else f"{lower}"
+    hi = "inf" if upper is None else f"{upper}"
+    bracket = "(" if lower_open else "["
+    raise ValueError(f"{name} must lie in {bracket}{lo}, {hi}], got {name}={value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+  """Raises a ``ValueError`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}.")
+
+
+def sgd_tail(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: Optional[jax.typing.ArrayLike],
+    nesterov: bool,
+    weight_decay: jax.typing.ArrayLike,
+    weight_decay_mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """Weight decay → momentum → learning rate, shared by the ready optimizers."""
+  check_number("weight_decay", weight_decay, lower=0.0)
+  check_number("momentum", momentum, lower=0.0, upper=1.0)
+  parts = []
+  # A literal zero adds nothing and would force callers to pass params.
+  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+    parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  if momentum is not None:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)

@@ -1,0 +1,51 @@
+"""Per-layer diagnostics read from an optimizer state, by layer name."""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _has_diagnostics(node: Any) -> bool:
+  return hasattr(node, "diagnostics") and hasattr(node, "names")
+
+
+def layer_stats(opt_state: Any) -> dict[str, dict[str, Any]]:
+  """Returns the per-layer statistics found in an optimizer state.
+
+  Every state of the library that keeps per-layer arrays (the α of
+  :func:`optax_lgm.scale_by_lgm`, the gradient norms and selection counts of
+  :func:`optax_lgm.layer_sam`) is found wherever it sits in the state (inside
+  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, an
+  ``nnx.Optimizer``'s ``opt_state``...) and reported as
+  ``{statistic: {layer_name: value}}``. This is a host-side helper for logging:
+  it transfers the arrays to NumPy. Where several such states are nested, the
+  statistic names of all but the first are prefixed with their path in the
+  state.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_lgm
+    >>> params = {'a': jnp.ones(3), 'b': jnp.ones(2)}
+    >>> tx = optax_lgm.scale_by_lgm()
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'a': jnp.arange(3.0), 'b': jnp.ones(2)}, state)
+    >>> sorted(optax_lgm.layer_stats(state))
+    ['lgm_alpha', 'lgm_scale']
+
+  Args:
+    opt_state: an optimizer state (any pytree).
+
+  Returns:
+    A dict of dicts of NumPy scalars or arrays.
+  """
+  found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_has_diagnostics)[0]
+  stats: dict[str, dict[str, Any]] = {}
+  for path, node in found:
+    if not _has_diagnostics(node):
+      continue
+    for key, values in node.diagnostics().items():
+      name = key if key not in stats else f"{jax.tree_util.keystr(path)}/{key}"
+      values = np.asarray(jax.device_get(values))
+      stats[name] = dict(zip(node.names.names, values[: len(node.names)]))
+  return stats

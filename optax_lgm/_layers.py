@@ -1,0 +1,420 @@
+"""What a *layer* is: the grouping of a pytree's leaves that shares one statistic.
+
+Every transformation of the library is built on :class:`Layering`, the static
+(trace-time) description of how the leaves of a parameter tree group into
+layers. Per-layer statistics are computed with a handful of fused reductions,
+one per leaf, followed (only where several leaves or slices share a layer) by
+one ``segment_sum``; no Python loop runs at step time.
+
+A layer is chosen by ``layers``:
+
+* ``"leaf"``: every array leaf is a layer (optax's own convention).
+* ``"module"``: the leaves under the same parent share a layer (``kernel`` and
+  ``bias`` of one ``Dense``). Flax NNX paths that end in ``.value`` are
+  understood, as are Linen and plain dict trees.
+* a callable ``(path, leaf) -> label``: leaves with equal (hashable) labels form
+  one layer; ``None`` leaves the leaf out.
+
+``layer_axes`` says how many leading axes of a leaf index *separate* layers
+(stacked or scanned layers): an ``int`` for every leaf, a callable
+``(path, leaf) -> int``, or a pytree of ints shaped like the params.
+
+``mask`` (a pytree of booleans or a callable returning one, as in
+:func:`optax.masked`) says which leaves take part. Leaves outside it, ``None``
+leaves, non-float leaves and leaves (or slices) with fewer than two elements
+carry no statistic: transformations pass them through unchanged.
+"""
+
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LayerFn = Callable[[tuple, Any], Union[Hashable, None]]
+Layers = Union[str, LayerFn]
+LayerAxes = Union[int, None, Callable[[tuple, Any], int], Any]
+Mask = Union[None, Any, Callable[[Any], Any]]
+
+_LAYERS_STRINGS = ("leaf", "module")
+_VARIABLE_ATTRS = ("value", "raw_value")
+ROOT_NAME = "(root)"
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _key_name(key: Any) -> str:
+  """Returns the plain name of one entry of a JAX key path."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def strip_path(path: tuple) -> tuple:
+  """Drops a trailing ``.value`` (a Flax NNX ``Variable``) from a key path."""
+  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name in _VARIABLE_ATTRS
+  ):
+    path = path[:-1]
+  return path
+
+
+def path_name(path: tuple) -> str:
+  """Returns ``'a/b/c'`` for a key path, ignoring a trailing NNX ``.value``."""
+  names = [_key_name(k) for k in strip_path(path)]
+  return "/".join(names) if names else ROOT_NAME
+
+
+def check_layers(layers: Layers) -> None:
+  """Raises a ``ValueError`` unless ``layers`` is a known string or callable."""
+  if callable(layers):
+    return
+  if not isinstance(layers, str) or layers not in _LAYERS_STRINGS:
+    raise ValueError(
+        f"layers must be one of {_LAYERS_STRINGS} or a callable "
+        f"(path, leaf) -> label, got layers={layers!r}."
+    )
+
+
+def check_layer_axes(layer_axes: LayerAxes) -> None:
+  """Raises a ``ValueError`` for a negative or non-integer ``layer_axes``."""
+  if layer_axes is None or callable(layer_axes):
+    return
+  if isinstance(layer_axes, (bool, float)):
+    raise ValueError(f"layer_axes must be a non-negative int, got {layer_axes!r}.")
+  if isinstance(layer_axes, int) and layer_axes < 0:
+    raise ValueError(f"layer_axes must be a non-negative int, got {layer_axes!r}.")
+
+
+def _label(layers: Layers, path: tuple, leaf: Any) -> Hashable | None:
+  path = strip_path(path)
+  if layers == "leaf":
+    return path_name(path)
+  if layers == "module":
+    return path_name(path[:-1]) if len(path) > 1 else path_name(path)
+  return layers(path, leaf)
+
+
+def _flatten_like(treedef, tree: Any, what: str) -> list:
+  """Flattens ``tree`` (a mask or layer_axes tree) up to params' structure."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{what} must be a pytree with the structure of the params "
+        f"({treedef}), got {what}={tree!r}."
+    ) from e
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layering:
+  """How the leaves of one pytree group into layers (static, trace-time).
+
+  Attributes:
+    names: one name per layer, in a stable order (the order of first
+      appearance among the leaves, as ``jax.tree.flatten`` orders them).
+    treedef: the structure of the tree (``None`` counts as a leaf).
+    leaf_layers: per flat leaf, an integer array of layer indices of shape
+      ``leaf.shape[:layer_axes]``, or ``None`` when the leaf carries no
+      statistic.
+    sizes: number of elements of each layer, shape ``[num_layers]``.
+  """
+
+  names: tuple[str, ...]
+  treedef: Any
+  leaf_layers: tuple[np.ndarray | None, ...]
+  sizes: np.ndarray
+
+  @property
+  def num_layers(self) -> int:
+    """The number of layers."""
+    return len(self.names)
+
+  def flatten(self, tree: Any) -> list:
+    """Flattens a tree of this structure (``None`` leaves kept)."""
+    return self.treedef.flatten_up_to(tree)
+
+  def unflatten(self, leaves: Sequence[Any]) -> Any:
+    """Inverse of :meth:`flatten`."""
+    return self.treedef.unflatten(leaves)
+
+  def _segment_ids(self) -> np.ndarray:
+    ids = [ids.reshape(-1) for ids in self.leaf_layers if ids is not None]
+    return np.concatenate(ids) if ids else np.zeros([0], np.int32)
+
+  def reduce(
+      self,
+      fn: Callable[[jax.Array], jax.Array],
+      tree: Any,
+      *,
+      dtype: jax.typing.DTypeLike = jnp.float32,
+  ) -> jax.Array:
+    """Returns ``sum(fn(leaf))`` over the elements of each layer.
+
+    Args:
+      fn: an elementwise function applied to each leaf, cast to ``dtype``.
+      tree: a tree with the structure of the layering.
+      dtype: the dtype of the statistics.
+
+    Returns:
+      An array of shape ``[num_layers]`` and dtype ``dtype``.
+    """
+    parts = []
+    for x, ids in zip(self.flatten(tree), self.leaf_layers):
+      if ids is None:
+        continue
+      axes = tuple(range(ids.ndim, jnp.ndim(x)))
+      parts.append(jnp.sum(fn(jnp.asarray(x).astype(dtype)), axis=axes).reshape(-1))
+    if not parts:
+      return jnp.zeros([self.num_layers], dtype)
+    flat = jnp.concatenate(parts)
+    seg = self._segment_ids()
+    if np.array_equal(seg, np.arange(self.num_layers)):
+      return flat
+    return jax.ops.segment_sum(
+        flat, jnp.asarray(seg), num_segments=self.num_layers, indices_are_sorted=False
+    )
+
+  def moments(
+      self, tree: Any, *, dtype: jax.typing.DTypeLike = jnp.float32
+  ) -> tuple[jax.Array, jax.Array]:
+    """Population mean and variance of each layer's entries, in one pass.
+
+    Each slice is shifted by its first entry before its sum and sum of squares
+    are taken (so a constant layer has a variance of exactly zero and a large
+    mean does not cancel the variance away), then the slices of a layer are
+    merged with Chan's parallel formula.
+
+    Args:
+      tree: a tree with the structure of the layering.
+      dtype: the dtype of the statistics.
+
+    Returns:
+      ``(mean, var)``, each of shape ``[num_layers]``.
+    """
+    means, m2s, counts = [], [], []
+    for x, ids in zip(self.flatten(tree), self.leaf_layers):
+      if ids is None:
+        continue
+      x = jnp.asarray(x).astype(dtype)
+      a, ndim = ids.ndim, x.ndim
+      axes = tuple(range(a, ndim))
+      n = int(np.prod(x.shape[a:]))
+      shift = x[(slice(None),) * a + (0,) * (ndim - a)]
+      d = x - shift.reshape(shift.shape + (1,) * (ndim - a))
+      s1 = jnp.sum(d, axis=axes)
+      s2 = jnp.sum(d * d, axis=axes)
+      means.append((shift + s1 / n).reshape(-1))
+      m2s.append(jnp.maximum(s2 - s1 * s1 / n, 0.0).reshape(-1))
+      counts.append(np.full(ids.size, n, np.float64))
+    if not means:
+      zeros = jnp.zeros([self.num_layers], dtype)
+      return zeros, zeros
+    mean_s, m2_s = jnp.concatenate(means), jnp.concatenate(m2s)
+    seg = self._segment_ids()
+    sizes = jnp.asarray(self.sizes, dtype)
+    if np.array_equal(seg, np.arange(self.num_layers)):
+      return mean_s, m2_s / sizes
+    n_s = jnp.asarray(np.concatenate(counts), dtype)
+    seg_j = jnp.asarray(seg)
+    mean = jax.ops.segment_sum(n_s * mean_s, seg_j, self.num_layers) / sizes
+    spread = n_s * jnp.square(mean_s - mean[seg_j])
+    m2 = jax.ops.segment_sum(m2_s + spread, seg_j, self.num_layers)
+    return mean, m2 / sizes
+
+  def expand(self, values: jax.Array, index: int, ndim: int) -> jax.Array:
+    """Broadcasts per-layer ``values`` to flat leaf ``index`` of rank ``ndim``.
+
+    Args:
+      values: an array whose leading axis has length ``num_layers``.
+      index: the position of the leaf in :meth:`flatten`'s order.
+      ndim: the rank of that leaf.
+
+    Returns:
+      ``values[ids]`` with trailing singleton axes, broadcastable to the leaf.
+    """
+    ids = self.leaf_layers[index]
+    out = jnp.take(values, jnp.asarray(ids), axis=0) if ids.ndim else values[int(ids)]
+    return out.reshape(ids.shape + (1,) * (ndim - ids.ndim))
+
+  def map(
+      self,
+      fn: Callable[..., Any],
+      tree: Any,
+      *rest: Any,
+      per_layer: Sequence[jax.Array] = (),
+  ) -> Any:
+    """Maps ``fn`` over the leaves that carry a statistic.
+
+    Args:
+      fn: called as ``fn(leaf, *rest_leaves, *per_layer_values)`` where each
+        per-layer value is broadcastable to the leaf.
+      tree: a tree with the structure of the layering.
+      *rest: more trees of the same structure.
+      per_layer: arrays of shape ``[num_layers]``, expanded for each leaf.
+
+    Returns:
+      A tree like ``tree``; leaves without a statistic are returned unchanged.
+    """
+    flat = [self.flatten(t) for t in (tree,) + rest]
+    out = []
+    for i, (leaves, ids) in enumerate(zip(zip(*flat), self.leaf_layers)):
+      if ids is None:
+        out.append(leaves[0])
+        continue
+      ndim = jnp.ndim(leaves[0])
+      out.append(fn(*leaves, *(self.expand(v, i, ndim) for v in per_layer)))
+    return self.unflatten(out)
+
+
+def make_layering(
+    tree: Any,
+    layers: Layers = "leaf",
+    *,
+    layer_axes: LayerAxes = None,
+    mask: Mask = None,
+) -> Layering:
+  """Groups the leaves of ``tree`` into layers.
+
+  Args:
+    tree: a pytree of arrays (params or updates); only shapes and paths are
+      read.
+    layers: ``"leaf"``, ``"module"``, or a callable ``(path, leaf) -> label``.
+    layer_axes: number of leading axes that index separate layers: an int,
+      a callable ``(path, leaf) -> int`` or a pytree of ints like ``tree``.
+    mask: a pytree of booleans like ``tree`` or a callable returning one;
+      leaves where it is ``False`` carry no statistic.
+
+  Returns:
+    The :class:`Layering` of ``tree``.
+
+  Raises:
+    ValueError: for an unknown ``layers``, a ``layer_axes`` larger than a
+      leaf's rank, or a mask that does not match the tree.
+  """
+  check_layers(layers)
+  check_layer_axes(layer_axes)
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+  if mask is None:
+    mask_leaves = [True] * len(with_path)
+  else:
+    mask_tree = mask(tree) if callable(mask) else mask
+    mask_leaves = _flatten_like(treedef, mask_tree, "mask")
+  if layer_axes is None or isinstance(layer_axes, int) or callable(layer_axes):
+    axes_leaves = [layer_axes] * len(with_path)
+  else:
+    axes_leaves = _flatten_like(treedef, layer_axes, "layer_axes")
+
+  index: dict[Hashable, int] = {}
+  names: list[str] = []
+  sizes: list[int] = []
+  leaf_layers: list[np.ndarray | None] = []
+  for (path, leaf), keep, axes in zip(with_path, mask_leaves, axes_leaves):
+    if callable(axes):
+      axes = axes(strip_path(path), leaf)
+    axes = 0 if axes is None else axes
+    if leaf is None or not keep:
+      leaf_layers.append(None)
+      continue
+    shape = tuple(np.shape(leaf))
+    if not isinstance(axes, (int, np.integer)) or not 0 <= axes <= len(shape):
+      raise ValueError(
+          f"layer_axes must be an int between 0 and the rank of every leaf, "
+          f"got layer_axes={axes!r} for leaf {path_name(path)!r} of shape {shape}."
+      )
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    slice_size = int(np.prod(shape[axes:], dtype=np.int64))
+    label = _label(layers, path, leaf)
+    if label is None or slice_size < 2 or not jnp.issubdtype(dtype, jnp.inexact):
+      leaf_layers.append(None)
+      continue
+    ids = np.zeros(shape[:axes], np.int32)
+    for pos in np.ndindex(*shape[:axes]):
+      key = (label, pos)
+      if key not in index:
+        index[key] = len(names)
+        name = label if isinstance(label, str) else str(label)
+        names.append(name + (f"[{','.join(map(str, pos))}]" if pos else ""))
+        sizes.append(0)
+      ids[pos] = index[key]
+      sizes[index[key]] += slice_size
+    leaf_layers.append(ids)
+  return Layering(
+      names=tuple(names),
+      treedef=treedef,
+      leaf_layers=tuple(leaf_layers),
+      sizes=np.asarray(sizes, np.int64),
+  )
+
+
+def layer_names(
+    params: Any,
+    layers: Layers = "leaf",
+    *,
+    layer_axes: LayerAxes = None,
+    mask: Mask = None,
+) -> tuple[str, ...]:
+  """Names of the layers of ``params``, in the order the library reports them.
+
+  The order is that of the per-layer arrays in every state of the library
+  (``[num_layers]`` shaped statistics) and of the indices taken by
+  :func:`optax_lgm.layer_sam`'s ``selection``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_lgm
+    >>> params = {'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}}
+    >>> optax_lgm.layer_names(params)
+    ('dense/bias', 'dense/kernel')
+    >>> optax_lgm.layer_names(params, layers='module')
+    ('dense',)
+
+  Args:
+    params: the parameter pytree.
+    layers: ``"leaf"``, ``"module"`` or a callable ``(path, leaf) -> label``.
+    layer_axes: leading axes of a leaf that index separate layers.
+    mask: which leaves take part (a pytree of booleans or a callable).
+
+  Returns:
+    A tuple of layer names.
+  """
+  return make_layering(params, layers, layer_axes=layer_axes, mask=mask).names
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LayerNames:
+  """Static (non-array) layer names carried inside an optimizer state.
+
+  It has no array leaves, so ``jit``, ``apply_if_finite`` and checkpointing see
+  only the arrays next to it; the names travel in the tree structure.
+  """
+
+  names: tuple[str, ...] = ()
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+
+def top_k_mask(values: jax.Array, k: int | None) -> jax.Array:
+  """Boolean ``[num_layers]`` mask of the ``k`` largest ``values``.
+
+  Ties go to the lower index; ``k=None`` or ``k >= len(values)`` selects all.
+
+  Args:
+    values: per-layer scores, shape ``[num_layers]``.
+    k: how many layers to select.
+
+  Returns:
+    A boolean array of the same shape as ``values``.
+  """
+  n = values.shape[0]
+  if k is None or k >= n:
+    return jnp.ones([n], bool)
+  _, idx = jax.lax.top_k(values, k)
+  return jnp.zeros([n], bool).at[idx].set(True)

@@ -1,0 +1,301 @@
+"""One body of checks run over every public transformation of the library.
+
+Add a transformation by adding an entry to ``REGISTRY``: its factory, the
+keyword arguments that build it, which of them are numeric hyperparameters
+(injected with ``optax.inject_hyperparams``), a learning rate that converges
+on the small problem below, and whether ``update`` needs a ``grad_fn``.
+"""
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_lgm
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: dict
+  numeric: tuple[str, ...] = ()
+  # Learning rate of the SGD that follows a bare ``scale_by_*``; ``None`` for
+  # a ready optimizer that has its own.
+  learning_rate: float | None = 0.1
+  needs_grad_fn: bool = False
+  # Whether the transformation alone keeps its state on a non-finite gradient.
+  nan_safe: bool = True
+  # The final loss must fall below this fraction of the initial loss.
+  target: float = 0.3
+
+  def __str__(self) -> str:
+    return self.name
+
+
+REGISTRY = [
+    Entry("scale_by_lgm", optax_lgm.scale_by_lgm, {}, ("beta", "eps", "power")),
+    Entry(
+        "scale_by_lgm_literal",
+        optax_lgm.scale_by_lgm,
+        dict(power=1.0, normalize=None, eps=1e-8),
+        ("beta", "eps", "power"),
+        learning_rate=1e-3,
+    ),
+    Entry(
+        "scale_by_lgm_temporal_module",
+        optax_lgm.scale_by_lgm,
+        dict(variance="temporal", layers="module", normalize="mean", max_scale=10.0),
+        ("beta", "eps", "power", "max_scale"),
+    ),
+    Entry(
+        "lgm",
+        optax_lgm.lgm,
+        dict(learning_rate=0.05, weight_decay=1e-4),
+        ("learning_rate", "beta", "weight_decay"),
+        learning_rate=None,
+        nan_safe=False,
+    ),
+    Entry("scale_by_dgs", optax_lgm.scale_by_dgs, {}, ("beta", "sigma"), 3.0),
+    Entry(
+        "scale_by_dgs_layer",
+        optax_lgm.scale_by_dgs,
+        dict(reduction="layer", importance_decay=0.9),
+        ("beta", "sigma", "importance_decay"),
+        1.0,
+    ),
+    Entry(
+        "scale_by_dgs_element",
+        optax_lgm.scale_by_dgs,
+        dict(reduction="element", gamma=2.0),
+        ("beta", "sigma", "gamma"),
+        0.02,
+    ),
+    Entry(
+        "dgs",
+        optax_lgm.dgs,
+        dict(learning_rate=1.0, momentum=0.9),
+        ("learning_rate", "beta"),
+        learning_rate=None,
+        nan_safe=False,
+    ),
+]
+
+
+def build(entry: Entry, inject: bool = False, **overrides) -> optax.GradientTransformation:
+  factory = optax.inject_hyperparams(entry.factory) if inject else entry.factory
+  tx = factory(**{**entry.kwargs, **overrides})
+  if entry.learning_rate is not None:
+    tx = optax.chain(tx, optax.sgd(entry.learning_rate))
+  return tx
+
+
+# A two-layer MLP regression: layers of clearly different gradient scales.
+_rng = np.random.default_rng(0)
+_X = jnp.asarray(_rng.normal(size=(32, 4)), jnp.float32)
+_Y = jnp.asarray(_rng.normal(size=(32, 3)), jnp.float32)
+
+
+def make_params(dtype=jnp.float32) -> dict:
+  rng = np.random.default_rng(1)
+  return {
+      "dense1": {
+          "kernel": jnp.asarray(rng.normal(size=(4, 8)) * 0.5, dtype),
+          "bias": jnp.zeros(8, dtype),
+      },
+      "dense2": {
+          "kernel": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, dtype),
+          "bias": jnp.zeros(3, dtype),
+      },
+  }
+
+
+def loss_fn(params: dict) -> jax.Array:
+  h = jnp.tanh(_X.astype(params["dense1"]["kernel"].dtype) @ params["dense1"]["kernel"])
+  h = h + params["dense1"]["bias"]
+  out = h @ params["dense2"]["kernel"] + params["dense2"]["bias"]
+  return jnp.mean(jnp.square(out.astype(jnp.float32) - _Y))
+
+
+def extra_args(entry: Entry, loss: Callable = loss_fn) -> dict:
+  if not entry.needs_grad_fn:
+    return {}
+  return {"grad_fn": jax.grad(lambda p, _: loss(p))}
+
+
+def run_steps(tx, params, steps: int, entry: Entry, jit: bool = True):
+  state = tx.init(params)
+
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params, **extra_args(entry))
+    return optax.apply_updates(params, updates), state, updates
+
+  if jit:
+    step = jax.jit(step)
+  updates = None
+  for _ in range(steps):
+    params, state, updates = step(params, state)
+  return params, state, updates
+
+
+parametrize = pytest.mark.parametrize("entry", REGISTRY, ids=str)
+
+
+@parametrize
+def test_jit_matches_no_jit(entry):
+  tx = build(entry)
+  p1, s1, u1 = run_steps(tx, make_params(), 3, entry, jit=True)
+  p2, s2, u2 = run_steps(tx, make_params(), 3, entry, jit=False)
+  chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s1, s2, rtol=1e-5, atol=1e-6)
+
+
+@parametrize
+def test_no_recompilation(entry):
+  chex.clear_trace_counter()
+  tx = build(entry)
+  params = make_params()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params, **extra_args(entry))
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+  chex.assert_tree_all_finite(params)
+
+
+@parametrize
+def test_none_leaves(entry):
+  tx = build(entry)
+  params = {**make_params(), "frozen": None}
+
+  def loss(p):
+    return loss_fn({k: v for k, v in p.items() if k != "frozen"})
+
+  grads = {**jax.grad(loss_fn)(make_params()), "frozen": None}
+  state = tx.init(params)
+  updates, _ = tx.update(grads, state, params, **extra_args(entry, loss))
+  assert updates["frozen"] is None
+  chex.assert_tree_all_finite(updates["dense1"])
+
+
+@parametrize
+def test_empty_tree(entry):
+  tx = build(entry)
+  state = tx.init({})
+  extra = {"grad_fn": lambda p, _: {}} if entry.needs_grad_fn else {}
+  updates, _ = tx.update({}, state, {}, **extra)
+  assert updates == {}
+
+
+@parametrize
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes_preserved_and_state_stable(entry, dtype):
+  tx = build(entry)
+  params = make_params(dtype)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params)
+  updates, new_state = tx.update(grads, state, params, **extra_args(entry))
+  chex.assert_trees_all_equal_dtypes(updates, params)
+  chex.assert_trees_all_equal_structs(new_state, state)
+  chex.assert_trees_all_equal_dtypes(new_state, state)
+  chex.assert_trees_all_equal_shapes(new_state, state)
+
+
+@parametrize
+def test_inject_hyperparams(entry):
+  plain = build(entry)
+  injected = build(entry, inject=True)
+  _, s1, u1 = run_steps(plain, make_params(), 3, entry)
+  _, s2, u2 = run_steps(injected, make_params(), 3, entry)
+  chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
+  hyper = s2[0].hyperparams if entry.learning_rate is not None else s2.hyperparams
+  assert set(entry.numeric) <= set(hyper), (entry.numeric, hyper.keys())
+
+
+@parametrize
+def test_multi_steps(entry):
+  tx = optax.MultiSteps(build(entry), every_k_schedule=2)
+  params = make_params()
+  state = tx.init(params)
+  step = jax.jit(
+      lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, **extra_args(entry))
+  )
+  updates, state = step(params, state)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+  updates, state = step(params, state)
+  assert optax.tree.norm(updates) > 0
+  chex.assert_tree_all_finite(updates)
+
+
+def _nan_grads(params):
+  grads = jax.grad(loss_fn)(params)
+  return jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+
+
+@parametrize
+def test_apply_if_finite_keeps_state(entry):
+  tx = optax.apply_if_finite(build(entry), max_consecutive_errors=3)
+  params = make_params()
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params)
+  _, state = tx.update(grads, state, params, **extra_args(entry))
+  updates, bad_state = tx.update(_nan_grads(params), state, params, **extra_args(entry))
+  chex.assert_trees_all_equal(bad_state.inner_state, state.inner_state)
+  assert int(bad_state.notfinite_count) == 1
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+
+
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.nan_safe], ids=str)
+def test_nonfinite_gradient_leaves_own_state(entry):
+  tx = entry.factory(**entry.kwargs)
+  params = make_params()
+  state = tx.init(params)
+  _, state = tx.update(jax.grad(loss_fn)(params), state, params, **extra_args(entry))
+  _, new_state = tx.update(_nan_grads(params), state, params, **extra_args(entry))
+  chex.assert_trees_all_equal(new_state, state)
+
+
+@parametrize
+def test_converges(entry):
+  tx = build(entry)
+  params = make_params()
+  initial = float(loss_fn(params))
+  params, _, _ = run_steps(tx, params, 150, entry)
+  final = float(loss_fn(params))
+  assert np.isfinite(final)
+  assert final < entry.target * initial, (initial, final)
+
+
+def public_transformations() -> list[Any]:
+  """Every public factory annotated to return a gradient transformation."""
+  out = []
+  for name in optax_lgm.__all__:
+    obj = getattr(optax_lgm, name)
+    if inspect.isfunction(obj):
+      ret = inspect.signature(obj).return_annotation
+      if isinstance(ret, type) and issubclass(ret, optax.GradientTransformation):
+        out.append(obj)
+  return out
+
+
+def test_registry_covers_every_public_transformation():
+  public = public_transformations()
+  assert optax_lgm.scale_by_lgm in public and optax_lgm.dgs in public
+  covered = {e.factory for e in REGISTRY}
+  missing = [f.__name__ for f in public if f not in covered]
+  assert not missing, missing
