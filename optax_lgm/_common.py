@@ -11,12 +11,12 @@ import optax
 
 
 def check_number(
-    name: str,
-    value: Any,
-    *,
-    lower: float | None = None,
-    upper: float | None = None,
-    lower_open: bool = False,
+  name: str,
+  value: Any,
+  *,
+  lower: float | None = None,
+  upper: float | None = None,
+  lower_open: bool = False,
 ) -> None:
   """Raises a ``ValueError`` if a Python number lies outside a range.
 
@@ -45,11 +45,11 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def sgd_tail(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: Optional[jax.typing.ArrayLike],
-    nesterov: bool,
-    weight_decay: jax.typing.ArrayLike,
-    weight_decay_mask: Any,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: Optional[jax.typing.ArrayLike],
+  nesterov: bool,
+  weight_decay: jax.typing.ArrayLike,
+  weight_decay_mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Weight decay → momentum → learning rate, shared by the ready optimizers."""
   check_number("weight_decay", weight_decay, lower=0.0)

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lgm import _common
-from optax_lgm import _layers
+from optax_lgm import _common, _layers
 
 _REDUCTIONS = ("global", "layer", "element")
 
@@ -33,22 +32,22 @@ def _gamma_leaves(gamma: Any, lay: _layers.Layering) -> list:
     return lay.flatten(gamma)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "gamma must be a scalar or a pytree with the structure of the params "
-        f"({lay.treedef}), got gamma={gamma!r}."
+      "gamma must be a scalar or a pytree with the structure of the params "
+      f"({lay.treedef}), got gamma={gamma!r}."
     ) from e
 
 
 def scale_by_dgs(
-    beta: jax.typing.ArrayLike = 1.0,
-    sigma: jax.typing.ArrayLike = 1e-8,
-    gamma: Any = 1.0,
-    *,
-    reduction: str = "global",
-    importance_decay: Optional[jax.typing.ArrayLike] = None,
-    layers: _layers.Layers = "leaf",
-    layer_axes: _layers.LayerAxes = None,
-    mask: _layers.Mask = None,
-    stats_dtype: Optional[jax.typing.DTypeLike] = None,
+  beta: jax.typing.ArrayLike = 1.0,
+  sigma: jax.typing.ArrayLike = 1e-8,
+  gamma: Any = 1.0,
+  *,
+  reduction: str = "global",
+  importance_decay: Optional[jax.typing.ArrayLike] = None,
+  layers: _layers.Layers = "leaf",
+  layer_axes: _layers.LayerAxes = None,
+  mask: _layers.Mask = None,
+  stats_dtype: Optional[jax.typing.DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides the gradient by a weighted L1 norm of the gradients.
 
@@ -120,8 +119,8 @@ def scale_by_dgs(
   _common.check_number("importance_decay", importance_decay, lower=0.0, upper=1.0)
   if isinstance(importance_decay, (int, float)) and importance_decay == 1.0:
     raise ValueError(
-        "importance_decay must lie in [0, 1), got importance_decay=1.0 "
-        "(the importance would never leave zero)."
+      "importance_decay must lie in [0, 1), got importance_decay=1.0 "
+      "(the importance would never leave zero)."
     )
   _layers.check_layers(layers)
   _layers.check_layer_axes(layer_axes)
@@ -149,32 +148,32 @@ def scale_by_dgs(
     if importance_decay is not None:
       first = state.count == 0
       importance = lay.map(
-          lambda a, i: jnp.where(
-              first, a, importance_decay * i + (1 - importance_decay) * a
-          ),
-          abs_g,
-          state.importance,
+        lambda a, i: jnp.where(
+          first, a, importance_decay * i + (1 - importance_decay) * a
+        ),
+        abs_g,
+        state.importance,
       )
     weighted = lay.map(
-        lambda i, w: i * jnp.asarray(w, stats_dtype),
-        abs_g if importance is None else importance,
-        gammas,
+      lambda i, w: i * jnp.asarray(w, stats_dtype),
+      abs_g if importance is None else importance,
+      gammas,
     )
 
     if reduction == "element":
       new_updates = lay.map(
-          lambda g, w: (beta * g.astype(stats_dtype) / (sigma + w)).astype(g.dtype),
-          updates,
-          weighted,
+        lambda g, w: (beta * g.astype(stats_dtype) / (sigma + w)).astype(g.dtype),
+        updates,
+        weighted,
       )
     else:
       sums = lay.reduce(lambda w: w, weighted, dtype=stats_dtype)
       if reduction == "global":
         sums = jnp.full_like(sums, jnp.sum(sums))
       new_updates = lay.map(
-          lambda g, d: (beta * g.astype(stats_dtype) / (sigma + d)).astype(g.dtype),
-          updates,
-          per_layer=[sums],
+        lambda g, d: (beta * g.astype(stats_dtype) / (sigma + d)).astype(g.dtype),
+        updates,
+        per_layer=[sums],
       )
 
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)
@@ -186,20 +185,20 @@ def scale_by_dgs(
 
 
 def dgs(
-    learning_rate: optax.ScalarOrSchedule,
-    beta: jax.typing.ArrayLike = 1.0,
-    sigma: jax.typing.ArrayLike = 1e-8,
-    gamma: Any = 1.0,
-    *,
-    reduction: str = "global",
-    importance_decay: Optional[jax.typing.ArrayLike] = None,
-    momentum: Optional[jax.typing.ArrayLike] = None,
-    nesterov: bool = False,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    layers: _layers.Layers = "leaf",
-    layer_axes: _layers.LayerAxes = None,
-    mask: _layers.Mask = None,
-    weight_decay_mask: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  beta: jax.typing.ArrayLike = 1.0,
+  sigma: jax.typing.ArrayLike = 1e-8,
+  gamma: Any = 1.0,
+  *,
+  reduction: str = "global",
+  importance_decay: Optional[jax.typing.ArrayLike] = None,
+  momentum: Optional[jax.typing.ArrayLike] = None,
+  nesterov: bool = False,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  layers: _layers.Layers = "leaf",
+  layer_axes: _layers.LayerAxes = None,
+  mask: _layers.Mask = None,
+  weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD on dynamically scaled gradients: :func:`scale_by_dgs`, then SGD.
 
@@ -248,15 +247,17 @@ def dgs(
     2024.
   """
   return optax.chain(
-      scale_by_dgs(
-          beta,
-          sigma,
-          gamma,
-          reduction=reduction,
-          importance_decay=importance_decay,
-          layers=layers,
-          layer_axes=layer_axes,
-          mask=mask,
-      ),
-      _common.sgd_tail(learning_rate, momentum, nesterov, weight_decay, weight_decay_mask),
+    scale_by_dgs(
+      beta,
+      sigma,
+      gamma,
+      reduction=reduction,
+      importance_decay=importance_decay,
+      layers=layers,
+      layer_axes=layer_axes,
+      mask=mask,
+    ),
+    _common.sgd_tail(
+      learning_rate, momentum, nesterov, weight_decay, weight_decay_mask
+    ),
   )

@@ -57,8 +57,10 @@ def _key_name(key: Any) -> str:
 
 def strip_path(path: tuple) -> tuple:
   """Drops a trailing ``.value`` (a Flax NNX ``Variable``) from a key path."""
-  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name in _VARIABLE_ATTRS
+  while (
+    path
+    and isinstance(path[-1], jax.tree_util.GetAttrKey)
+    and (path[-1].name in _VARIABLE_ATTRS)
   ):
     path = path[:-1]
   return path
@@ -76,8 +78,8 @@ def check_layers(layers: Layers) -> None:
     return
   if not isinstance(layers, str) or layers not in _LAYERS_STRINGS:
     raise ValueError(
-        f"layers must be one of {_LAYERS_STRINGS} or a callable "
-        f"(path, leaf) -> label, got layers={layers!r}."
+      f"layers must be one of {_LAYERS_STRINGS} or a callable "
+      f"(path, leaf) -> label, got layers={layers!r}."
     )
 
 
@@ -106,8 +108,8 @@ def _flatten_like(treedef, tree: Any, what: str) -> list:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"{what} must be a pytree with the structure of the params "
-        f"({treedef}), got {what}={tree!r}."
+      f"{what} must be a pytree with the structure of the params "
+      f"({treedef}), got {what}={tree!r}."
     ) from e
 
 
@@ -148,11 +150,11 @@ class Layering:
     return np.concatenate(ids) if ids else np.zeros([0], np.int32)
 
   def reduce(
-      self,
-      fn: Callable[[jax.Array], jax.Array],
-      tree: Any,
-      *,
-      dtype: jax.typing.DTypeLike = jnp.float32,
+    self,
+    fn: Callable[[jax.Array], jax.Array],
+    tree: Any,
+    *,
+    dtype: jax.typing.DTypeLike = jnp.float32,
   ) -> jax.Array:
     """Returns ``sum(fn(leaf))`` over the elements of each layer.
 
@@ -177,11 +179,11 @@ class Layering:
     if np.array_equal(seg, np.arange(self.num_layers)):
       return flat
     return jax.ops.segment_sum(
-        flat, jnp.asarray(seg), num_segments=self.num_layers, indices_are_sorted=False
+      flat, jnp.asarray(seg), num_segments=self.num_layers, indices_are_sorted=False
     )
 
   def moments(
-      self, tree: Any, *, dtype: jax.typing.DTypeLike = jnp.float32
+    self, tree: Any, *, dtype: jax.typing.DTypeLike = jnp.float32
   ) -> tuple[jax.Array, jax.Array]:
     """Population mean and variance of each layer's entries, in one pass.
 
@@ -243,11 +245,11 @@ class Layering:
     return out.reshape(ids.shape + (1,) * (ndim - ids.ndim))
 
   def map(
-      self,
-      fn: Callable[..., Any],
-      tree: Any,
-      *rest: Any,
-      per_layer: Sequence[jax.Array] = (),
+    self,
+    fn: Callable[..., Any],
+    tree: Any,
+    *rest: Any,
+    per_layer: Sequence[jax.Array] = (),
   ) -> Any:
     """Maps ``fn`` over the leaves that carry a statistic.
 
@@ -273,11 +275,11 @@ class Layering:
 
 
 def make_layering(
-    tree: Any,
-    layers: Layers = "leaf",
-    *,
-    layer_axes: LayerAxes = None,
-    mask: Mask = None,
+  tree: Any,
+  layers: Layers = "leaf",
+  *,
+  layer_axes: LayerAxes = None,
+  mask: Mask = None,
 ) -> Layering:
   """Groups the leaves of ``tree`` into layers.
 
@@ -324,8 +326,8 @@ def make_layering(
     shape = tuple(np.shape(leaf))
     if not isinstance(axes, (int, np.integer)) or not 0 <= axes <= len(shape):
       raise ValueError(
-          f"layer_axes must be an int between 0 and the rank of every leaf, "
-          f"got layer_axes={axes!r} for leaf {path_name(path)!r} of shape {shape}."
+        f"layer_axes must be an int between 0 and the rank of every leaf, "
+        f"got layer_axes={axes!r} for leaf {path_name(path)!r} of shape {shape}."
       )
     dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
     slice_size = int(np.prod(shape[axes:], dtype=np.int64))
@@ -345,19 +347,19 @@ def make_layering(
       sizes[index[key]] += slice_size
     leaf_layers.append(ids)
   return Layering(
-      names=tuple(names),
-      treedef=treedef,
-      leaf_layers=tuple(leaf_layers),
-      sizes=np.asarray(sizes, np.int64),
+    names=tuple(names),
+    treedef=treedef,
+    leaf_layers=tuple(leaf_layers),
+    sizes=np.asarray(sizes, np.int64),
   )
 
 
 def layer_names(
-    params: Any,
-    layers: Layers = "leaf",
-    *,
-    layer_axes: LayerAxes = None,
-    mask: Mask = None,
+  params: Any,
+  layers: Layers = "leaf",
+  *,
+  layer_axes: LayerAxes = None,
+  mask: Mask = None,
 ) -> tuple[str, ...]:
   """Names of the layers of ``params``, in the order the library reports them.
 

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lgm import _layers
-from optax_lgm import _common
+from optax_lgm import _common, _layers
 
 _VARIANCES = ("spatial", "temporal")
 _NORMALIZE = (None, "mean", "geometric")
@@ -51,18 +50,18 @@ def _normalizer(alpha: jax.Array, seen: jax.Array, normalize: str | None):
 
 
 def scale_by_lgm(
-    beta: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-16,
-    *,
-    variance: str = "spatial",
-    power: jax.typing.ArrayLike = 0.5,
-    normalize: Optional[str] = "geometric",
-    min_scale: Optional[jax.typing.ArrayLike] = None,
-    max_scale: Optional[jax.typing.ArrayLike] = None,
-    layers: _layers.Layers = "leaf",
-    layer_axes: _layers.LayerAxes = None,
-    mask: _layers.Mask = None,
-    stats_dtype: Optional[jax.typing.DTypeLike] = None,
+  beta: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-16,
+  *,
+  variance: str = "spatial",
+  power: jax.typing.ArrayLike = 0.5,
+  normalize: Optional[str] = "geometric",
+  min_scale: Optional[jax.typing.ArrayLike] = 0.1,
+  max_scale: Optional[jax.typing.ArrayLike] = 10.0,
+  layers: _layers.Layers = "leaf",
+  layer_axes: _layers.LayerAxes = None,
+  mask: _layers.Mask = None,
+  stats_dtype: Optional[jax.typing.DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each layer's gradient by an EMA of its inverse gradient variance.
 
@@ -163,11 +162,11 @@ def scale_by_lgm(
     if variance == "temporal":
       mu = optax.tree.zeros_like(params, dtype=stats_dtype)
     return ScaleByLgmState(
-        count=jnp.zeros([n], jnp.int32),
-        alpha=jnp.zeros([n], stats_dtype),
-        scale=jnp.ones([n], stats_dtype),
-        mu=mu,
-        names=_layers.LayerNames(lay.names),
+      count=jnp.zeros([n], jnp.int32),
+      alpha=jnp.zeros([n], stats_dtype),
+      scale=jnp.ones([n], stats_dtype),
+      mu=mu,
+      names=_layers.LayerNames(lay.names),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -205,9 +204,9 @@ def scale_by_lgm(
       mu = optax.tree.where(finite, mu, state.mu)
 
     updates = lay.map(
-        lambda g, s: (g.astype(stats_dtype) * s).astype(g.dtype),
-        updates,
-        per_layer=[scale],
+      lambda g, s: (g.astype(stats_dtype) * s).astype(g.dtype),
+      updates,
+      per_layer=[scale],
     )
     return updates, ScaleByLgmState(count, alpha, scale, mu, state.names)
 
@@ -215,22 +214,22 @@ def scale_by_lgm(
 
 
 def lgm(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: Optional[jax.typing.ArrayLike] = 0.9,
-    nesterov: bool = False,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    beta: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-16,
-    variance: str = "spatial",
-    power: jax.typing.ArrayLike = 0.5,
-    normalize: Optional[str] = "geometric",
-    min_scale: Optional[jax.typing.ArrayLike] = None,
-    max_scale: Optional[jax.typing.ArrayLike] = None,
-    layers: _layers.Layers = "leaf",
-    layer_axes: _layers.LayerAxes = None,
-    mask: _layers.Mask = None,
-    weight_decay_mask: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: Optional[jax.typing.ArrayLike] = 0.9,
+  nesterov: bool = False,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  beta: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-16,
+  variance: str = "spatial",
+  power: jax.typing.ArrayLike = 0.5,
+  normalize: Optional[str] = "geometric",
+  min_scale: Optional[jax.typing.ArrayLike] = 0.1,
+  max_scale: Optional[jax.typing.ArrayLike] = 10.0,
+  layers: _layers.Layers = "leaf",
+  layer_axes: _layers.LayerAxes = None,
+  mask: _layers.Mask = None,
+  weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on layerwise-modulated gradients.
 
@@ -286,18 +285,19 @@ def lgm(
     Adaptive Deep Learning Pipelines with Layerwise Gradient Modulation`, 2022.
   """
   return optax.chain(
-      scale_by_lgm(
-          beta,
-          eps,
-          variance=variance,
-          power=power,
-          normalize=normalize,
-          min_scale=min_scale,
-          max_scale=max_scale,
-          layers=layers,
-          layer_axes=layer_axes,
-          mask=mask,
-      ),
-      _common.sgd_tail(learning_rate, momentum, nesterov, weight_decay, weight_decay_mask),
+    scale_by_lgm(
+      beta,
+      eps,
+      variance=variance,
+      power=power,
+      normalize=normalize,
+      min_scale=min_scale,
+      max_scale=max_scale,
+      layers=layers,
+      layer_axes=layer_axes,
+      mask=mask,
+    ),
+    _common.sgd_tail(
+      learning_rate, momentum, nesterov, weight_decay, weight_decay_mask
+    ),
   )
-

@@ -41,55 +41,70 @@ class Entry:
 
 
 REGISTRY = [
-    Entry("scale_by_lgm", optax_lgm.scale_by_lgm, {}, ("beta", "eps", "power")),
-    Entry(
-        "scale_by_lgm_literal",
-        optax_lgm.scale_by_lgm,
-        dict(power=1.0, normalize=None, eps=1e-8),
-        ("beta", "eps", "power"),
-        learning_rate=1e-3,
-    ),
-    Entry(
-        "scale_by_lgm_temporal_module",
-        optax_lgm.scale_by_lgm,
-        dict(variance="temporal", layers="module", normalize="mean", max_scale=10.0),
-        ("beta", "eps", "power", "max_scale"),
-    ),
-    Entry(
-        "lgm",
-        optax_lgm.lgm,
-        dict(learning_rate=0.05, weight_decay=1e-4),
-        ("learning_rate", "beta", "weight_decay"),
-        learning_rate=None,
-        nan_safe=False,
-    ),
-    Entry("scale_by_dgs", optax_lgm.scale_by_dgs, {}, ("beta", "sigma"), 3.0),
-    Entry(
-        "scale_by_dgs_layer",
-        optax_lgm.scale_by_dgs,
-        dict(reduction="layer", importance_decay=0.9),
-        ("beta", "sigma", "importance_decay"),
-        1.0,
-    ),
-    Entry(
-        "scale_by_dgs_element",
-        optax_lgm.scale_by_dgs,
-        dict(reduction="element", gamma=2.0),
-        ("beta", "sigma", "gamma"),
-        0.02,
-    ),
-    Entry(
-        "dgs",
-        optax_lgm.dgs,
-        dict(learning_rate=1.0, momentum=0.9),
-        ("learning_rate", "beta"),
-        learning_rate=None,
-        nan_safe=False,
-    ),
+  Entry(
+    "scale_by_lgm",
+    optax_lgm.scale_by_lgm,
+    {},
+    ("beta", "eps", "power", "min_scale", "max_scale"),
+    target=0.65,
+  ),
+  # The paper's literal rule: alpha ~ 1 / Var(g) is unstable at any learning
+  # rate that makes fast progress (3e-5 already diverges here), hence the
+  # loose target.
+  Entry(
+    "scale_by_lgm_literal",
+    optax_lgm.scale_by_lgm,
+    dict(power=1.0, normalize=None, eps=1e-8, min_scale=None, max_scale=None),
+    ("beta", "eps", "power"),
+    learning_rate=1e-5,
+    target=0.95,
+  ),
+  Entry(
+    "scale_by_lgm_temporal_module",
+    optax_lgm.scale_by_lgm,
+    dict(variance="temporal", layers="module", normalize="mean", max_scale=10.0),
+    ("beta", "eps", "power", "max_scale"),
+    target=0.65,
+  ),
+  Entry(
+    "lgm",
+    optax_lgm.lgm,
+    dict(learning_rate=0.05, weight_decay=1e-4),
+    ("learning_rate", "beta", "weight_decay"),
+    learning_rate=None,
+    nan_safe=False,
+    target=0.65,
+  ),
+  Entry("scale_by_dgs", optax_lgm.scale_by_dgs, {}, ("beta", "sigma"), 3.0),
+  Entry(
+    "scale_by_dgs_layer",
+    optax_lgm.scale_by_dgs,
+    dict(reduction="layer", importance_decay=0.9),
+    ("beta", "sigma", "importance_decay"),
+    1.0,
+    target=0.4,
+  ),
+  Entry(
+    "scale_by_dgs_element",
+    optax_lgm.scale_by_dgs,
+    dict(reduction="element", gamma=2.0),
+    ("beta", "sigma", "gamma"),
+    0.02,
+  ),
+  Entry(
+    "dgs",
+    optax_lgm.dgs,
+    dict(learning_rate=1.0, momentum=0.9),
+    ("learning_rate", "beta"),
+    learning_rate=None,
+    nan_safe=False,
+  ),
 ]
 
 
-def build(entry: Entry, inject: bool = False, **overrides) -> optax.GradientTransformation:
+def build(
+  entry: Entry, inject: bool = False, **overrides
+) -> optax.GradientTransformation:
   factory = optax.inject_hyperparams(entry.factory) if inject else entry.factory
   tx = factory(**{**entry.kwargs, **overrides})
   if entry.learning_rate is not None:
@@ -106,14 +121,14 @@ _Y = jnp.asarray(_rng.normal(size=(32, 3)), jnp.float32)
 def make_params(dtype=jnp.float32) -> dict:
   rng = np.random.default_rng(1)
   return {
-      "dense1": {
-          "kernel": jnp.asarray(rng.normal(size=(4, 8)) * 0.5, dtype),
-          "bias": jnp.zeros(8, dtype),
-      },
-      "dense2": {
-          "kernel": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, dtype),
-          "bias": jnp.zeros(3, dtype),
-      },
+    "dense1": {
+      "kernel": jnp.asarray(rng.normal(size=(4, 8)) * 0.5, dtype),
+      "bias": jnp.zeros(8, dtype),
+    },
+    "dense2": {
+      "kernel": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, dtype),
+      "bias": jnp.zeros(3, dtype),
+    },
   }
 
 
@@ -233,7 +248,7 @@ def test_multi_steps(entry):
   params = make_params()
   state = tx.init(params)
   step = jax.jit(
-      lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, **extra_args(entry))
+    lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, **extra_args(entry))
   )
   updates, state = step(params, state)
   chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
