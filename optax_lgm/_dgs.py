@@ -65,16 +65,18 @@ def scale_by_dgs(
 
   * ``"global"`` (the paper's equation): every parameter of the model, so one
     scalar divides the whole tree and the direction of the gradient is kept.
-    The update is :math:`g / \|g\|_1`, tiny for a large model: with plain SGD
-    a learning rate of the order of :math:`\sqrt{n}\,\times 0.1` (``n`` the
-    number of parameters) is a good start; about 30 trains the 8k-parameter
-    digits CNN of the examples.
-  * ``"layer"``: the parameters of :math:`i`'s layer (see ``layers``).
-    A learning rate of about 1 to 10 for layers of hundreds to thousands of
-    entries.
+    The update is :math:`\beta g / \|g\|_1`, tiny for a large model: with
+    plain SGD start from a learning rate of about :math:`0.5\sqrt{n}`
+    (``n`` the number of parameters); 100 trains the 38k-parameter digits CNN
+    of ``benchmarks/lgm_defaults.py`` to 96% in three epochs.
+  * ``"layer"``: the parameters of :math:`i`'s layer (see ``layers``); each
+    layer's update has an L1 norm of :math:`\beta`. About 1 for layers of
+    hundreds to thousands of entries (87% on the same task and budget, where
+    0.3 and 3 do worse and 10 diverges).
   * ``"element"``: just :math:`\gamma_i I_i`, which is what the paper's code
     listing does (``1 / (|g| + eps)``): sign descent in disguise. Use the
-    learning rate of sign descent, about ``1e-3``.
+    learning rate of sign descent, about ``1e-2`` to ``1e-3`` (``1e-2``:
+    97.5% on the same task and budget).
 
   Examples:
     >>> import jax.numpy as jnp
