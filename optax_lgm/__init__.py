@@ -10,6 +10,11 @@ from optax_lgm._dgs import ScaleByDgsState as ScaleByDgsState
 from optax_lgm._dgs import dgs as dgs
 from optax_lgm._dgs import scale_by_dgs as scale_by_dgs
 from optax_lgm._diagnostics import layer_stats as layer_stats
+from optax_lgm._layer_sam import KeepTopKLayersState as KeepTopKLayersState
+from optax_lgm._layer_sam import LayerSamState as LayerSamState
+from optax_lgm._layer_sam import keep_top_k_layers as keep_top_k_layers
+from optax_lgm._layer_sam import layer_sam as layer_sam
+from optax_lgm._layer_sam import select_layers as select_layers
 from optax_lgm._layers import LayerNames as LayerNames
 from optax_lgm._layers import layer_names as layer_names
 from optax_lgm._lgm import ScaleByLgmState as ScaleByLgmState
@@ -19,13 +24,18 @@ from optax_lgm._lgm import scale_by_lgm as scale_by_lgm
 __version__ = "0.1.0"
 
 __all__ = (
+    "KeepTopKLayersState",
     "LayerNames",
+    "LayerSamState",
     "ScaleByDgsState",
     "ScaleByLgmState",
     "dgs",
+    "keep_top_k_layers",
     "layer_names",
+    "layer_sam",
     "layer_stats",
     "lgm",
     "scale_by_dgs",
     "scale_by_lgm",
+    "select_layers",
 )

@@ -99,6 +99,50 @@ REGISTRY = [
     learning_rate=None,
     nan_safe=False,
   ),
+  Entry(
+    "layer_sam",
+    optax_lgm.layer_sam,
+    dict(optimizer=optax.sgd(0.1, momentum=0.9), rho=0.05, k=2),
+    ("rho", "k", "eta", "eps", "norm_decay"),
+    learning_rate=None,
+    needs_grad_fn=True,
+  ),
+  Entry(
+    "layer_sam_leaf_recompute_adaptive_global",
+    optax_lgm.layer_sam,
+    dict(
+      optimizer=optax.sgd(0.1, momentum=0.9),
+      rho=0.5,
+      k=1,
+      layers="leaf",
+      normalize="global",
+      unselected="recompute",
+      adaptive=True,
+    ),
+    ("rho", "k", "eta"),
+    learning_rate=None,
+    needs_grad_fn=True,
+  ),
+  Entry(
+    "layer_sam_every_layer_rho_schedule",
+    optax_lgm.layer_sam,
+    dict(
+      optimizer=optax.adam(0.05),
+      rho=optax.linear_schedule(0.0, 0.1, 50),
+      k=None,
+    ),
+    ("rho",),
+    learning_rate=None,
+    needs_grad_fn=True,
+  ),
+  Entry(
+    "keep_top_k_layers",
+    optax_lgm.keep_top_k_layers,
+    dict(k=1),
+    ("k",),
+    learning_rate=0.5,
+    target=0.4,
+  ),
 ]
 
 

@@ -53,7 +53,10 @@ def dgs_reference(grads_seq, *, beta, sigma, gamma, reduction, importance_decay)
 
 def run_dgs(grads_seq, **kwargs):
   tx = optax_lgm.scale_by_dgs(**kwargs)
-  as_f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+
+  def as_f32(t):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+
   state = tx.init(as_f32(grads_seq[0]))
   update = jax.jit(tx.update)
   out = []

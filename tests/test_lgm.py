@@ -183,7 +183,10 @@ def test_power_half_is_invariant_to_rescaling_one_layer(c, seed):
   scaled = [
     {**g, "head": {**g["head"], "kernel": c * g["head"]["kernel"]}} for g in grads_seq
   ]
-  as_f32 = lambda seq: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), seq)
+
+  def as_f32(seq):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), seq)
+
   chex.assert_trees_all_close(
     _invariant_run(as_f32(grads_seq)),
     _invariant_run(as_f32(scaled)),
