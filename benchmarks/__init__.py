@@ -1,0 +1,1 @@
+"""Benchmarks of optax_lgm: cost and accuracy measurements."""
