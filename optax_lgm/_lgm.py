@@ -93,10 +93,20 @@ def scale_by_lgm(
   ordinary SGD learning rate: ``power=0.5`` makes every layer's scaled
   gradient have unit standard deviation (up to the EMA), and
   ``normalize="geometric"`` divides by the geometric mean so the global step
-  size stays with the learning rate. They were chosen by measurement on the
-  bundled digits task (``benchmarks/lgm_defaults.py``): see the project's
-  results page. ``eps`` only guards a zero variance; it is far below the
-  variance of any float32 gradient worth scaling.
+  size stays with the learning rate. ``min_scale=0.1, max_scale=10`` keeps
+  a layer whose gradient variance collapses (a converged bias) from taking a
+  runaway step.
+
+  The defaults were chosen by measurement (``python -m
+  benchmarks.lgm_defaults``: a small NNX CNN on the bundled digits, SGD with
+  momentum 0.9, 6 epochs, 3 seeds). Steps to 97% test accuracy, at learning
+  rates 0.1 / 0.02: SGD alone 57 / 90, these defaults 52 / 77 (final
+  accuracy 99.0% / 96.9%, SGD 98.6% / 97.2%). ``power=1`` with the geometric
+  normalisation is faster at 0.02 (62 steps) but collapses at 0.1 (33%
+  accuracy); the literal rule needs a learning rate near 1e-5 and still
+  fails on some seeds. The clipping changes nothing on digits but prevents
+  the divergence of unclipped ``power=0.5`` on the small MLP of the test
+  suite at learning rate 0.03. ``eps`` only guards a zero variance.
 
   Place LGM before SGD or momentum (see :func:`lgm`), or after a
   preconditioner. A per-layer constant placed *before* Adam is cancelled by
