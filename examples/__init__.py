@@ -1,0 +1,1 @@
+"""Flax NNX example trainers, data pipeline and robustness evaluation."""

@@ -1,0 +1,216 @@
+"""Tests for examples/input_pipeline.py."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn import datasets as sklearn_datasets
+
+from examples import input_pipeline
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def digits(digits_dir):
+  return input_pipeline.get_datasets("digits", data_dir=digits_dir)
+
+
+@pytest.fixture(scope="module")
+def digits_arrays(digits):
+  train, test, _ = digits
+  return input_pipeline.load_split(train), input_pipeline.load_split(test)
+
+
+def _readable_mock(source):
+  # TFDS 4.9.10's `mock_data` sets `__getitems__` on its mock array_record
+  # reader as a plain attribute, so it is called without `self` and fails.
+  # Read the mock item by item instead.
+  reader = source.data_source
+  reader.__getitems__ = lambda keys: [reader[k] for k in keys]
+  return source
+
+
+def test_digits_is_prepared_in_data_dir(digits, digits_dir):
+  train, test, metadata = digits
+  assert (len(train), len(test)) == (1437, 360)
+  version_dir = digits_dir / "digits" / "1.0.0"
+  assert sorted(p.name for p in version_dir.glob("*.array_record*")) == [
+      "digits-test.array_record-00000-of-00001",
+      "digits-train.array_record-00000-of-00001",
+  ]
+  assert metadata == input_pipeline.get_metadata("digits")
+  assert (metadata.num_classes, metadata.input_shape) == (10, (8, 8, 1))
+
+
+def test_digits_second_call_reuses_files(digits, digits_dir):
+  files = sorted((digits_dir / "digits" / "1.0.0").iterdir())
+  mtimes = [f.stat().st_mtime_ns for f in files]
+  train, _, _ = input_pipeline.get_datasets("digits", data_dir=digits_dir)
+  assert len(train) == 1437
+  assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_digits_records(digits):
+  train, _, _ = digits
+  example = train[0]
+  assert example["image"].shape == (8, 8, 1)
+  assert example["image"].dtype == np.uint8
+  assert 0 <= example["label"] < 10
+
+
+def test_digits_splits_hold_the_sklearn_images(digits_arrays):
+  train, test = digits_arrays
+  np.testing.assert_array_equal(np.bincount(test["label"]), np.full(10, 36))
+  digits = sklearn_datasets.load_digits()
+  expected = np.round(digits.images * 255 / 16)[..., None] / 255
+
+  def sorted_rows(images, labels):
+    rows = np.concatenate([images.reshape(len(labels), -1), labels[:, None]], 1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+  stored = sorted_rows(
+      np.concatenate([train["image"], test["image"]]),
+      np.concatenate([train["label"], test["label"]]),
+  )
+  np.testing.assert_allclose(
+      stored, sorted_rows(expected.astype(np.float32), digits.target), atol=1e-6
+  )
+
+
+def test_digits_metadata_matches_train_pixels(digits_arrays):
+  train, _ = digits_arrays
+  metadata = input_pipeline.get_metadata("digits")
+  np.testing.assert_allclose(train["image"].mean(), metadata.mean[0], atol=1e-4)
+  np.testing.assert_allclose(train["image"].std(), metadata.std[0], atol=1e-4)
+
+
+def test_load_split_range_and_dtypes(digits_arrays):
+  train, test = digits_arrays
+  assert train["image"].shape == (1437, 8, 8, 1)
+  assert test["image"].shape == (360, 8, 8, 1)
+  for split in (train, test):
+    assert split["image"].dtype == np.float32
+    assert split["label"].dtype == np.int32
+    assert split["image"].min() == 0.0
+    assert split["image"].max() == 1.0
+    assert set(np.unique(split["label"])) == set(range(10))
+
+
+def test_iterate_batches(digits):
+  train, _, _ = digits
+  batches = list(input_pipeline.iterate(train, 100, seed=0, epoch=0))
+  assert len(batches) == 14  # 1,437 // 100, remainder dropped.
+  for batch in batches:
+    assert batch["image"].shape == (100, 8, 8, 1)
+    assert batch["image"].dtype == np.float32
+    assert batch["label"].shape == (100,)
+    assert batch["label"].dtype == np.int32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  kept = input_pipeline.iterate(train, 100, seed=0, drop_remainder=False)
+  assert [len(b["label"]) for b in kept] == [100] * 14 + [37]
+
+
+def _labels(source, **kwargs):
+  batches = input_pipeline.iterate(source, 64, **kwargs)
+  return np.concatenate([b["label"] for b in batches])
+
+
+def test_iterate_is_deterministic_given_seed_and_epoch(digits_arrays):
+  train, _ = digits_arrays
+  np.testing.assert_array_equal(
+      _labels(train, seed=3, epoch=1), _labels(train, seed=3, epoch=1)
+  )
+
+
+def test_iterate_order_changes_with_epoch_and_seed(digits_arrays):
+  train, _ = digits_arrays
+  first = _labels(train, seed=0, epoch=0)
+  assert not np.array_equal(first, _labels(train, seed=0, epoch=1))
+  assert not np.array_equal(first, _labels(train, seed=1, epoch=0))
+
+
+def test_iterate_epoch_is_a_permutation(digits_arrays):
+  train, _ = digits_arrays
+  labels = _labels(train, seed=0, epoch=2, drop_remainder=False)
+  np.testing.assert_array_equal(np.sort(labels), np.sort(train["label"]))
+
+
+def test_iterate_without_shuffle_keeps_order(digits_arrays):
+  train, _ = digits_arrays
+  batches = input_pipeline.iterate(train, 500, shuffle=False, drop_remainder=False)
+  images = np.concatenate([b["image"] for b in batches])
+  np.testing.assert_array_equal(images, train["image"])
+
+
+def test_iterate_source_and_arrays_agree(digits, digits_arrays):
+  train_source, _, _ = digits
+  train_arrays, _ = digits_arrays
+  from_source = input_pipeline.iterate(train_source, 256, seed=5, epoch=7)
+  from_arrays = input_pipeline.iterate(train_arrays, 256, seed=5, epoch=7)
+  for a, b in zip(from_source, from_arrays, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_iterate_rejects_bad_batch_size(digits_arrays):
+  train, _ = digits_arrays
+  with pytest.raises(ValueError, match="batch_size"):
+    next(input_pipeline.iterate(train, 0))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "num_classes"),
+    [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10)],
+)
+def test_mocked_tfds_datasets(tmp_path, name, shape, num_classes):
+  with tfds.testing.mock_data(
+      num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE
+  ):
+    train, test, metadata = input_pipeline.get_datasets(name, data_dir=tmp_path)
+    train, test = _readable_mock(train), _readable_mock(test)
+    assert (len(train), len(test)) == (40, 40)
+    assert metadata.input_shape == shape
+    assert metadata.num_classes == num_classes
+    assert len(metadata.mean) == len(metadata.std) == shape[-1]
+    batches = list(input_pipeline.iterate(train, 16, seed=0, epoch=0))
+    again = list(input_pipeline.iterate(train, 16, seed=0, epoch=0))
+    arrays = input_pipeline.load_split(test)
+  assert len(batches) == 2
+  for batch, other in zip(batches, again, strict=True):
+    assert batch["image"].shape == (16, *shape)
+    assert batch["image"].dtype == np.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert ((0 <= batch["label"]) & (batch["label"] < num_classes)).all()
+    np.testing.assert_array_equal(batch["image"], other["image"])
+  assert arrays["image"].shape == (40, *shape)
+
+
+def test_missing_dataset_raises_one_clear_error(tmp_path):
+  with pytest.raises(input_pipeline.DatasetNotFoundError) as info:
+    input_pipeline.get_datasets("mnist", data_dir=tmp_path)
+  message = str(info.value)
+  assert "'mnist'" in message
+  assert str(tmp_path) in message
+  assert "tfds build mnist" in message
+  assert "--file_format=array_record" in message
+  assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(ValueError, match="svhn"):
+    input_pipeline.get_datasets("svhn")
+  with pytest.raises(ValueError, match="svhn"):
+    input_pipeline.get_metadata("svhn")
+
+
+def test_metadata_of_every_dataset():
+  for name in input_pipeline.DATASETS:
+    metadata = input_pipeline.get_metadata(name)
+    assert metadata.name == name
+    channels = metadata.input_shape[-1]
+    assert len(metadata.mean) == len(metadata.std) == channels
+    assert all(0 < m < 1 for m in metadata.mean)
+    assert all(0 < s < 0.5 for s in metadata.std)
