@@ -39,13 +39,21 @@ def layer_stats(opt_state: Any) -> dict[str, dict[str, Any]]:
   Returns:
     A dict of dicts of NumPy scalars or arrays.
   """
-  found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_has_diagnostics)[0]
   stats: dict[str, dict[str, Any]] = {}
+  _collect(opt_state, (), stats)
+  return stats
+
+
+def _collect(tree: Any, prefix: tuple, stats: dict[str, dict[str, Any]]) -> None:
+  """Adds the statistics of every diagnostic state in ``tree`` to ``stats``."""
+  found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_has_diagnostics)[0]
   for path, node in found:
     if not _has_diagnostics(node):
       continue
+    path = prefix + tuple(path)
     for key, values in node.diagnostics().items():
       name = key if key not in stats else f"{jax.tree_util.keystr(path)}/{key}"
       values = np.asarray(jax.device_get(values))
       stats[name] = dict(zip(node.names.names, values[: len(node.names)]))
-  return stats
+    # Wrapping states (layer_sam's inner optimizer) may hold more of them.
+    _collect(tuple(node), path, stats)

@@ -301,3 +301,12 @@ def test_stacked_layers_match_separate_layers():
   np.testing.assert_allclose(sa.scale, sb.scale, rtol=1e-5)
   for i in range(3):
     np.testing.assert_allclose(ua["w"][i], ub[f"w{i}"], rtol=1e-5)
+
+
+def test_layer_stats_looks_inside_layer_sam():
+  params = {"a": jnp.ones((3, 2)), "b": jnp.arange(4.0)}
+  tx = optax_lgm.layer_sam(optax_lgm.lgm(0.1), rho=0.05, k=1)
+  _, state = tx.update(params, tx.init(params), params, grad_fn=lambda p, _: p)
+  stats = optax_lgm.layer_stats(state)
+  assert set(stats["lgm_scale"]) == {"a", "b"}
+  assert "sam_selected_count" in stats
