@@ -80,26 +80,26 @@ class DatasetMetadata:
 # Statistics of the training splits, pixels scaled to [0, 1]. The digits values
 # come from the split defined by `Digits` (tests check them against the data).
 _METADATA = {
-    m.name: m
-    for m in (
-        DatasetMetadata("digits", 10, (8, 8, 1), (0.3059,), (0.3762,)),
-        DatasetMetadata("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,)),
-        DatasetMetadata("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,)),
-        DatasetMetadata(
-            "cifar10",
-            10,
-            (32, 32, 3),
-            (0.4914, 0.4822, 0.4465),
-            (0.2470, 0.2435, 0.2616),
-        ),
-        DatasetMetadata(
-            "cifar100",
-            100,
-            (32, 32, 3),
-            (0.5071, 0.4865, 0.4409),
-            (0.2673, 0.2564, 0.2762),
-        ),
-    )
+  m.name: m
+  for m in (
+    DatasetMetadata("digits", 10, (8, 8, 1), (0.3059,), (0.3762,)),
+    DatasetMetadata("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,)),
+    DatasetMetadata("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,)),
+    DatasetMetadata(
+      "cifar10",
+      10,
+      (32, 32, 3),
+      (0.4914, 0.4822, 0.4465),
+      (0.2470, 0.2435, 0.2616),
+    ),
+    DatasetMetadata(
+      "cifar100",
+      100,
+      (32, 32, 3),
+      (0.5071, 0.4865, 0.4409),
+      (0.2673, 0.2564, 0.2762),
+    ),
+  )
 }
 
 DATASETS = tuple(_METADATA)
@@ -140,28 +140,28 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "Optical recognition of handwritten digits, 8x8 images, as bundled "
-            "with scikit-learn (sklearn.datasets.load_digits)."
-        ),
-        features=tfds.features.FeaturesDict(
-            {
-                "image": tfds.features.Image(shape=(8, 8, 1)),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }
-        ),
-        supervised_keys=("image", "label"),
-        homepage=(
-            "https://archive.ics.uci.edu/dataset/80/"
-            "optical+recognition+of+handwritten+digits"
-        ),
-        citation=(
-            "@misc{alpaydin1998digits, author={Alpaydin, E. and Kaynak, C.}, "
-            "title={Optical Recognition of Handwritten Digits}, year={1998}, "
-            "howpublished={UCI Machine Learning Repository}, "
-            "doi={10.24432/C50P49}}"
-        ),
+      builder=self,
+      description=(
+        "Optical recognition of handwritten digits, 8x8 images, as bundled "
+        "with scikit-learn (sklearn.datasets.load_digits)."
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(8, 8, 1)),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage=(
+        "https://archive.ics.uci.edu/dataset/80/"
+        "optical+recognition+of+handwritten+digits"
+      ),
+      citation=(
+        "@misc{alpaydin1998digits, author={Alpaydin, E. and Kaynak, C.}, "
+        "title={Optical Recognition of Handwritten Digits}, year={1998}, "
+        "howpublished={UCI Machine Learning Repository}, "
+        "doi={10.24432/C50P49}}"
+      ),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -171,24 +171,27 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     labels = digits.target.astype(np.int64)
     order = np.random.RandomState(0).permutation(len(labels))
     test = np.concatenate(
-        [order[labels[order] == c][: self._TEST_IMAGES_PER_CLASS] for c in range(10)]
+      [order[labels[order] == c][: self._TEST_IMAGES_PER_CLASS] for c in range(10)]
     )
     train = np.setdiff1d(np.arange(len(labels)), test)
     return {
-        "train": self._generate_examples(images, labels, train),
-        "test": self._generate_examples(images, labels, np.sort(test)),
+      "train": self._generate_examples(images, labels, train),
+      "test": self._generate_examples(images, labels, np.sort(test)),
     }
 
   def _generate_examples(
-      self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
+    self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
   ) -> Iterator[tuple[int, dict[str, Any]]]:
     # Hand PNG encoding to PIL: TFDS encodes NumPy images with TensorFlow,
     # which the examples do not depend on.
     for i in indices:
-      yield int(i), {
+      yield (
+        int(i),
+        {
           "image": PIL.Image.fromarray(images[i]),
           "label": int(labels[i]),
-      }
+        },
+      )
 
 
 def get_metadata(name: str) -> DatasetMetadata:
@@ -207,12 +210,12 @@ def get_metadata(name: str) -> DatasetMetadata:
     return _METADATA[name]
   except KeyError:
     raise ValueError(
-        f"Unknown dataset name={name!r}; expected one of {DATASETS}."
+      f"Unknown dataset name={name!r}; expected one of {DATASETS}."
     ) from None
 
 
 def get_datasets(
-    name: str, data_dir: str | os.PathLike[str] | None = None, *, download: bool = False
+  name: str, data_dir: str | os.PathLike[str] | None = None, *, download: bool = False
 ) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]], DatasetMetadata]:
   """Returns the train and test data sources of a dataset, and its metadata.
 
@@ -244,11 +247,11 @@ def get_datasets(
   prepare = download or name == "digits"
   try:
     train, test = tfds.data_source(
-        name,
-        split=["train", "test"],
-        data_dir=data_dir,
-        download=prepare,
-        builder_kwargs={"file_format": "array_record"} if prepare else None,
+      name,
+      split=["train", "test"],
+      data_dir=data_dir,
+      download=prepare,
+      builder_kwargs={"file_format": "array_record"} if prepare else None,
     )
   except (KeyError, NotImplementedError):
     # TFDS's ways of saying "no splits prepared here" and "prepared, but in a
@@ -263,30 +266,30 @@ def _not_prepared_message(name: str, data_dir: str | os.PathLike[str] | None) ->
   root = version_dir.parent.parent
   if builder.is_prepared():
     return (
-        f"Dataset {name!r} is prepared in {os.fspath(version_dir)!r}, but in the "
-        f"{builder.info.file_format.value} format, which has no random access. "
-        "Convert it (this needs TensorFlow) with\n"
-        f"    tfds convert_format --dataset_version_dir={os.fspath(version_dir)} "
-        "--out_file_format=array_record"
+      f"Dataset {name!r} is prepared in {os.fspath(version_dir)!r}, but in the "
+      f"{builder.info.file_format.value} format, which has no random access. "
+      "Convert it (this needs TensorFlow) with\n"
+      f"    tfds convert_format --dataset_version_dir={os.fspath(version_dir)} "
+      "--out_file_format=array_record"
     )
   return (
-      f"Dataset {name!r} is not prepared under data_dir={os.fspath(root)!r} "
-      f"(looked in {os.fspath(version_dir)!r}) and download=False. To get it, "
-      "on a machine with internet access and TensorFlow installed run\n"
-      f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
-      f"and copy DIR/{name} to {os.fspath(root / name)!r}; or call "
-      f"get_datasets({name!r}, data_dir=..., download=True) where downloads work."
+    f"Dataset {name!r} is not prepared under data_dir={os.fspath(root)!r} "
+    f"(looked in {os.fspath(version_dir)!r}) and download=False. To get it, "
+    "on a machine with internet access and TensorFlow installed run\n"
+    f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
+    f"and copy DIR/{name} to {os.fspath(root / name)!r}; or call "
+    f"get_datasets({name!r}, data_dir=..., download=True) where downloads work."
   )
 
 
 def iterate(
-    source: Source,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
+  source: Source,
+  batch_size: int,
+  *,
+  seed: int = 0,
+  epoch: int = 0,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
 ) -> Iterator[Batch]:
   """Yields the batches of one epoch over a data source or in-memory arrays.
 

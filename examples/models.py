@@ -43,24 +43,24 @@ MODELS = ("cnn", "resnet20", "resnet32", "transformer")
 
 
 def _check_input(
-    input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
+  input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
 ) -> int:
   """Checks the image shape and statistics; returns the number of channels."""
   if len(input_shape) != 3:
     raise ValueError(
-        f"input_shape must be (height, width, channels), got {input_shape}."
+      f"input_shape must be (height, width, channels), got {input_shape}."
     )
   channels = input_shape[-1]
   if len(mean) != channels or len(std) != channels:
     raise ValueError(
-        f"mean={tuple(mean)} and std={tuple(std)} must have one entry per "
-        f"channel of input_shape={tuple(input_shape)}."
+      f"mean={tuple(mean)} and std={tuple(std)} must have one entry per "
+      f"channel of input_shape={tuple(input_shape)}."
     )
   return channels
 
 
 def _standardize(
-    images: jax.Array, mean: Sequence[float], std: Sequence[float]
+  images: jax.Array, mean: Sequence[float], std: Sequence[float]
 ) -> jax.Array:
   """Maps pixels on [0, 1] to zero mean and unit variance per channel."""
   mean = jnp.asarray(mean, images.dtype)
@@ -85,21 +85,21 @@ class CNN(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_classes: int,
-      input_shape: Sequence[int],
-      mean: Sequence[float],
-      std: Sequence[float],
-      *,
-      features: tuple[int, int] = (32, 64),
-      hidden: int = 256,
-      rngs: nnx.Rngs,
+    self,
+    num_classes: int,
+    input_shape: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    features: tuple[int, int] = (32, 64),
+    hidden: int = 256,
+    rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
     height, width = input_shape[0] // 4, input_shape[1] // 4
     if height < 1 or width < 1:
       raise ValueError(
-          f"CNN needs images of at least 4x4 pixels, got input_shape={input_shape}."
+        f"CNN needs images of at least 4x4 pixels, got input_shape={input_shape}."
       )
     self.mean, self.std = tuple(mean), tuple(std)
     self.conv1 = nnx.Conv(channels, features[0], (3, 3), rngs=rngs)
@@ -117,16 +117,16 @@ class CNN(nnx.Module):
 
 
 def _conv3x3(
-    in_features: int, out_features: int, strides: int, *, rngs: nnx.Rngs
+  in_features: int, out_features: int, strides: int, *, rngs: nnx.Rngs
 ) -> nnx.Conv:
   return nnx.Conv(
-      in_features,
-      out_features,
-      (3, 3),
-      strides,
-      use_bias=False,
-      kernel_init=nnx.initializers.he_normal(),
-      rngs=rngs,
+    in_features,
+    out_features,
+    (3, 3),
+    strides,
+    use_bias=False,
+    kernel_init=nnx.initializers.he_normal(),
+    rngs=rngs,
   )
 
 
@@ -149,13 +149,13 @@ class BasicBlock(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      strides: int,
-      shortcut: str,
-      *,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    strides: int,
+    shortcut: str,
+    *,
+    rngs: nnx.Rngs,
   ):
     self.strides = strides
     self.conv1 = _conv3x3(in_features, out_features, strides, rngs=rngs)
@@ -166,16 +166,16 @@ class BasicBlock(nnx.Module):
     self.pad_features = out_features - in_features if shortcut == "padding" else 0
     if reshapes and shortcut == "projection":
       self.projection = nnx.Sequential(
-          nnx.Conv(
-              in_features,
-              out_features,
-              (1, 1),
-              strides,
-              use_bias=False,
-              kernel_init=nnx.initializers.he_normal(),
-              rngs=rngs,
-          ),
-          _batch_norm(out_features, rngs=rngs),
+        nnx.Conv(
+          in_features,
+          out_features,
+          (1, 1),
+          strides,
+          use_bias=False,
+          kernel_init=nnx.initializers.he_normal(),
+          rngs=rngs,
+        ),
+        _batch_norm(out_features, rngs=rngs),
       )
     else:
       self.projection = None
@@ -218,23 +218,23 @@ class ResNet(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_classes: int,
-      input_shape: Sequence[int],
-      mean: Sequence[float],
-      std: Sequence[float],
-      *,
-      depth: int = 20,
-      width: int = 16,
-      shortcut: str = "padding",
-      rngs: nnx.Rngs,
+    self,
+    num_classes: int,
+    input_shape: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    depth: int = 20,
+    width: int = 16,
+    shortcut: str = "padding",
+    rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
     if depth < 8 or (depth - 2) % 6:
       raise ValueError(f"depth must be 6 * n + 2 with n >= 1, got depth={depth}.")
     if shortcut not in ("padding", "projection"):
       raise ValueError(
-          f"shortcut must be 'padding' or 'projection', got shortcut={shortcut!r}."
+        f"shortcut must be 'padding' or 'projection', got shortcut={shortcut!r}."
       )
     self.mean, self.std = tuple(mean), tuple(std)
     self.conv = _conv3x3(channels, width, 1, rngs=rngs)
@@ -246,7 +246,7 @@ class ResNet(nnx.Module):
       for i in range((depth - 2) // 6):
         strides = 2 if stage > 0 and i == 0 else 1
         blocks.append(
-            BasicBlock(in_features, out_features, strides, shortcut, rngs=rngs)
+          BasicBlock(in_features, out_features, strides, shortcut, rngs=rngs)
         )
         in_features = out_features
     self.blocks = nnx.List(blocks)
@@ -262,26 +262,26 @@ class ResNet(nnx.Module):
 
 
 def resnet20(
-    num_classes: int,
-    input_shape: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
+  num_classes: int,
+  input_shape: Sequence[int],
+  mean: Sequence[float],
+  std: Sequence[float],
+  *,
+  rngs: nnx.Rngs,
+  **kwargs: Any,
 ) -> ResNet:
   """Returns a ResNet-20; ``kwargs`` go to `ResNet`."""
   return ResNet(num_classes, input_shape, mean, std, depth=20, rngs=rngs, **kwargs)
 
 
 def resnet32(
-    num_classes: int,
-    input_shape: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
+  num_classes: int,
+  input_shape: Sequence[int],
+  mean: Sequence[float],
+  std: Sequence[float],
+  *,
+  rngs: nnx.Rngs,
+  **kwargs: Any,
 ) -> ResNet:
   """Returns a ResNet-32; ``kwargs`` go to `ResNet`."""
   return ResNet(num_classes, input_shape, mean, std, depth=32, rngs=rngs, **kwargs)
@@ -302,7 +302,7 @@ class EncoderBlock(nnx.Module):
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
     self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(
-        num_heads=num_heads, in_features=dim, decode=False, rngs=rngs
+      num_heads=num_heads, in_features=dim, decode=False, rngs=rngs
     )
     self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
     self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
@@ -343,18 +343,18 @@ class TransformerClassifier(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_classes: int,
-      input_shape: Sequence[int],
-      mean: Sequence[float],
-      std: Sequence[float],
-      *,
-      patch_size: int | None = None,
-      dim: int = 64,
-      depth: int = 2,
-      num_heads: int = 4,
-      mlp_dim: int = 128,
-      rngs: nnx.Rngs,
+    self,
+    num_classes: int,
+    input_shape: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    patch_size: int | None = None,
+    dim: int = 64,
+    depth: int = 2,
+    num_heads: int = 4,
+    mlp_dim: int = 128,
+    rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
     height, width = input_shape[0], input_shape[1]
@@ -362,24 +362,24 @@ class TransformerClassifier(nnx.Module):
       patch_size = 2 if max(height, width) <= 16 else 4
     if height % patch_size or width % patch_size:
       raise ValueError(
-          f"patch_size={patch_size} must divide the height and width of "
-          f"input_shape={tuple(input_shape)}."
+        f"patch_size={patch_size} must divide the height and width of "
+        f"input_shape={tuple(input_shape)}."
       )
     self.mean, self.std = tuple(mean), tuple(std)
     self.patch_embedding = nnx.Conv(
-        channels,
-        dim,
-        (patch_size, patch_size),
-        patch_size,
-        padding="VALID",
-        rngs=rngs,
+      channels,
+      dim,
+      (patch_size, patch_size),
+      patch_size,
+      padding="VALID",
+      rngs=rngs,
     )
     num_patches = (height // patch_size) * (width // patch_size)
     self.position_embedding = nnx.Param(
-        nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches, dim))
+      nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches, dim))
     )
     self.blocks = nnx.List(
-        [EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)]
+      [EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)]
     )
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, num_classes, rngs=rngs)
@@ -394,21 +394,21 @@ class TransformerClassifier(nnx.Module):
 
 
 _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {
-    "cnn": CNN,
-    "resnet20": resnet20,
-    "resnet32": resnet32,
-    "transformer": TransformerClassifier,
+  "cnn": CNN,
+  "resnet20": resnet20,
+  "resnet32": resnet32,
+  "transformer": TransformerClassifier,
 }
 
 
 def create_model(
-    name: str,
-    num_classes: int,
-    input_shape: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    rngs: nnx.Rngs,
-    **kwargs: Any,
+  name: str,
+  num_classes: int,
+  input_shape: Sequence[int],
+  mean: Sequence[float],
+  std: Sequence[float],
+  rngs: nnx.Rngs,
+  **kwargs: Any,
 ) -> nnx.Module:
   """Builds a model by name, in training mode.
 
@@ -435,6 +435,4 @@ def create_model(
   """
   if name not in _CONSTRUCTORS:
     raise ValueError(f"Unknown model name={name!r}; expected one of {MODELS}.")
-  return _CONSTRUCTORS[name](
-      num_classes, input_shape, mean, std, rngs=rngs, **kwargs
-  )
+  return _CONSTRUCTORS[name](num_classes, input_shape, mean, std, rngs=rngs, **kwargs)

@@ -47,7 +47,7 @@ def _logits(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.
 
 
 def _input_gradient(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array
+  graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array
 ) -> jax.Array:
   """Gradient of the summed cross-entropy with respect to the images."""
 
@@ -88,7 +88,7 @@ def _num_correct(graphdef, state, images, labels, valid):
 
 
 def fgsm(
-    model: nnx.Module, images: jax.Array, labels: jax.Array, eps: float
+  model: nnx.Module, images: jax.Array, labels: jax.Array, eps: float
 ) -> jax.Array:
   r"""Fast gradient sign method (Goodfellow et al., 2015).
 
@@ -114,14 +114,14 @@ def fgsm(
 
 
 def pgd(
-    model: nnx.Module,
-    images: jax.Array,
-    labels: jax.Array,
-    eps: float,
-    *,
-    step_size: float | None = None,
-    steps: int = 10,
-    key: jax.Array | None = None,
+  model: nnx.Module,
+  images: jax.Array,
+  labels: jax.Array,
+  eps: float,
+  *,
+  step_size: float | None = None,
+  steps: int = 10,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   r"""Projected gradient descent in the L-infinity ball (Madry et al., 2018).
 
@@ -151,7 +151,7 @@ def pgd(
   """
   graphdef, state = nnx.split(model)
   return _pgd_batch(
-      graphdef, state, images, labels, key, eps=eps, steps=steps, step_size=step_size
+    graphdef, state, images, labels, key, eps=eps, steps=steps, step_size=step_size
   )
 
 
@@ -175,11 +175,11 @@ def gaussian_noise(images: jax.Array, sigma: float, key: jax.Array) -> jax.Array
 
 
 def accuracy(
-    model: nnx.Module,
-    images: ArrayLike,
-    labels: ArrayLike,
-    *,
-    batch_size: int = 256,
+  model: nnx.Module,
+  images: ArrayLike,
+  labels: ArrayLike,
+  *,
+  batch_size: int = 256,
 ) -> float:
   """Top-1 accuracy of a model in eval mode.
 
@@ -197,16 +197,16 @@ def accuracy(
 
 
 def evaluate_robustness(
-    model: nnx.Module,
-    images: ArrayLike,
-    labels: ArrayLike,
-    *,
-    key: jax.Array,
-    eps_list: Sequence[float] = (8 / 255, 0.1),
-    sigmas: Sequence[float] = (0.04, 0.06, 0.08, 0.09, 0.10),
-    pgd_steps: int = 10,
-    batch_size: int = 256,
-    progress: bool = False,
+  model: nnx.Module,
+  images: ArrayLike,
+  labels: ArrayLike,
+  *,
+  key: jax.Array,
+  eps_list: Sequence[float] = (8 / 255, 0.1),
+  sigmas: Sequence[float] = (0.04, 0.06, 0.08, 0.09, 0.10),
+  pgd_steps: int = 10,
+  batch_size: int = 256,
+  progress: bool = False,
 ) -> dict[str, float]:
   """Accuracy on clean, adversarial and noisy versions of a test set.
 
@@ -236,28 +236,28 @@ def evaluate_robustness(
   evaluations = [("clean", None, None)]
   for eps in eps_list:
     evaluations += [
-        (f"fgsm@{eps:.3g}", functools.partial(_fgsm_batch, eps=eps), None),
-        (
-            f"pgd@{eps:.3g}",
-            functools.partial(_pgd_batch, eps=eps, steps=pgd_steps),
-            pgd_key,
-        ),
+      (f"fgsm@{eps:.3g}", functools.partial(_fgsm_batch, eps=eps), None),
+      (
+        f"pgd@{eps:.3g}",
+        functools.partial(_pgd_batch, eps=eps, steps=pgd_steps),
+        pgd_key,
+      ),
     ]
   for sigma in sigmas:
     evaluations.append(
-        (f"noise@{sigma:.3g}", functools.partial(_noise_batch, sigma=sigma), noise_key)
+      (f"noise@{sigma:.3g}", functools.partial(_noise_batch, sigma=sigma), noise_key)
     )
   return {
-      name: _accuracy(graphdef, state, images, labels, batch_size, perturb, key)
-      for name, perturb, key in tqdm.tqdm(
-          evaluations, desc="robustness", disable=not progress
-      )
+    name: _accuracy(graphdef, state, images, labels, batch_size, perturb, key)
+    for name, perturb, key in tqdm.tqdm(
+      evaluations, desc="robustness", disable=not progress
+    )
   }
 
 
 # A perturbation of one batch: (graphdef, state, images, labels, key) -> images.
 _Perturbation = Callable[
-    [nnx.GraphDef, nnx.State, jax.Array, jax.Array, jax.Array | None], jax.Array
+  [nnx.GraphDef, nnx.State, jax.Array, jax.Array, jax.Array | None], jax.Array
 ]
 
 
@@ -283,13 +283,13 @@ def _noise_batch(graphdef, state, images, labels, key, *, sigma):
 
 
 def _accuracy(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: ArrayLike,
-    labels: ArrayLike,
-    batch_size: int,
-    perturb: _Perturbation | None = None,
-    key: jax.Array | None = None,
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  images: ArrayLike,
+  labels: ArrayLike,
+  batch_size: int,
+  perturb: _Perturbation | None = None,
+  key: jax.Array | None = None,
 ) -> float:
   """Accuracy on ``perturb``-ed images, batch by batch.
 
