@@ -14,15 +14,20 @@ is a mask, and the whole second pass still runs.
 selection is fixed at trace time. Only the selected layers are perturbed (the
 other leaves of the perturbed params are the very same arrays) and only their
 second-pass gradients are used, so XLA drops the weight-gradient work of the
-other layers, the backward pass below the lowest selected layer, and the
-second forward pass up to it (it is the same computation as the first pass's,
-and is shared). The state keeps running per-layer gradient norms, and
+other layers and the backward pass below the lowest selected layer, and can
+share the second forward pass up to that layer with the first (it is the same
+computation). The cost of a static step is therefore set by the *lowest*
+selected layer: the output layer alone costs about one SGD step, while any
+input-side layer in the selection brings back most of a forward and a
+backward pass. The state keeps running per-layer gradient norms, and
 :func:`select_layers` turns them, on the host, into the next selection.
 
 The training loop of static mode jits the step with ``selection`` as a static
-argument and re-selects every few hundred steps; ``jit`` compiles one step per
-distinct selection, and layer norms are stable enough (the paper's Figure 5)
-that only a handful are ever compiled::
+argument and re-selects every so many steps; ``jit`` compiles one step per
+distinct selection (a selection seen before is not compiled again), and the
+top layers change rarely, so few are compiled: a 60-step ResNet-20 run
+re-selecting every 10 steps (``benchmarks/layer_sam_speed.py``) compiled 3
+steps, one dynamic and two static::
 
   tx = optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, k=2)
 
@@ -37,24 +42,37 @@ that only a handful are ever compiled::
   opt_state = tx.init(params)
   selection = None  # The first step runs in dynamic mode: it measures norms.
   for step, batch in enumerate(batches):
-    if step % 200 == 1:
+    if step % 100 == 1:
       selection = optax_lgm.select_layers(opt_state)  # A tuple of ints.
     params, opt_state = train_step(params, opt_state, batch, selection)
 
 With Flax NNX, split the model so that the second pass runs on a functional
-copy whose BatchNorm statistics are thrown away::
+copy whose BatchNorm statistics are thrown away (``nnx.as_pure`` gives it
+fresh copies of the statistics, which it may update inside ``jax.grad``)::
 
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit(static_argnames='selection')
   def train_step(model, optimizer, x, y, selection=None):
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    rest = nnx.as_pure(rest)
 
     def grad_fn(params, _):  # Second pass: running statistics untouched.
       return jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest), x, y))(params)
 
     grads = nnx.grad(loss)(model, x, y)  # First pass: updates the statistics.
     optimizer.update(model, grads, grad_fn=grad_fn, selection=selection)
+
+XLA:CPU and BatchNorm. XLA shares the two forward passes only if they are
+still identical when its common-subexpression pass runs. On XLA:CPU (jax
+0.10) the earlier ``reshape-mover`` pass rewrites the BatchNorm arithmetic of
+the two passes differently (their users differ), so the second forward pass
+is computed again: on a ResNet-20, perturbing the two output-side layers
+costs 1.33x an SGD step in FLOPs instead of 1.00x. Disabling that pass
+restores the sharing: ``jax.jit(train_step, compiler_options={
+'xla_disable_hlo_passes': 'reshape-mover'})``, or
+``XLA_FLAGS=--xla_disable_hlo_passes=reshape-mover`` for ``nnx.jit``.
+Networks without BatchNorm share the forward pass without it.
 """
 
 from collections.abc import Callable, Sequence
@@ -65,8 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_lgm import _common
-from optax_lgm import _layers
+from optax_lgm import _common, _layers
 
 _NORMALIZE = ("selected", "global")
 _UNSELECTED = ("reuse", "recompute")
@@ -104,10 +121,10 @@ class LayerSamState(NamedTuple):
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name."""
     return {
-        "sam_grad_norm": self.grad_norm,
-        "sam_grad_norm_avg": self.grad_norm_avg,
-        "sam_selected": self.selected,
-        "sam_selected_count": self.selected_count,
+      "sam_grad_norm": self.grad_norm,
+      "sam_grad_norm_avg": self.grad_norm_avg,
+      "sam_selected": self.selected,
+      "sam_selected_count": self.selected_count,
     }
 
 
@@ -130,9 +147,9 @@ class KeepTopKLayersState(NamedTuple):
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name."""
     return {
-        "top_k_grad_norm": self.grad_norm,
-        "top_k_selected": self.selected,
-        "top_k_selected_count": self.selected_count,
+      "top_k_grad_norm": self.grad_norm,
+      "top_k_selected": self.selected,
+      "top_k_selected_count": self.selected_count,
     }
 
 
@@ -145,9 +162,7 @@ def _check_k(k: Any) -> None:
   if k is None or isinstance(k, (jax.Array, np.ndarray)):
     return  # An array is an injected hyperparameter; checked where concrete.
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(
-        f"k must be None (every layer) or an int >= 1, got k={k!r}."
-    )
+    raise ValueError(f"k must be None (every layer) or an int >= 1, got k={k!r}.")
 
 
 def _concrete_int(k: Any) -> Optional[int]:
@@ -167,8 +182,8 @@ def _check_k_fits(k: Any, num_layers: int) -> None:
   # An empty tree has nothing to select; any k is then harmless.
   if num_layers and value > num_layers:
     raise ValueError(
-        f"k={value} is larger than the number of layers of the params "
-        f"({num_layers}); pass k=None to select every layer."
+      f"k={value} is larger than the number of layers of the params "
+      f"({num_layers}); pass k=None to select every layer."
     )
 
 
@@ -182,7 +197,7 @@ def _top_k(norms: jax.Array, k: Any) -> jax.Array:
   # A traced k (optax.inject_hyperparams): rank the layers, O(num_layers^2).
   idx = jnp.arange(n)
   before = (norms[None, :] > norms[:, None]) | (
-      (norms[None, :] == norms[:, None]) & (idx[None, :] < idx[:, None])
+    (norms[None, :] == norms[:, None]) & (idx[None, :] < idx[:, None])
   )
   return jnp.sum(before, axis=1) < k
 
@@ -191,33 +206,33 @@ def _static_selection(selection: Any, layering: _layers.Layering) -> np.ndarray:
   """Turns a ``selection`` (indices or names) into a boolean NumPy mask."""
   n = layering.num_layers
   if isinstance(selection, (jax.Array, jax.core.Tracer)) or not isinstance(
-      selection, (tuple, list, np.ndarray)
+    selection, (tuple, list, np.ndarray)
   ):
     raise ValueError(
-        "selection must be None (dynamic mode) or a tuple of layer indices or "
-        "names, hashable so that it can be a static argument of jax.jit "
-        "(jax.jit(step, static_argnames='selection')), got "
-        f"selection={selection!r} of type {type(selection).__name__}."
+      "selection must be None (dynamic mode) or a tuple of layer indices or "
+      "names, hashable so that it can be a static argument of jax.jit "
+      "(jax.jit(step, static_argnames='selection')), got "
+      f"selection={selection!r} of type {type(selection).__name__}."
     )
   mask = np.zeros([n], bool)
   for item in selection:
     if isinstance(item, str):
       if item not in layering.names:
         raise ValueError(
-            f"selection names a layer {item!r} that the params do not have; "
-            f"the layers are {layering.names}."
+          f"selection names a layer {item!r} that the params do not have; "
+          f"the layers are {layering.names}."
         )
       mask[layering.names.index(item)] = True
       continue
     if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
       raise ValueError(
-          f"selection must hold layer indices (ints) or names (str), got "
-          f"{item!r} in selection={selection!r}."
+        f"selection must hold layer indices (ints) or names (str), got "
+        f"{item!r} in selection={selection!r}."
       )
     if not 0 <= item < n:
       raise ValueError(
-          f"selection holds the index {int(item)}, out of range for {n} layers "
-          f"(valid indices: 0 to {n - 1}), in selection={selection!r}."
+        f"selection holds the index {int(item)}, out of range for {n} layers "
+        f"(valid indices: 0 to {n - 1}), in selection={selection!r}."
       )
     mask[int(item)] = True
   return mask
@@ -228,25 +243,25 @@ def _flatten_like(layering: _layers.Layering, tree: Any, what: str) -> list:
     return layering.flatten(tree)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"{what} must have the structure of the gradients "
-        f"({layering.treedef}), got {jax.tree.structure(tree, is_leaf=_is_none)}."
+      f"{what} must have the structure of the gradients "
+      f"({layering.treedef}), got {jax.tree.structure(tree, is_leaf=_is_none)}."
     ) from e
 
 
 def layer_sam(
-    optimizer: optax.GradientTransformation,
-    rho: optax.ScalarOrSchedule = 0.05,
-    k: Optional[int] = 2,
-    *,
-    layers: _layers.Layers = "module",
-    normalize: str = "selected",
-    unselected: str = "reuse",
-    adaptive: bool = False,
-    eta: jax.typing.ArrayLike = 0.01,
-    eps: jax.typing.ArrayLike = 1e-12,
-    norm_decay: jax.typing.ArrayLike = 0.9,
-    layer_axes: _layers.LayerAxes = None,
-    mask: _layers.Mask = None,
+  optimizer: optax.GradientTransformation,
+  rho: optax.ScalarOrSchedule = 0.05,
+  k: Optional[int] = 2,
+  *,
+  layers: _layers.Layers = "module",
+  normalize: str = "selected",
+  unselected: str = "reuse",
+  adaptive: bool = False,
+  eta: jax.typing.ArrayLike = 0.01,
+  eps: jax.typing.ArrayLike = 1e-12,
+  norm_decay: jax.typing.ArrayLike = 0.9,
+  layer_axes: _layers.LayerAxes = None,
+  mask: _layers.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimisation that perturbs only the top-k layers.
 
@@ -288,12 +303,21 @@ def layer_sam(
     ``jax.jit`` and re-select every few hundred steps with
     :func:`select_layers` (see the module docstring for the loop).
 
-  Defaults. ``layers="module"`` makes a ``Dense``'s kernel and bias one layer
-  and keeps a BatchNorm's scale and bias together, so a lone bias is never
-  selected. ``k=2``: on a ResNet-20 (CIFAR-shaped input, batch 128) the two
-  largest layers hold a large share of the squared gradient norm while the
-  static step stays well below full SAM's cost; see
-  ``python -m benchmarks.layer_sam_speed --defaults`` for the measurement.
+  Defaults, from ``python -m benchmarks.layer_sam_speed --defaults`` (a
+  ResNet-20 trained 60 SGD steps at batch 128 on 32x32 digits, probed every 10
+  steps; "captured" is the share of full SAM's gradient correction
+  :math:`\langle \tilde g - g, g_{SAM} - g\rangle / \lVert g_{SAM} - g
+  \rVert^2` that the layer-SAM gradient recovers): ``k=1, 2, 3, 4`` captured
+  0.219, 0.345, 0.391, 0.456 with ``layers="module"``. The second layer adds
+  0.126, the third 0.046 and the fourth 0.065, so ``k=2`` is the knee. In
+  dynamic mode ``k`` does not change the cost; in static mode ``k=1``
+  selected the output layer alone (1.00x an SGD step in FLOPs) while the
+  second layer was an input-side convolution (1.66x; full SAM 2.00x).
+  ``layers="leaf"`` captured the same (0.216, 0.341, 0.390, 0.455) and
+  selected the same kernels; ``"module"`` is the default because it ranks a
+  ``Dense``'s kernel and bias, or a BatchNorm's scale and bias, as one layer
+  and perturbs them together (39 layers instead of 59 on the ResNet-20), so
+  a lone bias is never selected.
 
   Leaves that carry no statistic (``None``, size-1 and non-float leaves and
   those outside ``mask``) are never perturbed and receive :math:`g`
@@ -389,34 +413,34 @@ def layer_sam(
     _check_k_fits(k, lay.num_layers)
     n = lay.num_layers
     return LayerSamState(
-        count=jnp.zeros([], jnp.int32),
-        grad_norm=jnp.zeros([n], f32),
-        grad_norm_avg=jnp.zeros([n], f32),
-        selected=jnp.zeros([n], jnp.int32),
-        selected_count=jnp.zeros([n], jnp.int32),
-        inner_state=inner.init(params),
-        names=_layers.LayerNames(lay.names),
+      count=jnp.zeros([], jnp.int32),
+      grad_norm=jnp.zeros([n], f32),
+      grad_norm_avg=jnp.zeros([n], f32),
+      selected=jnp.zeros([n], jnp.int32),
+      selected_count=jnp.zeros([n], jnp.int32),
+      inner_state=inner.init(params),
+      names=_layers.LayerNames(lay.names),
     )
 
   def update_fn(
-      updates: optax.Updates,
-      state: LayerSamState,
-      params: Optional[optax.Params] = None,
-      *,
-      grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
-      selection: Selection = None,
-      **extra_args: Any,
+    updates: optax.Updates,
+    state: LayerSamState,
+    params: Optional[optax.Params] = None,
+    *,
+    grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
+    selection: Selection = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, LayerSamState]:
     if grad_fn is None:
       raise ValueError(
-          "layer_sam's update needs grad_fn, a function (params, i) -> "
-          "gradients (as in optax.contrib.sam's opaque mode): "
-          "tx.update(grads, state, params, grad_fn=grad_fn)."
+        "layer_sam's update needs grad_fn, a function (params, i) -> "
+        "gradients (as in optax.contrib.sam's opaque mode): "
+        "tx.update(grads, state, params, grad_fn=grad_fn)."
       )
     if params is None:
       raise ValueError(
-          "layer_sam's update needs params (the weights to perturb): "
-          "tx.update(grads, state, params, grad_fn=grad_fn)."
+        "layer_sam's update needs params (the weights to perturb): "
+        "tx.update(grads, state, params, grad_fn=grad_fn)."
       )
     lay = layering(updates)
     _check_k_fits(k, lay.num_layers)
@@ -430,9 +454,9 @@ def layer_sam(
 
     if adaptive:
       scaled = lay.map(
-          lambda g, w: (jnp.abs(w.astype(f32)) + eta) * g.astype(f32),
-          updates,
-          params,
+        lambda g, w: (jnp.abs(w.astype(f32)) + eta) * g.astype(f32),
+        updates,
+        params,
       )
       denom_sq = lay.reduce(jnp.square, scaled, dtype=f32)
     else:
@@ -441,25 +465,21 @@ def layer_sam(
       denom_sq = jnp.where(sel, denom_sq, 0.0)
     rho_t = rho(state.count) if callable(rho) else rho
     scale = jnp.asarray(rho_t, f32) / (jnp.sqrt(jnp.sum(denom_sq)) + eps)
+    # Per layer: rho / norm where selected, 0 elsewhere. A per-layer scalar
+    # times the gradient, as in SAM, rather than a select on the weights.
+    coef = scale * sel.astype(f32)
 
     # Static mode: which slices of leaf i are selected (a NumPy bool array).
     def leaf_mask(i: int) -> np.ndarray:
       return static[lay.leaf_layers[i]]
 
-    def static_mask(i: int, ndim: int) -> jax.Array:
-      m = leaf_mask(i)
-      return jnp.asarray(m.reshape(m.shape + (1,) * (ndim - m.ndim)))
-
     def perturb(i: int, w: jax.Array, g: jax.Array) -> jax.Array:
-      w32, g32 = w.astype(f32), g.astype(f32)
-      e = scale * g32
+      dtype = jnp.promote_types(w.dtype, f32)  # bf16 -> f32; f64 stays.
+      w_ = w.astype(dtype)
+      e = lay.expand(coef, i, jnp.ndim(w)).astype(dtype) * g.astype(dtype)
       if adaptive:
-        e = e * jnp.square(jnp.abs(w32) + eta)
-      if static is None:
-        e = jnp.where(lay.expand(sel, i, jnp.ndim(w)), e, 0.0)
-      elif not leaf_mask(i).all():
-        e = jnp.where(static_mask(i, jnp.ndim(w)), e, 0.0)
-      return (w32 + e).astype(w.dtype)
+        e = e * jnp.square(jnp.abs(w_) + eta)
+      return (w_ + e).astype(w.dtype)
 
     adv_flat = []
     for i, (w, g, ids) in enumerate(zip(w_flat, g_flat, lay.leaf_layers)):
@@ -470,7 +490,9 @@ def layer_sam(
       else:
         adv_flat.append(perturb(i, w, g))
 
-    g2_flat = _flatten_like(lay, grad_fn(lay.unflatten(adv_flat), 0), "grad_fn's output")
+    g2_flat = _flatten_like(
+      lay, grad_fn(lay.unflatten(adv_flat), 0), "grad_fn's output"
+    )
 
     out_flat = []
     for i, (g, g2, ids) in enumerate(zip(g_flat, g2_flat, lay.leaf_layers)):
@@ -488,8 +510,8 @@ def layer_sam(
         out_flat.append(g2.astype(g.dtype))
       elif not leaf_mask(i).any():
         out_flat.append(g)  # grad_fn's gradient of this leaf is never read.
-      else:
-        take = static_mask(i, jnp.ndim(g))
+      else:  # Stacked layers (layer_axes), some slices selected.
+        take = lay.expand(jnp.asarray(static), i, jnp.ndim(g))
         out_flat.append(jnp.where(take, g2.astype(g.dtype), g))
     sam_grads = lay.unflatten(out_flat)
 
@@ -497,24 +519,24 @@ def layer_sam(
     finite = jnp.isfinite(jnp.sum(sq)) & jnp.isfinite(jnp.sum(out_sq))
 
     new_updates, inner_state = inner.update(
-        sam_grads, state.inner_state, params, **extra_args
+      sam_grads, state.inner_state, params, **extra_args
     )
 
     first = state.count == 0
     avg = jnp.where(
-        first, norms, norm_decay * state.grad_norm_avg + (1 - norm_decay) * norms
+      first, norms, norm_decay * state.grad_norm_avg + (1 - norm_decay) * norms
     ).astype(f32)
     picked = sel.astype(jnp.int32)
     new_state = LayerSamState(
-        count=optax.safe_increment(state.count),
-        grad_norm=norms,
-        grad_norm_avg=avg,
-        selected=picked,
-        selected_count=jnp.where(
-            sel, optax.safe_increment(state.selected_count), state.selected_count
-        ),
-        inner_state=inner_state,
-        names=state.names,
+      count=optax.safe_increment(state.count),
+      grad_norm=norms,
+      grad_norm_avg=avg,
+      selected=picked,
+      selected_count=jnp.where(
+        sel, optax.safe_increment(state.selected_count), state.selected_count
+      ),
+      inner_state=inner_state,
+      names=state.names,
     )
     return new_updates, optax.tree.where(finite, new_state, state)
 
@@ -522,11 +544,11 @@ def layer_sam(
 
 
 def keep_top_k_layers(
-    k: Optional[int],
-    *,
-    layers: _layers.Layers = "module",
-    layer_axes: _layers.LayerAxes = None,
-    mask: _layers.Mask = None,
+  k: Optional[int],
+  *,
+  layers: _layers.Layers = "module",
+  layer_axes: _layers.LayerAxes = None,
+  mask: _layers.Mask = None,
 ) -> optax.GradientTransformation:
   r"""Keeps the gradient of the ``k`` layers with the largest norms; zeros the rest.
 
@@ -560,8 +582,8 @@ def keep_top_k_layers(
     ...          'c': jnp.array([1.0, 1.0])}
     >>> tx = optax_lgm.keep_top_k_layers(2)
     >>> updates, state = tx.update(grads, tx.init(grads))
-    >>> updates['a'], updates['b'], updates['c']
-    (Array([3., 4.], dtype=float32), Array([0., 0.], dtype=float32), Array([1., 1.], dtype=float32))
+    >>> {name: update.tolist() for name, update in updates.items()}
+    {'a': [3.0, 4.0], 'b': [0.0, 0.0], 'c': [1.0, 1.0]}
 
   Args:
     k: how many layers to keep; ``None`` for every layer.
@@ -594,10 +616,10 @@ def keep_top_k_layers(
     _check_k_fits(k, lay.num_layers)
     n = lay.num_layers
     return KeepTopKLayersState(
-        grad_norm=jnp.zeros([n], jnp.float32),
-        selected=jnp.zeros([n], jnp.int32),
-        selected_count=jnp.zeros([n], jnp.int32),
-        names=_layers.LayerNames(lay.names),
+      grad_norm=jnp.zeros([n], jnp.float32),
+      selected=jnp.zeros([n], jnp.int32),
+      selected_count=jnp.zeros([n], jnp.int32),
+      names=_layers.LayerNames(lay.names),
     )
 
   def update_fn(updates, state, params=None):
@@ -617,12 +639,12 @@ def keep_top_k_layers(
     finite = jnp.isfinite(jnp.sum(norms))
     picked = sel.astype(jnp.int32)
     new_state = KeepTopKLayersState(
-        grad_norm=norms,
-        selected=picked,
-        selected_count=jnp.where(
-            sel, optax.safe_increment(state.selected_count), state.selected_count
-        ),
-        names=state.names,
+      grad_norm=norms,
+      selected=picked,
+      selected_count=jnp.where(
+        sel, optax.safe_increment(state.selected_count), state.selected_count
+      ),
+      names=state.names,
     )
     return lay.unflatten(out), optax.tree.where(finite, new_state, state)
 
@@ -630,7 +652,7 @@ def keep_top_k_layers(
 
 
 def select_layers(
-    opt_state: Any, k: Optional[int] = None, *, by: str = "average"
+  opt_state: Any, k: Optional[int] = None, *, by: str = "average"
 ) -> tuple[int, ...]:
   """Picks the next static ``selection`` of :func:`layer_sam` from its state.
 
@@ -673,29 +695,27 @@ def select_layers(
   _common.check_choice("by", by, ("average", "last"))
   _check_k(k)
   found = [
-      node
-      for node in jax.tree.leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, LayerSamState)
-      )
-      if isinstance(node, LayerSamState)
+    node
+    for node in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, LayerSamState)
+    )
+    if isinstance(node, LayerSamState)
   ]
   if not found:
     raise ValueError("opt_state holds no LayerSamState (from optax_lgm.layer_sam).")
   state = found[0]
   norms = np.asarray(
-      jax.device_get(state.grad_norm_avg if by == "average" else state.grad_norm)
+    jax.device_get(state.grad_norm_avg if by == "average" else state.grad_norm)
   )
   if k is None:
     k = int(np.sum(jax.device_get(state.selected)))
     if k == 0:
       raise ValueError(
-          "select_layers needs k: the state has no step yet (or selected no "
-          "layer at its last step)."
+        "select_layers needs k: the state has no step yet (or selected no "
+        "layer at its last step)."
       )
   if k > norms.shape[0]:
-    raise ValueError(
-        f"k={k} is larger than the number of layers ({norms.shape[0]})."
-    )
+    raise ValueError(f"k={k} is larger than the number of layers ({norms.shape[0]}).")
   # Stable sort: ties go to the lower index, as in the dynamic selection.
   order = np.argsort(-norms, kind="stable")[:k]
   return tuple(sorted(int(i) for i in order))

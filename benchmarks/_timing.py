@@ -1,0 +1,288 @@
+"""Interleaved timing: medians and paired ratios measured in one process.
+
+Every figure of the report is a ratio to a baseline timed in the same run.
+The contenders are timed in rounds, each contender once per round (A B C, then
+B C A, ...: the order rotates so that no contender always follows the same
+one), and the ratio of a contender is the median over rounds of its time
+divided by the baseline's time *in the same round*. A slow spell of a shared
+machine then falls on both sides of most ratios and cancels.
+"""
+
+import concurrent.futures
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class Timing:
+  """The interleaved measurement of one contender.
+
+  Attributes:
+    samples: seconds per call, one per round.
+    ratios: ``samples`` divided by the baseline's sample of the same round.
+    calls: how many calls each sample averages (calibrated so that one
+      sample lasts at least ``min_sample_s``).
+  """
+
+  samples: list[float]
+  ratios: list[float]
+  calls: int
+
+  @property
+  def median_s(self) -> float:
+    """Median seconds per call."""
+    return float(np.median(self.samples))
+
+  @property
+  def ratio(self) -> float:
+    """Median of the paired ratios to the baseline."""
+    return float(np.median(self.ratios))
+
+  @property
+  def ratio_iqr(self) -> tuple[float, float]:
+    """25th and 75th percentiles of the paired ratios."""
+    q25, q75 = np.percentile(self.ratios, [25, 75])
+    return float(q25), float(q75)
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-ready summary with the raw samples."""
+    return dict(
+      median_s=self.median_s,
+      ratio=self.ratio,
+      ratio_q25=self.ratio_iqr[0],
+      ratio_q75=self.ratio_iqr[1],
+      calls_per_sample=self.calls,
+      samples_s=self.samples,
+    )
+
+
+def _rounds(names: Sequence[str], reps: int):
+  """Yields, per round, the contenders in an order rotated by one each round."""
+  for r in range(reps):
+    k = r % len(names)
+    yield list(names[k:]) + list(names[:k])
+
+
+def _call(fn: Callable[[], Any]) -> None:
+  jax.block_until_ready(fn())
+
+
+def interleaved(
+  fns: Mapping[str, Callable[[], Any]],
+  *,
+  baseline: str,
+  reps: int,
+  warmup: int = 2,
+  min_sample_s: float = 0.02,
+  progress: Callable[[str], None] | None = None,
+) -> dict[str, Timing]:
+  """Times already-compiled contenders interleaved; returns one `Timing` each.
+
+  Args:
+    fns: contender name -> a function of no argument that runs one call
+      (its result is blocked on).
+    baseline: the name of the contender the ratios are taken against.
+    reps: number of rounds (samples per contender).
+    warmup: untimed calls of each contender before the first round.
+    min_sample_s: a sample repeats the call until it lasts at least this
+      long (calibrated once per contender), so that fast calls are not
+      dominated by the timer.
+    progress: called with a short message after each round.
+
+  Returns:
+    Contender name -> `Timing`, in the order of ``fns``.
+  """
+  if baseline not in fns:
+    raise ValueError(f"baseline={baseline!r} is not one of {list(fns)}.")
+  calls = {}
+  for name, fn in fns.items():
+    for _ in range(warmup):
+      _call(fn)
+    t0 = time.perf_counter()
+    _call(fn)
+    once = max(time.perf_counter() - t0, 1e-7)
+    calls[name] = max(1, math.ceil(min_sample_s / once))
+  samples: dict[str, list[float]] = {name: [] for name in fns}
+  for i, order in enumerate(_rounds(list(fns), reps)):
+    for name in order:
+      fn, n = fns[name], calls[name]
+      t0 = time.perf_counter()
+      for _ in range(n):
+        _call(fn)
+      samples[name].append((time.perf_counter() - t0) / n)
+    if progress is not None:
+      progress(f"round {i + 1}/{reps}")
+  base = np.asarray(samples[baseline])
+  return {
+    name: Timing(s, list(np.asarray(s) / base), calls[name])
+    for name, s in samples.items()
+  }
+
+
+@dataclasses.dataclass
+class CompileTiming:
+  """Interleaved compile-time measurement of one contender.
+
+  Attributes:
+    trace_lower_s: seconds to trace and lower to StableHLO, one per round.
+    compile_s: seconds of XLA compilation, one per round.
+    ratios: total (trace + lower + compile) divided by the baseline's total
+      of the same round.
+    fusions: number of fused computations in the optimised HLO.
+    distinct_fusions: how many of them differ once names and metadata are
+      removed: XLA compiles structurally identical fusions once, so this is
+      the number of kernels it really generates.
+    bytes_accessed: XLA's ``cost_analysis`` estimate of the bytes read and
+      written by one call.
+    parallel: whether the compilations ran concurrently (then the compile
+      times are indicative only).
+    compiled: the last compiled executable (reused to time the calls).
+  """
+
+  trace_lower_s: list[float]
+  compile_s: list[float]
+  ratios: list[float]
+  fusions: int
+  distinct_fusions: int
+  bytes_accessed: float
+  parallel: bool = False
+  compiled: Any = dataclasses.field(repr=False, default=None)
+
+  @property
+  def total_s(self) -> float:
+    """Median seconds of trace + lower + compile."""
+    return float(np.median(np.add(self.trace_lower_s, self.compile_s)))
+
+  @property
+  def ratio(self) -> float:
+    """Median of the paired ratios to the baseline."""
+    return float(np.median(self.ratios))
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-ready summary with the raw samples."""
+    return dict(
+      total_s=self.total_s,
+      trace_lower_s=self.trace_lower_s,
+      compile_s=self.compile_s,
+      ratio=self.ratio,
+      fusions=self.fusions,
+      distinct_fusions=self.distinct_fusions,
+      bytes_accessed=self.bytes_accessed,
+      parallel=self.parallel,
+    )
+
+
+def cost(compiled: Any) -> dict[str, float]:
+  """XLA's ``cost_analysis`` of a compiled executable, as one dict."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return dict(analysis or {})
+
+
+def fusion_counts(hlo_text: str) -> tuple[int, int]:
+  """Counts the fused computations of an optimised HLO module, and the distinct.
+
+  Two computations are the same when their bodies are equal after the
+  instruction names, metadata and stack frames are removed.
+
+  Args:
+    hlo_text: ``compiled.as_text()``.
+
+  Returns:
+    ``(fusions, distinct)``.
+  """
+  blocks = re.findall(
+    r"\n(%[\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo_text, flags=re.S
+  )
+  canon = set()
+  count = 0
+  for name, body in blocks:
+    if "fused" not in name and "fusion" not in name and "wrapped" not in name:
+      continue
+    count += 1
+    body = re.sub(r", metadata=\{[^}]*\}", "", body)
+    body = re.sub(r"stack_frame_id=\d+", "", body)
+    canon.add(re.sub(r"%[\w.\-]+", "%", body))
+  return count, len(canon)
+
+
+def compile_interleaved(
+  makers: Mapping[str, Callable[[], tuple[Callable, tuple]]],
+  *,
+  baseline: str,
+  reps: int,
+  workers: int = 1,
+  progress: Callable[[str], None] | None = None,
+) -> dict[str, CompileTiming]:
+  """Traces, lowers and compiles each contender ``reps`` times, interleaved.
+
+  Args:
+    makers: contender name -> a function returning ``(fn, args)``, a *new*
+      Python function object each call (``jax.jit`` caches compilations by
+      function identity, so a fresh function is compiled from scratch) and
+      the arguments to lower it with.
+    baseline: the contender the ratios are taken against.
+    reps: number of rounds.
+    workers: with more than one, each round's XLA compilations run on that
+      many threads at once (faster where the compile times are not the
+      figure of interest; they are then marked ``parallel``).
+    progress: called with a short message after each compilation.
+
+  Returns:
+    Contender name -> `CompileTiming`, in the order of ``makers``.
+  """
+  if baseline not in makers:
+    raise ValueError(f"baseline={baseline!r} is not one of {list(makers)}.")
+  lower_s: dict[str, list[float]] = {name: [] for name in makers}
+  comp_s: dict[str, list[float]] = {name: [] for name in makers}
+  last: dict[str, Any] = {}
+
+  def compile_one(name: str, lowered: Any) -> tuple[str, Any, float]:
+    t0 = time.perf_counter()
+    compiled = lowered.compile()  # XLA releases the GIL while it compiles.
+    return name, compiled, time.perf_counter() - t0
+
+  def record(i: int, done: str, compiled: Any, seconds: float) -> None:
+    last[done] = compiled
+    comp_s[done].append(seconds)
+    if progress is not None:
+      progress(f"round {i + 1}/{reps}: compiled {done} in {seconds:.1f} s")
+
+  for i, order in enumerate(_rounds(list(makers), reps)):
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+      futures = []
+      for name in order:
+        fn, args = makers[name]()
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn).lower(*args)
+        lower_s[name].append(time.perf_counter() - t0)
+        if workers <= 1:
+          record(i, *compile_one(name, lowered))
+        else:  # Lowering the next one overlaps with these compilations.
+          futures.append(pool.submit(compile_one, name, lowered))
+      for future in futures:
+        record(i, *future.result())
+  base = np.add(lower_s[baseline], comp_s[baseline])
+  out = {}
+  for name in makers:
+    total = np.add(lower_s[name], comp_s[name])
+    fusions, distinct = fusion_counts(last[name].as_text())
+    out[name] = CompileTiming(
+      trace_lower_s=lower_s[name],
+      compile_s=comp_s[name],
+      ratios=list(total / base),
+      fusions=fusions,
+      distinct_fusions=distinct,
+      bytes_accessed=float(cost(last[name]).get("bytes accessed", float("nan"))),
+      parallel=workers > 1,
+      compiled=last[name],
+    )
+  return out

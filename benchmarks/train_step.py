@@ -1,0 +1,146 @@
+"""Section 4: the cost of a whole training step on a ResNet-20, per optimizer.
+
+The step (forward, backward, optimizer update, apply) is the one of
+``benchmarks.layer_sam_speed`` (the layer-SAM speed benchmark), on the CIFAR
+ResNet of ``examples.models`` with BatchNorm, so that the SAM rows here and
+there measure the same thing. Every optimizer is timed interleaved against
+SGD with momentum 0.9; the SGD-based optimizers (``lgm``, ``dgs``, LARS, the
+SAMs) use the same momentum, so a ratio is the price of the transformation.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_lgm
+from benchmarks import _timing, layer_sam_speed
+from examples import models
+
+BASELINE = "SGD (momentum 0.9)"
+RHO = 0.05
+K = 2
+TARGETS = {"lgm": 1.03, "dgs (global)": 1.03}
+
+
+class ResNetTask(layer_sam_speed.Task):
+  """`layer_sam_speed.Task` with a ResNet of any depth and width."""
+
+  def __init__(self, x: np.ndarray, depth: int, width: int, seed: int = 0):
+    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
+    std = tuple(float(s) for s in x.std(axis=(0, 1, 2)) + 1e-3)
+    model = models.ResNet(
+      10, x.shape[1:], mean, std, depth=depth, width=width, rngs=nnx.Rngs(seed)
+    )
+    self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    self.params = nnx.as_pure(params)
+    self.stats = nnx.as_pure(stats)
+    self.rest = nnx.as_pure(rest)
+
+
+def contenders(
+  params: Any,
+) -> dict[str, tuple[Callable[[], optax.GradientTransformation], bool, Any]]:
+  """Name -> (optimizer factory, whether it needs ``grad_fn``, selection)."""
+  sgd = optax.sgd(0.1, momentum=0.9)
+  layer_sam = getattr(optax_lgm, "layer_sam", None)
+  names = optax_lgm.layer_names(params, layers="module")
+  out_side = layer_sam_speed.forward_order(names)[-K:]
+  out_sel = tuple(sorted(names.index(n) for n in out_side))
+
+  def need_layer_sam():
+    if layer_sam is None:
+      raise NotImplementedError("optax_lgm.layer_sam does not exist yet")
+    return layer_sam(sgd, rho=RHO, k=K, layers="module")
+
+  return {
+    BASELINE: (lambda: sgd, False, None),
+    "lgm": (lambda: optax_lgm.lgm(0.1, momentum=0.9), False, None),
+    "dgs (global)": (lambda: optax_lgm.dgs(30.0, momentum=0.9), False, None),
+    "Adam": (lambda: optax.adam(1e-3), False, None),
+    "LARS": (lambda: optax.lars(0.1, momentum=0.9), False, None),
+    "optax.contrib.sam": (
+      lambda: optax.contrib.sam(
+        sgd,
+        optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+        opaque_mode=True,
+      ),
+      True,
+      None,
+    ),
+    f"layer_sam dynamic (k={K})": (need_layer_sam, True, None),
+    f"layer_sam static (output-side {K}: {', '.join(out_side)})": (
+      need_layer_sam,
+      True,
+      out_sel,
+    ),
+  }
+
+
+def run(
+  sizes: dict[str, Any], *, reps: int, progress, workers: int = 1
+) -> dict[str, Any]:
+  """Compiles and times every optimizer's training step, interleaved.
+
+  Args:
+    sizes: the report's sizes (``batch``, ``image``, ``depth``, ``width``).
+    reps: rounds of the interleaved timing.
+    progress: a function that reports progress.
+    workers: compile this many steps at once.
+
+  Returns:
+    A JSON-ready dict of the model's size and per optimizer the step's time,
+    ratio to SGD, XLA's FLOP count and the compile time.
+  """
+  rng = np.random.default_rng(0)
+  b, s = sizes["batch"], sizes["image"]
+  # Timing does not depend on the pixel values: uniform noise on [0, 1].
+  x = rng.uniform(size=(b, s, s, 3)).astype(np.float32)
+  y = rng.integers(0, 10, size=b).astype(np.int32)
+  task = ResNetTask(x, sizes["depth"], sizes["width"])
+  params, stats = task.params, task.stats
+  xs, ys = jnp.asarray(x), jnp.asarray(y)
+  rows: dict[str, Any] = {}
+  makers, states = {}, {}
+  for name, (factory, sam, selection) in contenders(params).items():
+    try:
+      tx = factory()
+    except NotImplementedError as e:
+      progress(f"skipping {name}: {e}")
+      rows[name] = dict(skipped=str(e))
+      continue
+    states[name] = tx.init(params)
+    rows[name] = dict(selection=None if selection is None else list(selection))
+
+    def make(tx=tx, sam=sam, selection=selection, state=states[name]):
+      step = layer_sam_speed.make_step(task, tx, sam=sam)
+      args = (params, stats, state, xs, ys)
+      return functools.partial(step, selection=selection), args
+
+    makers[name] = make
+  comp = _timing.compile_interleaved(
+    makers, baseline=BASELINE, reps=1, workers=workers, progress=progress
+  )
+  fns = {}
+  for name, c in comp.items():
+    rows[name]["compile_s"] = c.compile_s[0] + c.trace_lower_s[0]
+    rows[name]["gflops"] = layer_sam_speed.cost_gflops(c.compiled)
+    fns[name] = functools.partial(c.compiled, params, stats, states[name], xs, ys)
+  timings = _timing.interleaved(
+    fns, baseline=BASELINE, reps=reps, warmup=0, progress=progress
+  )
+  for name, t in timings.items():
+    rows[name]["step"] = t.to_json()
+  num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+  return dict(
+    model=f"ResNet-{sizes['depth']} (width {sizes['width']})",
+    params=num_params,
+    batch=b,
+    image=s,
+    rows=rows,
+  )

@@ -1,0 +1,204 @@
+"""Cost of each transformation's ``update`` alone, its compile time and state.
+
+Sections 1 to 3 of the report (see ``benchmarks/__main__.py``):
+
+1. **update**: ``jax.jit(tx.update)(grads, state, params)``, compiled, timed
+   interleaved against ``optax.scale_by_adam`` on a ResNet-50-shaped tree and
+   on a tree of about 1,000 leaves.
+2. **compile**: trace + lower + XLA compile of the same function on the
+   many-leaf tree, against ``optax.scale_by_adam``'s.
+3. **memory**: bytes of ``tx.init(params)`` (from ``jax.eval_shape``: nothing
+   is allocated), against ``optax.scale_by_adam``'s.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+import optax_lgm
+from benchmarks import _timing, trees
+
+BASELINE = "optax.scale_by_adam"
+
+
+def _keep_top_k() -> optax.GradientTransformation:
+  keep = getattr(optax_lgm, "keep_top_k_layers", None)
+  if keep is None:
+    raise NotImplementedError("optax_lgm.keep_top_k_layers does not exist yet")
+  return keep(2)
+
+
+# Name -> factory. The first is the baseline; the last is a reference point:
+# one elementwise pass (read the gradient, write the update), the least any
+# transformation of the gradient can cost.
+UPDATE_CONTENDERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  BASELINE: optax.scale_by_adam,
+  "scale_by_lgm (spatial)": lambda: optax_lgm.scale_by_lgm(variance="spatial"),
+  "scale_by_lgm (temporal)": lambda: optax_lgm.scale_by_lgm(variance="temporal"),
+  "scale_by_dgs (global)": lambda: optax_lgm.scale_by_dgs(reduction="global"),
+  "scale_by_dgs (layer)": lambda: optax_lgm.scale_by_dgs(reduction="layer"),
+  "scale_by_dgs (element)": lambda: optax_lgm.scale_by_dgs(reduction="element"),
+  "keep_top_k_layers (k=2)": _keep_top_k,
+  "optax.scale_by_trust_ratio (LARS)": optax.scale_by_trust_ratio,
+  "optax.scale_by_novograd": optax.scale_by_novograd,
+  "optax.scale (one pass, reference)": lambda: optax.scale(-1.0),
+}
+
+# The memory section adds the variants whose state grows with the params.
+MEMORY_CONTENDERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  **UPDATE_CONTENDERS,
+  "scale_by_dgs (global, importance EMA)": lambda: optax_lgm.scale_by_dgs(
+    importance_decay=0.9
+  ),
+  "scale_by_lgm (spatial, layers='module')": lambda: optax_lgm.scale_by_lgm(
+    layers="module"
+  ),
+}
+
+# Targets of the issue: ratio to scale_by_adam at most this.
+UPDATE_TARGETS = {"scale_by_lgm (spatial)": 0.6, "scale_by_dgs (global)": 0.6}
+COMPILE_TARGET = 2.0
+
+
+def tree_titles(sizes: dict[str, Any]) -> dict[str, str]:
+  """How the report names the two trees."""
+  return {
+    "resnet50": f"ResNet-{sizes['resnet50_depth']}-shaped tree",
+    "many_leaves": "many-leaf tree (transformer blocks)",
+  }
+
+
+def tree_shapes(sizes: dict[str, Any]) -> dict[str, trees.Shapes]:
+  """The two trees of the update-cost section, by report name."""
+  return {
+    "resnet50": trees.resnet50_shapes(sizes["resnet50_width"], sizes["resnet50_depth"]),
+    "many_leaves": trees.many_leaves_shapes(sizes["leaves"], sizes["leaf_dim"]),
+  }
+
+
+def _build(factories, progress) -> tuple[dict, dict[str, str]]:
+  txs, skipped = {}, {}
+  for name, factory in factories.items():
+    try:
+      txs[name] = factory()
+    except (NotImplementedError, AttributeError) as e:
+      skipped[name] = str(e)
+      progress(f"skipping {name}: {e}")
+  return txs, skipped
+
+
+def _maker(tx, grads, state, params) -> Callable[[], tuple[Callable, tuple]]:
+  def make():
+    def update(g, s, p):  # A new function object: compiled from scratch.
+      return tx.update(g, s, p)
+
+    return update, (grads, state, params)
+
+  return make
+
+
+def run_tree(
+  shapes: trees.Shapes,
+  *,
+  title: str,
+  reps: int,
+  compile_reps: int,
+  progress: Callable[[str], None],
+  time_updates: bool = True,
+  workers: int = 1,
+) -> dict[str, Any]:
+  """Compiles (and times, interleaved) every contender on one tree.
+
+  Args:
+    shapes: the tree's shapes (`benchmarks.trees`).
+    title: the tree's name in the report.
+    reps: rounds of the interleaved update timing.
+    compile_reps: rounds of the interleaved compile timing.
+    progress: a function that reports progress.
+    time_updates: whether to time the compiled updates.
+    workers: compile this many contenders at once (1 where the compile
+      time is a figure of the report).
+
+  Returns:
+    A JSON-ready dict: the tree's size, and per contender its compile and
+    (with ``time_updates``) update measurements.
+  """
+  params = trees.materialize(shapes, seed=0)
+  grads = trees.materialize(shapes, seed=1, scale=1e-3)
+  num_leaves, num_params = trees.describe(params)
+  txs, skipped = _build(UPDATE_CONTENDERS, progress)
+  states = {name: tx.init(params) for name, tx in txs.items()}
+  makers = {name: _maker(tx, grads, states[name], params) for name, tx in txs.items()}
+  comp = _timing.compile_interleaved(
+    makers, baseline=BASELINE, reps=compile_reps, workers=workers, progress=progress
+  )
+  rows: dict[str, Any] = {}
+  timings = {}
+  if time_updates:
+    fns = {}
+    for name, c in comp.items():
+      # The state after one step: the timed calls see a steady state.
+      state = jax.block_until_ready(c.compiled(grads, states[name], params)[1])
+      fns[name] = functools.partial(c.compiled, grads, state, params)
+    timings = _timing.interleaved(fns, baseline=BASELINE, reps=reps, progress=progress)
+    del fns
+  for name in UPDATE_CONTENDERS:
+    if name in skipped:
+      rows[name] = dict(skipped=skipped[name])
+      continue
+    rows[name] = dict(
+      compile=comp[name].to_json(),
+      # Bytes XLA reads and writes per call, in units of the tree's bytes.
+      passes=comp[name].bytes_accessed / (4 * num_params),
+    )
+    if name in timings:
+      rows[name]["update"] = timings[name].to_json()
+  del comp, states
+  return dict(title=title, leaves=num_leaves, params=num_params, rows=rows)
+
+
+def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
+  """Bytes of ``tx.init(params)``, from its abstract shape (nothing allocated)."""
+  state = jax.eval_shape(tx.init, params)
+  return int(
+    sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+  )
+
+
+def run_memory(
+  shapes: dict[str, trees.Shapes],
+  titles: dict[str, str],
+  progress: Callable[[str], None],
+) -> dict[str, Any]:
+  """Optimizer-state bytes of every contender on every tree."""
+  txs, skipped = _build(MEMORY_CONTENDERS, progress)
+  out = {}
+  for tree_name, tree_shapes_ in shapes.items():
+    params = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s, np.float32),
+      tree_shapes_,
+      is_leaf=trees._is_shape,
+    )
+    num_leaves = len(jax.tree.leaves(params))
+    num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+    adam = state_bytes(txs[BASELINE], params)
+    rows = {}
+    for name in MEMORY_CONTENDERS:
+      if name in skipped:
+        rows[name] = dict(skipped=skipped[name])
+        continue
+      b = state_bytes(txs[name], params)
+      rows[name] = dict(bytes=b, ratio=b / adam)
+    out[tree_name] = dict(
+      title=titles[tree_name],
+      leaves=num_leaves,
+      params=num_params,
+      layers=len(optax_lgm.layer_names(params)),
+      modules=len(optax_lgm.layer_names(params, layers="module")),
+      rows=rows,
+    )
+  return out
