@@ -115,6 +115,17 @@ def jit_step(tx):
   return step
 
 
+def opaque_step(tx):
+  """A jitted step of any optimizer that takes ``grad_fn`` (ours or optax's)."""
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 # --------------------------------------------------------------------------
 # The algorithm.
 # --------------------------------------------------------------------------
@@ -163,18 +174,12 @@ def test_every_layer_is_sam(k):
     opt, optax.chain(optax.contrib.normalize(), optax.sgd(rho)), opaque_mode=True
   )
 
-  @jax.jit
-  def run(params):
-    s1, s2, p1, p2 = ours.init(params), ref.init(params), params, params
-    out = []
-    for _ in range(5):
-      u1, s1 = ours.update(grad_fn(p1), s1, p1, grad_fn=grad_fn)
-      u2, s2 = ref.update(grad_fn(p2), s2, p2, grad_fn=grad_fn)
-      p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-      out.append((p1, p2))
-    return out
-
-  for p1, p2 in run(init_params()):
+  step1, step2 = opaque_step(ours), opaque_step(ref)
+  p1 = p2 = init_params()
+  s1, s2 = ours.init(p1), ref.init(p2)
+  for _ in range(5):
+    p1, s1 = step1(p1, s1)
+    p2, s2 = step2(p2, s2)
     chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
 
 
@@ -187,17 +192,13 @@ def test_keep_top_k_layers_inside_optax_sam_is_layer_sam():
   ref = optax.contrib.sam(opt, adv, opaque_mode=True, reset_state=False)
   ours = optax_lgm.layer_sam(opt, rho, k, unselected="recompute")
 
-  @jax.jit
-  def run(params):
-    s1, s2, p1, p2 = ours.init(params), ref.init(params), params, params
-    for _ in range(4):
-      u1, s1 = ours.update(grad_fn(p1), s1, p1, grad_fn=grad_fn)
-      u2, s2 = ref.update(grad_fn(p2), s2, p2, grad_fn=grad_fn)
-      p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-    return p1, p2, s1, s2
-
-  p1, p2, s1, s2 = run(init_params())
-  chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
+  step1, step2 = opaque_step(ours), opaque_step(ref)
+  p1 = p2 = init_params()
+  s1, s2 = ours.init(p1), ref.init(p2)
+  for _ in range(4):
+    p1, s1 = step1(p1, s1)
+    p2, s2 = step2(p2, s2)
+    chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
   top_k = optax_lgm.layer_stats(s2)
   assert (
     top_k["top_k_selected_count"] == optax_lgm.layer_stats(s1)["sam_selected_count"]
