@@ -16,9 +16,11 @@ ratio to a baseline measured in the same run (see ``benchmarks/_timing.py``):
 The device is named in the report; on a GPU machine the same command gives
 the report there.
 
-Run from the repository root: ``python -m benchmarks [--reps 15]
-[--sizes batch=64,leaves=500] [--only update,memory] [--json out.json]``;
-``--quick`` runs tiny sizes (the smoke test).
+Run from the repository root: ``python -m benchmarks [--reps 20]
+[--train-reps 5] [--compile-reps 1] [--sizes batch=64,leaves=500]
+[--only update,memory] [--json out.json]``; ``--quick`` runs tiny sizes with
+XLA's optimisations off (the smoke test: its figures mean nothing). Progress
+goes to stderr, the report to stdout.
 """
 
 import argparse
@@ -217,7 +219,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       results["compile"] = many
   if "train" in args.sections:
     results["train"] = train_step.run(
-      args.sizes, reps=args.train_reps, progress=_progress("train"), workers=workers
+      args.sizes,
+      reps=args.train_reps,
+      update_reps=args.reps,
+      progress=_progress("train"),
+      workers=workers,
     )
   results["targets"] = report.targets(results)
   meta["load_end"] = _load()

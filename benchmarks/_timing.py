@@ -126,6 +126,24 @@ def interleaved(
   }
 
 
+class Stepper:
+  """Calls a compiled ``update(grads, state, params)``, feeding the state back.
+
+  Each call consumes the previous call's state, as a training loop does (the
+  executable may donate it).
+  """
+
+  def __init__(self, compiled: Any, grads: Any, state: Any, params: Any):
+    self.compiled, self.grads, self.params = compiled, grads, params
+    # A private copy, in case the executable donates it.
+    self.state = jax.tree.map(lambda x: x.copy(), state)
+
+  def __call__(self) -> Any:
+    """Runs one update; returns the updates."""
+    updates, self.state = self.compiled(self.grads, self.state, self.params)
+    return updates
+
+
 @dataclasses.dataclass
 class CompileTiming:
   """Interleaved compile-time measurement of one contender.
@@ -220,6 +238,7 @@ def compile_interleaved(
   baseline: str,
   reps: int,
   workers: int = 1,
+  donate_argnums: tuple[int, ...] = (),
   progress: Callable[[str], None] | None = None,
 ) -> dict[str, CompileTiming]:
   """Traces, lowers and compiles each contender ``reps`` times, interleaved.
@@ -234,6 +253,7 @@ def compile_interleaved(
     workers: with more than one, each round's XLA compilations run on that
       many threads at once (faster where the compile times are not the
       figure of interest; they are then marked ``parallel``).
+    donate_argnums: passed to ``jax.jit``.
     progress: called with a short message after each compilation.
 
   Returns:
@@ -262,7 +282,7 @@ def compile_interleaved(
       for name in order:
         fn, args = makers[name]()
         t0 = time.perf_counter()
-        lowered = jax.jit(fn).lower(*args)
+        lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
         lower_s[name].append(time.perf_counter() - t0)
         if workers <= 1:
           record(i, *compile_one(name, lowered))

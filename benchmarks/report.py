@@ -108,19 +108,29 @@ def train_section(res: dict[str, Any]) -> list[str]:
     "",
     "Forward, backward, update and apply, jitted; ratio to the SGD step of "
     "the same round. GFLOP: XLA's `cost_analysis`. Compile s: trace, lower "
-    "and compile, several steps compiling at once (indicative only).",
+    "and compile, several steps compiling at once (indicative only). "
+    "Update alone: `tx.update` jitted by itself on this model's gradients "
+    "(state fed back), timed interleaved like section 1; the step ratio it "
+    "implies is 1 + (its time − SGD's update time) / SGD's step time, which "
+    "whole-step noise does not blur (not for the SAMs: their update runs a "
+    "second forward and backward pass).",
     "",
-    "| optimizer | median ms | × SGD | GFLOP/step | compile s |",
-    "|---|---|---|---|---|",
+    "| optimizer | median ms | × SGD | GFLOP/step | compile s | "
+    "update alone ms | step ratio implied |",
+    "|---|---|---|---|---|---|---|",
   ]
   for name, row in res["rows"].items():
     if "skipped" in row:
-      lines.append(_skipped(name, row, 5))
+      lines.append(_skipped(name, row, 7))
       continue
     st = row["step"]
+    alone, bound = "-", "-"
+    if "update_alone" in row:
+      alone = f"{row['update_alone']['median_s'] * 1e3:.3f}"
+      bound = f"{row['step_bound']:.4f}"
     lines.append(
       f"| {name} | {st['median_s'] * 1e3:.1f} | {_ratio(st)} | "
-      f"{row['gflops']:.2f} | {row['compile_s']:.1f} |"
+      f"{row['gflops']:.2f} | {row['compile_s']:.1f} | {alone} | {bound} |"
     )
   return lines
 
@@ -163,14 +173,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       row = train["rows"].get(name, {})
       if "step" in row:
         value = row["step"]["ratio"]
-        out.append(
-          dict(
-            target=f"{name} train step ≤ {limit}× SGD",
-            value=value,
-            limit=limit,
-            met=value <= limit,
-          )
+        target = dict(
+          target=f"{name} train step ≤ {limit}× SGD",
+          value=value,
+          limit=limit,
+          met=value <= limit,
+          q25=row["step"]["ratio_q25"],
+          bound=row.get("step_bound"),
         )
+        out.append(target)
   return out
 
 
@@ -210,6 +221,15 @@ def render(results: dict[str, Any]) -> str:
   lines += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
   for t in results["targets"]:
     status = "met" if t["met"] else "**missed**"
+    bound = t.get("bound")
+    if not t["met"] and bound is not None and t["q25"] <= t["limit"]:
+      # The whole-step ratio is noisy: say whether the update alone can
+      # explain the excess.
+      status = (
+        f"not resolved by the step timing (25th percentile {t['q25']:.2f}); "
+        f"the update alone implies {bound:.4f}: "
+        + ("met" if bound <= t["limit"] else "**missed**")
+      )
     lines.append(f"| {t['target']} | {t['value']:.2f} | {status} |")
   lines += [
     "",

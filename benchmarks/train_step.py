@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 import optax_lgm
-from benchmarks import _timing, layer_sam_speed
+from benchmarks import _timing, layer_sam_speed, update_cost
 from examples import models
 
 BASELINE = "SGD (momentum 0.9)"
@@ -82,20 +82,53 @@ def contenders(
   }
 
 
+def _update_alone(
+  task: ResNetTask, txs: dict[str, Any], x, y, *, reps: int, workers: int, progress
+) -> dict[str, Any]:
+  """Times ``tx.update`` alone on the model's gradients, against SGD's."""
+  params, stats = task.params, task.stats
+  grads = jax.jit(jax.grad(lambda p: task.loss(p, stats, x, y)[0]))(params)
+  makers = {
+    name: update_cost.maker(tx, grads, tx.init(params), params)
+    for name, tx in txs.items()
+  }
+  comp = _timing.compile_interleaved(
+    makers,
+    baseline=BASELINE,
+    reps=1,
+    workers=workers,
+    progress=progress,
+  )
+  fns = {
+    name: _timing.Stepper(c.compiled, grads, txs[name].init(params), params)
+    for name, c in comp.items()
+  }
+  return _timing.interleaved(fns, baseline=BASELINE, reps=reps, progress=progress)
+
+
 def run(
-  sizes: dict[str, Any], *, reps: int, progress, workers: int = 1
+  sizes: dict[str, Any],
+  *,
+  reps: int,
+  update_reps: int,
+  progress,
+  workers: int = 1,
 ) -> dict[str, Any]:
   """Compiles and times every optimizer's training step, interleaved.
 
   Args:
     sizes: the report's sizes (``batch``, ``image``, ``depth``, ``width``).
-    reps: rounds of the interleaved timing.
+    reps: rounds of the interleaved step timing.
+    update_reps: rounds of the interleaved timing of the updates alone.
     progress: a function that reports progress.
     workers: compile this many steps at once.
 
   Returns:
     A JSON-ready dict of the model's size and per optimizer the step's time,
-    ratio to SGD, XLA's FLOP count and the compile time.
+    ratio to SGD, XLA's FLOP count and the compile time; for the optimizers
+    that take no ``grad_fn``, also the time of ``tx.update`` alone and the
+    step ratio it implies (``1 + (update - SGD's update) / SGD step``): a
+    bound on the step ratio that the noise of whole steps cannot blur.
   """
   rng = np.random.default_rng(0)
   b, s = sizes["batch"], sizes["image"]
@@ -106,7 +139,7 @@ def run(
   params, stats = task.params, task.stats
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   rows: dict[str, Any] = {}
-  makers, states = {}, {}
+  makers, states, plain = {}, {}, {}
   for name, (factory, sam, selection) in contenders(params).items():
     try:
       tx = factory()
@@ -116,6 +149,8 @@ def run(
       continue
     states[name] = tx.init(params)
     rows[name] = dict(selection=None if selection is None else list(selection))
+    if not sam:
+      plain[name] = tx
 
     def make(tx=tx, sam=sam, selection=selection, state=states[name]):
       step = layer_sam_speed.make_step(task, tx, sam=sam)
@@ -136,6 +171,15 @@ def run(
   )
   for name, t in timings.items():
     rows[name]["step"] = t.to_json()
+  if BASELINE in plain:
+    alone = _update_alone(
+      task, plain, xs, ys, reps=update_reps, workers=workers, progress=progress
+    )
+    base_update = alone[BASELINE].median_s
+    base_step = timings[BASELINE].median_s
+    for name, t in alone.items():
+      rows[name]["update_alone"] = t.to_json()
+      rows[name]["step_bound"] = 1 + (t.median_s - base_update) / base_step
   num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
   return dict(
     model=f"ResNet-{sizes['depth']} (width {sizes['width']})",
