@@ -241,7 +241,18 @@ class Layering:
       ``values[ids]`` with trailing singleton axes, broadcastable to the leaf.
     """
     ids = self.leaf_layers[index]
-    out = jnp.take(values, jnp.asarray(ids), axis=0) if ids.ndim else values[int(ids)]
+    if ids.ndim:
+      out = jnp.take(values, jnp.asarray(ids), axis=0)
+    elif values.ndim == 1 and values.dtype in (jnp.bool_, jnp.float32):
+      # A dot with a one-hot row rather than a slice: XLA fuses a slice into
+      # the leaf's elementwise kernel, which makes that kernel differ from
+      # leaf to leaf (one compilation per leaf instead of one per leaf
+      # shape), while a dot stays outside it. Exact for these dtypes.
+      one_hot = np.zeros(len(values), np.float32)
+      one_hot[int(ids)] = 1.0
+      out = jnp.dot(one_hot, values.astype(jnp.float32)).astype(values.dtype)
+    else:
+      out = values[int(ids)]
     return out.reshape(ids.shape + (1,) * (ndim - ids.ndim))
 
   def map(
