@@ -209,8 +209,7 @@ class Layering:
       n = int(np.prod(x.shape[a:]))
       shift = x[(slice(None),) * a + (0,) * (ndim - a)]
       d = x - shift.reshape(shift.shape + (1,) * (ndim - a))
-      s1 = jnp.sum(d, axis=axes)
-      s2 = jnp.sum(d * d, axis=axes)
+      s1, s2 = _sum_and_sum_of_squares(d, axes)
       means.append((shift + s1 / n).reshape(-1))
       m2s.append(jnp.maximum(s2 - s1 * s1 / n, 0.0).reshape(-1))
       counts.append(np.full(ids.size, n, np.float64))
@@ -283,6 +282,35 @@ class Layering:
       ndim = jnp.ndim(leaves[0])
       out.append(fn(*leaves, *(self.expand(v, i, ndim) for v in per_layer)))
     return self.unflatten(out)
+
+
+_ONE_PASS_MAX = 8192
+"""Longest axis summed sequentially by `_sum_and_sum_of_squares`."""
+
+
+def _sum_and_sum_of_squares(
+  d: jax.Array, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+  """``(sum(d), sum(d * d))`` over ``axes``, reading ``d`` once.
+
+  Two ``jnp.sum`` calls read the leaf twice, and XLA:CPU splits each long
+  reduction into a windowed one that materialises ``d`` first (four passes
+  over the leaf). One variadic reduction over the last axis gives both
+  partial sums in one pass; the partial sums (a leaf's size divided by its
+  last axis) are then summed pairwise as usual, which keeps the precision of
+  the pairwise sum: only runs of at most ``_ONE_PASS_MAX`` entries are
+  summed sequentially.
+  """
+  if not axes or d.shape[axes[-1]] > _ONE_PASS_MAX:
+    return jnp.sum(d, axis=axes), jnp.sum(d * d, axis=axes)
+  zero = jnp.zeros([], d.dtype)
+  p1, p2 = jax.lax.reduce(
+    (d, d * d),
+    (zero, zero),
+    lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    axes[-1:],
+  )
+  return jnp.sum(p1, axis=axes[:-1]), jnp.sum(p2, axis=axes[:-1])
 
 
 def make_layering(
