@@ -89,6 +89,7 @@ _NORMALIZE = ("selected", "global")
 _UNSELECTED = ("reuse", "recompute")
 
 Selection = Optional[Sequence[Union[int, str]]]
+AxisName = Union[None, str, tuple[str, ...]]
 
 
 class LayerSamState(NamedTuple):
@@ -238,6 +239,50 @@ def _static_selection(selection: Any, layering: _layers.Layering) -> np.ndarray:
   return mask
 
 
+def _check_axis_name(axis_name: Any) -> None:
+  """Raises a ``TypeError`` unless ``axis_name`` is None, a str or a tuple of str."""
+  if axis_name is None or isinstance(axis_name, str):
+    return
+  if (
+    isinstance(axis_name, tuple)
+    and axis_name
+    and all(isinstance(a, str) for a in axis_name)
+  ):
+    return
+  raise TypeError(
+    "axis_name must be None (global perturbation), the name of the mapped "
+    "data axis (a str, as in jax.lax.pmean) or a non-empty tuple of such "
+    f"names, got axis_name={axis_name!r} of type {type(axis_name).__name__}."
+  )
+
+
+def _axes(axis_name: Union[str, tuple[str, ...]]) -> tuple[str, ...]:
+  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _varying_axes(x: Any) -> frozenset:
+  """The mesh axes over which ``x`` varies inside ``jax.shard_map``.
+
+  Empty outside ``shard_map``, under ``check_vma=False``, ``pmap`` and
+  ``vmap``, which do not track it.
+  """
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10.
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # jax 0.6 to 0.9.
+
+
+def _to_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """Marks ``x`` as varying over ``axes`` (a no-op on the values)."""
+  missing = tuple(a for a in axes if a not in _varying_axes(x))
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)
+
+
 def _flatten_like(layering: _layers.Layering, tree: Any, what: str) -> list:
   try:
     return layering.flatten(tree)
@@ -262,6 +307,7 @@ def layer_sam(
   norm_decay: jax.typing.ArrayLike = 0.9,
   layer_axes: _layers.LayerAxes = None,
   mask: _layers.Mask = None,
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimisation that perturbs only the top-k layers.
 
@@ -302,6 +348,35 @@ def layer_sam(
     ``unselected="reuse"``. Pass ``selection`` as a static argument of
     ``jax.jit`` and re-select every few hundred steps with
     :func:`select_layers` (see the module docstring for the loop).
+
+  On a device mesh under ``jax.jit``, the gradients are global whatever the
+  sharding, and so is the perturbation. Inside ``jax.shard_map`` (or
+  ``jax.pmap``), where ``grads`` and ``grad_fn``'s output are each device's
+  own (its shard of the batch, not averaged), pass ``axis_name`` (the data
+  axis) for *m-sharpness* (Foret et al., 2021): with
+  :math:`g^{(d)}` device :math:`d`'s gradient and
+  :math:`\bar g = \operatorname{pmean}_d g^{(d)}`,
+
+  .. math::
+
+    n_l = \lVert \bar g_l \rVert_2, \qquad
+    \epsilon^{(d)}_l = \rho\, g^{(d)}_l / (\lVert g^{(d)}_S \rVert
+      + \varepsilon) \ (l \in S), \qquad
+    \tilde g_l = \operatorname{pmean}_d \nabla L^{(d)}(w + \epsilon^{(d)})_l
+      \ (l \in S), \quad \bar g_l \ (l \notin S,\ \text{reuse}).
+
+  So the layer norms, the selection :math:`S` and the state are those of the
+  global gradient :math:`\bar g` (the same on every device; ``jax.lax.pmean``
+  of the first-pass gradient, one all-reduce), each device perturbs along its
+  own gradient, normalised by its own norm, and the gradient handed to
+  ``optimizer`` is averaged over ``axis_name`` (second-pass gradients only
+  where they are read). Every device then holds the same state. With one
+  device per axis this is the global perturbation. Inside ``shard_map``, take
+  the first-pass gradient at ``jax.lax.pcast(params, axis_name,
+  to="varying")`` (JAX sums the gradient of replicated params over the axis
+  otherwise); ``update`` marks the weights it hands to ``grad_fn`` the same
+  way. Every device must see whole layers: split the params only over mesh
+  axes left to the compiler (``jax.shard_map(..., axis_names={"data"})``).
 
   Defaults, from ``python -m benchmarks.layer_sam_speed --defaults`` (a
   ResNet-20 trained 60 SGD steps at batch 128 on 32x32 digits, probed every 10
@@ -367,6 +442,12 @@ def layer_sam(
     layer_axes: leading axes of a leaf that index separate (stacked) layers.
     mask: a pytree of booleans or a callable returning one; leaves where it
       is ``False`` are never perturbed.
+    axis_name: ``None`` (the default: ``grads`` and ``grad_fn`` give the
+      global gradient, as under ``jax.jit``), or the name (a str, or a tuple
+      of str) of the mapped data axis of ``jax.shard_map`` / ``jax.pmap``
+      whose devices each see their own gradient: per-device (m-sharpness)
+      perturbations, with the selection and the gradient handed on averaged
+      over that axis.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -378,6 +459,8 @@ def layer_sam(
       ``rho < 0``, an unknown ``normalize`` / ``unselected`` / ``layers``, and
       (in ``update``) a missing ``grad_fn`` or ``params`` or a ``selection``
       with an index out of range.
+    TypeError: for an ``axis_name`` that is not ``None``, a str or a tuple
+      of str.
 
   References:
     Lee et al., `Layer-wise Adaptive Gradient Norm Penalizing Method for
@@ -402,6 +485,7 @@ def layer_sam(
   _common.check_choice("adaptive", adaptive, (False, True))
   _layers.check_layers(layers)
   _layers.check_layer_axes(layer_axes)
+  _check_axis_name(axis_name)
   inner = optax.with_extra_args_support(optimizer)
   f32 = jnp.float32
 
@@ -419,7 +503,7 @@ def layer_sam(
       selected=jnp.zeros([n], jnp.int32),
       selected_count=jnp.zeros([n], jnp.int32),
       inner_state=inner.init(params),
-      names=_layers.LayerNames(lay.names),
+      names=_layers.state_names(params, lay),
     )
 
   def update_fn(
@@ -445,13 +529,32 @@ def layer_sam(
     lay = layering(updates)
     _check_k_fits(k, lay.num_layers)
     static = None if selection is None else _static_selection(selection, lay)
-    g_flat = lay.flatten(updates)
+    g_flat = lay.flatten(updates)  # This device's gradient (m-sharpness).
     w_flat = _flatten_like(lay, params, "params")
 
-    sq = lay.reduce(jnp.square, updates, dtype=f32)
+    def pmean(tree: Any) -> Any:
+      if axis_name is None:
+        return tree
+      return jax.tree.map(
+        lambda x: (
+          jax.lax.pmean(x, axis_name)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+          else x  # Integer or float0 gradients are left alone.
+        ),
+        tree,
+      )
+
+    # The global first-pass gradient: what the layer norms, the selection, the
+    # state and the unselected layers ("reuse") see. Without axis_name it is
+    # the gradient given.
+    gbar = pmean(updates)
+    gbar_flat = lay.flatten(gbar)
+    sq = lay.reduce(jnp.square, gbar, dtype=f32)
     norms = jnp.sqrt(sq)
     sel = _top_k(norms, k) if static is None else jnp.asarray(static)
 
+    # The perturbation follows this device's gradient (with axis_name) and is
+    # normalised by its own norm.
     if adaptive:
       scaled = lay.map(
         lambda g, w: (jnp.abs(w.astype(f32)) + eta) * g.astype(f32),
@@ -459,6 +562,8 @@ def layer_sam(
         params,
       )
       denom_sq = lay.reduce(jnp.square, scaled, dtype=f32)
+    elif axis_name is not None:
+      denom_sq = lay.reduce(jnp.square, updates, dtype=f32)
     else:
       denom_sq = sq
     if normalize == "selected":
@@ -490,29 +595,38 @@ def layer_sam(
       else:
         adv_flat.append(perturb(i, w, g))
 
+    if axis_name is not None and any(_varying_axes(g) for g in g_flat if g is not None):
+      # Inside jax.shard_map (check_vma=True), the gradient with respect to
+      # weights that do not vary over the axis comes back summed over it;
+      # mark every leaf as varying so that grad_fn gives this device's own.
+      adv_flat = [
+        w if w is None else _to_varying(w, _axes(axis_name)) for w in adv_flat
+      ]
     g2_flat = _flatten_like(
       lay, grad_fn(lay.unflatten(adv_flat), 0), "grad_fn's output"
     )
 
+    # Second-pass gradients are averaged over axis_name only where they are
+    # read, so that static mode still prunes the rest.
     out_flat = []
-    for i, (g, g2, ids) in enumerate(zip(g_flat, g2_flat, lay.leaf_layers)):
+    for i, (g, g2, ids) in enumerate(zip(gbar_flat, g2_flat, lay.leaf_layers)):
       if g is None:
         out_flat.append(None)
         continue
       if unselected == "recompute":
-        out_flat.append(g2.astype(g.dtype))
+        out_flat.append(pmean(g2).astype(g.dtype))
       elif ids is None:
         out_flat.append(g)
       elif static is None:
         take = lay.expand(sel, i, jnp.ndim(g))
-        out_flat.append(jnp.where(take, g2.astype(g.dtype), g))
+        out_flat.append(jnp.where(take, pmean(g2).astype(g.dtype), g))
       elif leaf_mask(i).all():
-        out_flat.append(g2.astype(g.dtype))
+        out_flat.append(pmean(g2).astype(g.dtype))
       elif not leaf_mask(i).any():
         out_flat.append(g)  # grad_fn's gradient of this leaf is never read.
       else:  # Stacked layers (layer_axes), some slices selected.
         take = lay.expand(jnp.asarray(static), i, jnp.ndim(g))
-        out_flat.append(jnp.where(take, g2.astype(g.dtype), g))
+        out_flat.append(jnp.where(take, pmean(g2).astype(g.dtype), g))
     sam_grads = lay.unflatten(out_flat)
 
     out_sq = lay.reduce(jnp.square, sam_grads, dtype=f32)
@@ -619,7 +733,7 @@ def keep_top_k_layers(
       grad_norm=jnp.zeros([n], jnp.float32),
       selected=jnp.zeros([n], jnp.int32),
       selected_count=jnp.zeros([n], jnp.int32),
-      names=_layers.LayerNames(lay.names),
+      names=_layers.state_names(params, lay),
     )
 
   def update_fn(updates, state, params=None):

@@ -442,6 +442,40 @@ class LayerNames:
     return len(self.names)
 
 
+class _PlaceholderLayerNames(LayerNames):
+  """The names in a state built on :func:`optax.tree.map_params`' placeholder.
+
+  :func:`optax.tree.map_params` initialises the optimizer on a placeholder
+  without leaves, then maps over that state and the real one together; its
+  result takes its structure from the placeholder's state. There, the names
+  are unknown. A subclass is not registered as a pytree node, so this object
+  is a *leaf*: ``map_params`` hands it the real state's :class:`LayerNames`
+  and returns that (or ``transform_non_params`` of it), and the names survive.
+  """
+
+
+def _is_params_placeholder(tree: Any) -> bool:
+  """Whether ``tree`` is the placeholder of :func:`optax.tree.map_params`."""
+  cls = type(tree)
+  return cls.__name__ == "_ParamsPlaceholder" and cls.__module__.startswith("optax")
+
+
+def state_names(params: Any, layering: Layering) -> LayerNames:
+  """The :class:`LayerNames` to keep in a state initialised on ``params``.
+
+  Args:
+    params: the tree given to ``init``.
+    layering: its :class:`Layering`.
+
+  Returns:
+    ``LayerNames(layering.names)``; on the placeholder of
+    :func:`optax.tree.map_params`, a leaf that stands for the real names.
+  """
+  if _is_params_placeholder(params):
+    return _PlaceholderLayerNames()
+  return LayerNames(layering.names)
+
+
 def top_k_mask(values: jax.Array, k: int | None) -> jax.Array:
   """Boolean ``[num_layers]`` mask of the ``k`` largest ``values``.
 

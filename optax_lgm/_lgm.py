@@ -176,7 +176,7 @@ def scale_by_lgm(
       alpha=jnp.zeros([n], stats_dtype),
       scale=jnp.ones([n], stats_dtype),
       mu=mu,
-      names=_layers.LayerNames(lay.names),
+      names=_layers.state_names(params, lay),
     )
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -2,9 +2,30 @@
 
 Run in its own process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
 (``tests/test_sharding.py`` does), so the rest of the suite keeps one device.
-Exits non-zero, with the failing check named, when a check fails.
+Exits non-zero, with the failing check named, when a check fails; prints
+``ok <check>`` for each check that passed.
+
+The checks:
+
+* every transformation, run for a few jitted steps with the batch sharded over
+  ``"data"`` (an 8-device mesh) and, on a 4x2 ``("data", "model")`` mesh, the
+  kernels also split over ``"model"``, equals the one-device run;
+* on the 8-device mesh, params, updates and state are left to ``jit``: the
+  state and the updates come out replicated like the (replicated) params;
+* on the 4x2 mesh the state is placed as docs/guides/sharding.rst says
+  (``jax.jit(tx.init, out_shardings=...)`` with shardings from
+  ``optax.tree.map_params``) and the step pins its outputs: updates and
+  params-shaped state have the params' shardings, the rest is replicated;
+* left to ``jit`` on the 4x2 mesh, per-layer arrays still come out replicated
+  and the state of each kernel takes the kernel's sharding;
+* no step moves data between host and device (``jax.transfer_guard``);
+* ``layer_sam(axis_name="data")`` inside ``jax.shard_map`` (m-sharpness)
+  equals a NumPy reference of per-shard perturbations, on the 8-device mesh
+  and on the 4x2 mesh with only ``"data"`` manual, and differs from the
+  global perturbation.
 """
 
+import contextlib
 import sys
 
 import chex
@@ -26,7 +47,24 @@ TRANSFORMS = {
   "dgs_layer_ema": lambda: optax_lgm.dgs(
     1.0, reduction="layer", importance_decay=0.9, momentum=0.9
   ),
+  # layers="module": two layers, "hidden" (0) and "out" (1).
+  "layer_sam": lambda: optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), 0.1, k=1),
+  "layer_sam_static": lambda: optax_lgm.layer_sam(
+    optax.sgd(0.1, momentum=0.9), 0.1, k=1
+  ),
+  "sam_keep_top_k_layers": lambda: optax.contrib.sam(
+    optax.sgd(0.1, momentum=0.9),
+    optax.chain(
+      optax_lgm.keep_top_k_layers(1), optax.contrib.normalize(), optax.sgd(0.1)
+    ),
+    opaque_mode=True,
+    reset_state=False,
+  ),
 }
+# Extra arguments of update: grad_fn for the SAM variants, a static selection.
+TAKES_GRAD_FN = ("layer_sam", "layer_sam_static", "sam_keep_top_k_layers")
+SELECTION = {"layer_sam_static": (0,)}
+STEPS = 3
 
 
 def make_problem():
@@ -51,22 +89,44 @@ def loss_fn(params, x, y):
   return jnp.mean(jnp.square(h @ params["out"]["kernel"] + params["out"]["bias"] - y))
 
 
-def train(tx, params, x, y, steps=4, shardings=None):
-  """A few jitted steps; ``shardings`` pins the parameters' layout, as users do."""
-  state = tx.init(params)
+def make_step(name, tx, param_shardings=None, out_shardings=None):
+  """A jitted step returning ``(params, state, updates)``.
 
-  @jax.jit
+  ``param_shardings`` pins the params' layout inside the step, as users do;
+  ``out_shardings`` pins every output.
+  """
+  kwargs = {}
+  if name in SELECTION:
+    kwargs["selection"] = SELECTION[name]
+
   def step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, state = tx.update(grads, state, params)
+    grad_fn = jax.grad(lambda p, _: loss_fn(p, x, y))
+    extra = dict(kwargs, grad_fn=grad_fn) if name in TAKES_GRAD_FN else kwargs
+    updates, state = tx.update(grad_fn(params, 0), state, params, **extra)
     params = optax.apply_updates(params, updates)
-    if shardings is not None:
-      params = jax.lax.with_sharding_constraint(params, shardings)
-    return params, state
+    if param_shardings is not None:
+      params = jax.lax.with_sharding_constraint(params, param_shardings)
+    return params, state, updates
 
-  for _ in range(steps):
-    params, state = step(params, state, x, y)
-  return params, state
+  return jax.jit(step, out_shardings=out_shardings)
+
+
+def run(step, params, state, x, y):
+  """``STEPS`` steps; returns the last ``(params, state, updates)``.
+
+  No step moves data between host and device. The first may copy inputs
+  between devices (a state made by ``tx.init`` outside ``jit`` holds its
+  per-layer arrays on one device); later steps move nothing at all.
+  """
+  for i in range(STEPS):
+    with contextlib.ExitStack() as guards:
+      if i:
+        guards.enter_context(jax.transfer_guard("disallow"))
+      else:
+        guards.enter_context(jax.transfer_guard_host_to_device("disallow"))
+        guards.enter_context(jax.transfer_guard_device_to_host("disallow"))
+      params, state, updates = step(params, state, x, y)
+  return params, state, updates
 
 
 def param_specs(model_axis):
@@ -78,55 +138,236 @@ def param_specs(model_axis):
   }
 
 
-def check(name, mesh_shape, axis_names):
+def _is_params_like(node):
+  return isinstance(node, dict) and set(node) == {"hidden", "out"}
+
+
+def split_state(state):
+  """(params-shaped subtrees, other arrays) of a state."""
+  nodes = jax.tree.leaves(state, is_leaf=_is_params_like)
+  trees = [n for n in nodes if _is_params_like(n)]
+  others = [n for n in nodes if not _is_params_like(n)]
+  return trees, others
+
+
+def assert_like_params(tree, shardings, what):
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (
+      what,
+      leaf.shape,
+      leaf.sharding,
+      sharding,
+    )
+
+
+def assert_replicated(leaves, what):
+  for leaf in leaves:
+    assert leaf.sharding.is_fully_replicated, (what, leaf.shape, leaf.sharding)
+
+
+def state_shardings(tx, params, param_shardings, replicated):
+  """The recipe of docs/guides/sharding.rst, through optax.tree.map_params."""
+  return optax.tree.map_params(
+    tx,
+    lambda _, sharding: sharding,
+    jax.eval_shape(tx.init, params),
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
+
+
+def check(name, want):
+  """The sharded runs of ``name`` equal ``want``, the one-device run."""
   params, x, y = make_problem()
   tx = TRANSFORMS[name]()
-  want_params, want_state = train(tx, params, x, y)
 
-  mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), axis_names)
-  model_axis = "model" if "model" in axis_names else None
-  specs = param_specs(model_axis)
-  sharded = jax.tree.map(
-    lambda p, s: jax.device_put(p, NamedSharding(mesh, s)), params, specs
-  )
+  def same(got, what):
+    for g, w, part in zip(got, want, ("params", "state", "updates")):
+      try:
+        chex.assert_trees_all_close(g, w, rtol=1e-5, atol=1e-6)
+      except AssertionError as e:
+        raise AssertionError(f"{name} on {what}: {part} differ") from e
+
+  # 8-device data mesh, layouts left to jit: params replicated, so are the
+  # updates and the whole state.
+  mesh = Mesh(np.array(jax.devices()), ("data",))
   data = NamedSharding(mesh, P("data"))
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(None))
+  sharded = jax.device_put(params, shardings)
+  xs, ys = jax.device_put((x, y), data)
+  got = run(make_step(name, tx, shardings), sharded, tx.init(sharded), xs, ys)
+  same(got, "8 devices")
+  assert_like_params(got[0], shardings, (name, "params"))
+  assert_like_params(got[2], shardings, (name, "updates"))
+  assert_replicated(jax.tree.leaves(got[1]), (name, "state"))
+
+  # 4x2 data x model mesh, state placed and outputs pinned as documented.
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs("model"))
+  sharded = jax.device_put(params, shardings)
+  xs, ys = jax.device_put((x, y), data)
+  placement = state_shardings(tx, params, shardings, replicated)
+  state = jax.jit(tx.init, out_shardings=placement)(sharded)
+  step = make_step(name, tx, out_shardings=(shardings, placement, shardings))
+  got = run(step, sharded, state, xs, ys)
+  same(got, "4x2 devices")
+  assert_like_params(got[0], shardings, (name, "params"))
+  assert_like_params(got[2], shardings, (name, "updates"))
+  trees, others = split_state(got[1])
+  assert trees or name in ("scale_by_lgm", "dgs"), (name, "no params-like state")
+  for tree in trees:
+    assert_like_params(tree, shardings, (name, "params-like state"))
+  assert_replicated(jax.tree.leaves(others), (name, "per-layer state"))
+
+
+def check_unpinned_layout(name):
+  """On the 4x2 mesh with only the params pinned, what jit gives the state."""
+  params, x, y = make_problem()
+  tx = TRANSFORMS[name]()
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  specs = param_specs("model")
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-  got_params, got_state = train(
-    tx, sharded, jax.device_put(x, data), jax.device_put(y, data), shardings=shardings
+  sharded = jax.device_put(params, shardings)
+  xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("data")))
+  _, state, updates = run(
+    make_step(name, tx, shardings), sharded, tx.init(sharded), xs, ys
   )
-  chex.assert_trees_all_close(got_params, want_params, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-6)
-
-  # The parameters keep their (pinned) layout and the update needs no
-  # resharding of its own to get there.
-  for p, spec in zip(jax.tree.leaves(got_params), jax.tree.leaves(specs)):
-    assert p.sharding.is_equivalent_to(NamedSharding(mesh, spec), p.ndim), name
-  # tx.init on sharded params: per-element state mirrors the params' layout.
-  state = tx.init(sharded)
-  for tree in _per_element_trees(state):
-    for p, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs)):
-      assert p.sharding.is_equivalent_to(NamedSharding(mesh, spec), p.ndim), (
+  trees, others = split_state(state)
+  assert trees, name
+  # Kernels: state and updates take the kernel's sharding. (jit may also
+  # split the state of a replicated bias over "model": not checked.)
+  for tree in [updates, *trees]:
+    for layer in ("hidden", "out"):
+      leaf, spec = tree[layer]["kernel"], specs[layer]["kernel"]
+      assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), (
         name,
-        p.shape,
-        p.sharding,
+        layer,
+        leaf.sharding,
       )
+  assert_replicated(jax.tree.leaves(others), (name, "per-layer state"))
 
 
-def _per_element_trees(state):
-  """The sub-trees of a state shaped like the params (mu, importance, trace)."""
-  return [
-    node
-    for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, dict))
-    if isinstance(node, dict) and set(node) == {"hidden", "out"}
-  ]
+# --------------------------------------------------------------------------
+# m-sharpness: layer_sam(axis_name="data") inside jax.shard_map.
+# --------------------------------------------------------------------------
+
+M_RHO, M_LR = 0.5, 0.1
+
+
+def np_grad(w, x, y):
+  """The gradient of ``loss_fn`` in NumPy (float64)."""
+  z = x @ w["hidden"]["kernel"] + w["hidden"]["bias"]
+  h = np.tanh(z)
+  d_pred = 2 * (h @ w["out"]["kernel"] + w["out"]["bias"] - y) / y.size
+  d_z = (d_pred @ w["out"]["kernel"].T) * (1 - h * h)
+  return {
+    "hidden": {"kernel": x.T @ d_z, "bias": d_z.sum(0)},
+    "out": {"kernel": h.T @ d_pred, "bias": d_pred.sum(0)},
+  }
+
+
+def np_layer_sam(w, x, y, shards, steps):
+  """layer_sam(sgd(M_LR), M_RHO, k=1) with ``shards`` per-shard perturbations.
+
+  Per step: each shard's gradient; the layer norms of their mean select the
+  layer; each shard perturbs that layer along its own gradient, normalised by
+  its own norm, and takes its gradient there; the selected layer gets the
+  mean of those, the other the mean first-pass gradient; then SGD.
+  """
+  layers = ("hidden", "out")
+  xs, ys = np.split(x, shards), np.split(y, shards)
+  for _ in range(steps):
+    grads = [np_grad(w, a, b) for a, b in zip(xs, ys)]
+    g_mean = jax.tree.map(lambda *g: np.mean(g, axis=0), *grads)
+    norms = [np.sqrt(sum(np.sum(v**2) for v in g_mean[m].values())) for m in layers]
+    top = layers[int(np.argmax(norms))]
+    second = []
+    for g, a, b in zip(grads, xs, ys):
+      norm = np.sqrt(sum(np.sum(v**2) for v in g[top].values()))
+      adv = {m: dict(w[m]) for m in layers}
+      adv[top] = {n: w[top][n] + M_RHO * g[top][n] / (norm + 1e-12) for n in w[top]}
+      second.append(np_grad(adv, a, b)[top])
+    sam = dict(g_mean)
+    sam[top] = jax.tree.map(lambda *g: np.mean(g, axis=0), *second)
+    w = jax.tree.map(lambda p, g: p - M_LR * g, w, sam)
+  return w
+
+
+def m_sharpness_step(tx, mesh, manual_axes):
+  def local(params, state, x, y):
+    grad_fn = jax.grad(lambda p, _: loss_fn(p, x, y))
+    # The gradient at replicated params would come back summed over "data":
+    # take this shard's own at params marked as varying.
+    grads = grad_fn(jax.lax.pcast(params, "data", to="varying"), 0)
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state, updates
+
+  return jax.jit(
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(), P(), P("data"), P("data")),
+      out_specs=(P(), P(), P()),
+      axis_names=manual_axes,
+    )
+  )
+
+
+def check_m_sharpness():
+  params, x, y = make_problem()
+  w = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+  xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  tx_global = optax_lgm.layer_sam(optax.sgd(M_LR), M_RHO, k=1)
+  tx = optax_lgm.layer_sam(optax.sgd(M_LR), M_RHO, k=1, axis_name="data")
+
+  # The reference itself: one shard is the global perturbation.
+  global_run = run(
+    make_step("layer_sam", tx_global), params, tx_global.init(params), x, y
+  )
+  want_global = np_layer_sam(w, xn, yn, shards=1, steps=STEPS)
+  chex.assert_trees_all_close(global_run[0], want_global, rtol=1e-5, atol=1e-6)
+
+  # 8 devices, batch over "data".
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  data = NamedSharding(mesh, P("data"))
+  xs, ys = jax.device_put((x, y), data)
+  sharded = jax.device_put(params, NamedSharding(mesh, P()))
+  got = run(m_sharpness_step(tx, mesh, {"data"}), sharded, tx.init(sharded), xs, ys)
+  want = np_layer_sam(w, xn, yn, shards=8, steps=STEPS)
+  chex.assert_trees_all_close(got[0], want, rtol=1e-5, atol=1e-6)
+  gap = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(global_run[0]))
+  )
+  assert gap > 1e-3, ("m-sharpness equals the global perturbation", gap)
+  # The state and the step's selection are the same on every device.
+  chex.assert_trees_all_close(got[1].selected_count, global_run[1].selected_count)
+
+  # 4x2 mesh: "data" manual (4 shards), kernels split over "model" by jit.
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs("model"))
+  sharded = jax.device_put(params, shardings)
+  xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("data")))
+  got = run(m_sharpness_step(tx, mesh, {"data"}), sharded, tx.init(sharded), xs, ys)
+  want = np_layer_sam(w, xn, yn, shards=4, steps=STEPS)
+  chex.assert_trees_all_close(got[0], want, rtol=1e-5, atol=1e-6)
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
+  params, x, y = make_problem()
   for name in TRANSFORMS:
-    check(name, (8,), ("data",))
-    check(name, (4, 2), ("data", "model"))
-    print(f"ok {name}")
+    tx = TRANSFORMS[name]()
+    want = run(make_step(name, tx), params, tx.init(params), x, y)
+    check(name, want)
+    print(f"ok {name}", flush=True)
+  for name in ("dgs_layer_ema", "layer_sam"):
+    check_unpinned_layout(name)
+    print(f"ok unpinned_layout {name}", flush=True)
+  check_m_sharpness()
+  print("ok m_sharpness", flush=True)
   return 0
 
 

@@ -550,6 +550,154 @@ def test_nnx_batchnorm_statistics_from_first_pass_only(selection):
 
 
 # --------------------------------------------------------------------------
+# m-sharpness (axis_name): each shard of the batch perturbs with its own
+# gradient; selection and the gradient handed on are averaged.
+# --------------------------------------------------------------------------
+
+
+def batch_loss(params: dict, x, y) -> jax.Array:
+  theta = jnp.concatenate([params[m][n].ravel() for m, n in LEAVES])
+  return 0.5 * jnp.mean(jnp.square(jnp.tanh(x @ theta) - y))
+
+
+def np_batch_grad(w: dict, x: np.ndarray, y: np.ndarray) -> dict:
+  theta = np.concatenate([w[m][n].ravel() for m, n in LEAVES])
+  t = np.tanh(x @ theta)
+  g = x.T @ ((t - y) * (1 - t * t)) / len(y)
+  out, i = {}, 0
+  for (m, n), s in zip(LEAVES, SIZES):
+    out.setdefault(m, {})[n] = g[i : i + s].reshape(SHAPES[m][n])
+    i += s
+  return out
+
+
+def np_m_sharpness_step(w, shards, *, k, rho, lr):
+  """Per-shard perturbations of the globally selected layers, then SGD."""
+  layers = sorted(SHAPES)
+
+  def layer_sq(g):
+    return np.array([sum(np.sum(g[m][n] ** 2) for n in SHAPES[m]) for m in layers])
+
+  def mean(trees):
+    return jax.tree.map(lambda *xs: np.mean(xs, axis=0), *trees)
+
+  grads = [np_batch_grad(w, x, y) for x, y in shards]
+  g_mean = mean(grads)
+  norms = np.sqrt(layer_sq(g_mean))
+  sel = np.zeros(len(layers), bool)
+  sel[np.argsort(-norms, kind="stable")[:k]] = True
+  second = []
+  for g, (x, y) in zip(grads, shards):
+    denom = np.sqrt(np.sum(layer_sq(g)[sel]))  # This shard's own norm.
+    adv = {
+      m: {
+        n: w[m][n] + (rho * g[m][n] / (denom + 1e-12) if sel[j] else 0.0)
+        for n in SHAPES[m]
+      }
+      for j, m in enumerate(layers)
+    }
+    second.append(np_batch_grad(adv, x, y))
+  g2_mean = mean(second)
+  new = {
+    m: {n: w[m][n] - lr * (g2_mean if sel[j] else g_mean)[m][n] for n in SHAPES[m]}
+    for j, m in enumerate(layers)
+  }
+  return new, norms, sel
+
+
+def m_sharpness_local_step(tx, selection=None):
+  """The per-shard step: first pass at this shard's data, then layer_sam."""
+
+  def step(params, state, x, y):
+    grad_fn = jax.grad(lambda p, _: batch_loss(p, x, y))
+    grads = grad_fn(params, 0)
+    updates, state = tx.update(
+      grads, state, params, grad_fn=grad_fn, selection=selection
+    )
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def test_m_sharpness_matches_numpy_reference():
+  # Four shards of the batch, mapped with vmap (an axis name, one device).
+  rho, k, lr, n_shards = 0.3, 2, 0.1, 4
+  tx = optax_lgm.layer_sam(optax.sgd(lr), rho, k, axis_name="shards")
+  step = jax.jit(
+    jax.vmap(
+      m_sharpness_local_step(tx),
+      in_axes=(None, None, 0, 0),
+      out_axes=None,  # Everything handed on is the same on every shard.
+      axis_name="shards",
+    )
+  )
+  xs = X.reshape(n_shards, -1, X.shape[1])
+  ys = Y.reshape(n_shards, -1)
+  shards = list(zip(xs, ys))
+  params = init_params()
+  state = tx.init(params)
+  w = w_global = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  counts = np.zeros(4, int)
+  for i in range(3):
+    params, state = step(params, state, jnp.asarray(xs), jnp.asarray(ys))
+    w, norms, sel = np_m_sharpness_step(w, shards, k=k, rho=rho, lr=lr)
+    w_global, _, _ = np_layer_sam_step(
+      w_global, i, k=k, rho=rho, normalize="selected", unselected="reuse",
+      adaptive=False, eta=0.0, lr=lr,
+    )  # fmt: skip
+    counts += sel
+    chex.assert_trees_all_close(params, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.grad_norm, norms, rtol=1e-5)
+    np.testing.assert_array_equal(state.selected_count, counts)
+  # Per-shard perturbations are not the global one.
+  gap = max(np.max(np.abs(a - b)) for a, b in zip(*map(jax.tree.leaves, (w, w_global))))
+  assert gap > 1e-4, gap
+
+
+@pytest.mark.parametrize("selection", [None, (1, 3)])
+def test_m_sharpness_on_one_device_is_global(selection):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  spec = jax.sharding.PartitionSpec
+  opt = optax.sgd(0.1, momentum=0.9)
+  local = optax_lgm.layer_sam(opt, 0.3, 2, axis_name="data")
+  plain = optax_lgm.layer_sam(opt, 0.3, 2)
+
+  def sharded(params, state, x, y):
+    # Under shard_map the gradient at the replicated params is summed over
+    # the axis: take it at params marked as varying to get this shard's own.
+    grad_fn = jax.grad(lambda p, _: batch_loss(p, x, y))
+    grads = grad_fn(jax.lax.pcast(params, "data", to="varying"), 0)
+    updates, state = local.update(
+      grads, state, params, grad_fn=grad_fn, selection=selection
+    )
+    return optax.apply_updates(params, updates), state
+
+  step_m = jax.jit(
+    jax.shard_map(
+      sharded,
+      mesh=mesh,
+      in_specs=(spec(), spec(), spec("data"), spec("data")),
+      out_specs=(spec(), spec()),
+    )
+  )
+  step_g = jax.jit(m_sharpness_local_step(plain, selection))
+  p_m = p_g = init_params()
+  s_m, s_g = local.init(p_m), plain.init(p_g)
+  x, y = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32)
+  for _ in range(3):
+    p_m, s_m = step_m(p_m, s_m, x, y)
+    p_g, s_g = step_g(p_g, s_g, x, y)
+  chex.assert_trees_all_close(p_m, p_g, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(s_m, s_g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("axis_name", [3, ["data"], ("data", 1), (), b"data"])
+def test_bad_axis_name(axis_name):
+  with pytest.raises(TypeError, match="axis_name"):
+    optax_lgm.layer_sam(optax.sgd(0.1), axis_name=axis_name)
+
+
+# --------------------------------------------------------------------------
 # Bad input.
 # --------------------------------------------------------------------------
 
