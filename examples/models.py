@@ -11,7 +11,11 @@ Public API::
   resnet20(...), resnet32(...)   ResNet with depth 20 / 32
   TransformerClassifier(num_classes, input_shape, mean, std, *,
                         patch_size=None, dim=64, depth=2, num_heads=4,
-                        mlp_dim=128, rngs)
+                        mlp_dim=128, stacked=False, rngs)
+      .layer_axes(path, leaf)   the layer_axes of optax_lgm for its params
+  stack_params(params), unstack_params(params)
+      convert TransformerClassifier parameters (or gradients, updates)
+      between the list-of-blocks and the stacked (scanned) layouts
 
 Every model maps images ``float32 [B, H, W, C]`` on the [0, 1] pixel scale to
 logits ``[B, num_classes]``, and standardises them inside ``__call__`` with the
@@ -31,7 +35,7 @@ The defaults are small. On 2 CPU cores, once compiled, an epoch of ``digits``
 transformer, 2 s with ResNet-20 and 3.5 s with ResNet-32.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -322,6 +326,18 @@ class TransformerClassifier(nnx.Module):
   blocks (`EncoderBlock`) follow, then a LayerNorm, the mean over tokens and
   the output layer.
 
+  With ``stacked=True`` the blocks are created with ``nnx.vmap`` and applied
+  with ``nnx.scan``, as in a scanned (layer-stacked) transformer: ``blocks``
+  is then a single `EncoderBlock` whose every parameter has a leading axis of
+  size ``depth`` (``blocks/mlp_in/kernel`` of shape ``[depth, dim,
+  mlp_dim]``), where the unstacked model has one `EncoderBlock` per index
+  (``blocks/0/mlp_in/kernel`` of shape ``[dim, mlp_dim]``). The two compute
+  the same function of the same weights; `stack_params` and `unstack_params`
+  convert the parameters (and gradients, updates) from one layout to the
+  other. Pass ``layer_axes=model.layer_axes`` to the transformations of
+  ``optax_lgm`` so that each stacked block is a layer of its own (see
+  `layer_axes`).
+
   Args:
     num_classes: number of outputs.
     input_shape: ``(height, width, channels)``, both sides multiples of
@@ -335,6 +351,8 @@ class TransformerClassifier(nnx.Module):
     depth: number of encoder blocks.
     num_heads: number of attention heads.
     mlp_dim: hidden width of the MLPs.
+    stacked: whether to stack the blocks along a leading axis (``nnx.vmap``
+      and ``nnx.scan``) instead of keeping a list of them.
     rngs: random number generators for the initialisation.
 
   References:
@@ -354,6 +372,7 @@ class TransformerClassifier(nnx.Module):
     depth: int = 2,
     num_heads: int = 4,
     mlp_dim: int = 128,
+    stacked: bool = False,
     rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
@@ -365,6 +384,8 @@ class TransformerClassifier(nnx.Module):
         f"patch_size={patch_size} must divide the height and width of "
         f"input_shape={tuple(input_shape)}."
       )
+    if stacked and depth < 1:
+      raise ValueError(f"stacked=True needs depth >= 1, got depth={depth}.")
     self.mean, self.std = tuple(mean), tuple(std)
     self.patch_embedding = nnx.Conv(
       channels,
@@ -378,9 +399,19 @@ class TransformerClassifier(nnx.Module):
     self.position_embedding = nnx.Param(
       nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches, dim))
     )
-    self.blocks = nnx.List(
-      [EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)]
-    )
+    self.stacked = stacked
+    if stacked:
+
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def create_blocks(rngs: nnx.Rngs) -> EncoderBlock:
+        return EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs)
+
+      self.blocks = create_blocks(rngs)
+    else:
+      self.blocks = nnx.List(
+        [EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)]
+      )
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, num_classes, rngs=rngs)
 
@@ -388,9 +419,119 @@ class TransformerClassifier(nnx.Module):
     """Returns the logits ``[B, num_classes]`` of images ``[B, H, W, C]``."""
     x = self.patch_embedding(_standardize(images, self.mean, self.std))
     x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.position_embedding[...]
-    for block in self.blocks:
-      x = block(x)
+    if self.stacked:
+
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def apply_blocks(x: jax.Array, block: EncoderBlock) -> jax.Array:
+        return block(x)
+
+      x = apply_blocks(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = block(x)
     return self.head(self.norm(x).mean(axis=1))
+
+  def layer_axes(self, path: tuple, leaf: Any) -> int:
+    """The ``layer_axes`` of ``optax_lgm`` for this model's parameters.
+
+    A callable ``(path, leaf) -> int`` for the ``layer_axes`` argument of
+    ``optax_lgm.scale_by_lgm``, ``scale_by_dgs``, ``layer_sam`` and
+    ``layer_names``, for the tree ``nnx.state(model, nnx.Param)`` (what
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` updates). It is 1 for the
+    leaves under ``blocks`` of a stacked model (their leading axis indexes
+    the blocks) and 0 otherwise, so that every block is a layer of its own in
+    both layouts.
+
+    Args:
+      path: the key path of the leaf, from the root of the parameter tree.
+      leaf: the leaf (not read).
+
+    Returns:
+      The number of leading axes of the leaf that index separate layers.
+    """
+    del leaf
+    on_blocks = bool(path) and getattr(path[0], "key", None) == "blocks"
+    return int(self.stacked and on_blocks)
+
+
+def _with_blocks(params: Mapping[Any, Any], blocks: Mapping[Any, Any]) -> Any:
+  """``params`` with its ``blocks`` entry replaced, of the same mapping type."""
+  out = dict(params)
+  out["blocks"] = blocks
+  if not isinstance(params, nnx.State):
+    return out
+  # Rebuilt from its flat form: nested the way nnx.state and nnx.split nest it.
+  return nnx.from_flat_state(nnx.to_flat_state(nnx.State(out)))
+
+
+def _blocks(params: Mapping[Any, Any]) -> Any:
+  if not isinstance(params, Mapping) or "blocks" not in params:
+    raise ValueError(
+      "Expected the parameters of a TransformerClassifier, a mapping with a "
+      f"'blocks' entry, got {type(params).__name__}."
+    )
+  return params["blocks"]
+
+
+def stack_params(params: Mapping[Any, Any]) -> Any:
+  """Converts parameters of the unstacked `TransformerClassifier` to stacked.
+
+  The leaves under ``blocks/0``, ``blocks/1``, ... are stacked along a new
+  leading axis under ``blocks``; the other entries are kept. Works on
+  ``nnx.state(model, nnx.Param)`` and on any tree shaped like it (gradients,
+  updates, ``nnx.to_pure_dict`` of it).
+
+  Examples:
+    >>> from flax import nnx
+    >>> model = nnx.eval_shape(lambda: TransformerClassifier(
+    ...     10, (8, 8, 1), (0.3,), (0.4,), dim=8, depth=3, rngs=nnx.Rngs(0)))
+    >>> params = jax.eval_shape(stack_params, nnx.state(model, nnx.Param))
+    >>> params["blocks"]["mlp_in"]["kernel"].shape
+    (3, 8, 128)
+
+  Args:
+    params: a mapping with a ``blocks`` entry that maps ``0, 1, ...`` to the
+      parameters of one `EncoderBlock` each.
+
+  Returns:
+    The same mapping type, with ``blocks`` the parameters of one
+    `EncoderBlock` whose leaves have a leading axis of size ``depth``.
+  """
+  blocks = _blocks(params)
+  if sorted(blocks) != list(range(len(blocks))) or not blocks:
+    raise ValueError(
+      f"stack_params needs blocks indexed 0, 1, ..., got keys {list(blocks)}."
+    )
+  parts = [blocks[i] for i in range(len(blocks))]
+  return _with_blocks(params, jax.tree.map(lambda *xs: jnp.stack(xs), *parts))
+
+
+def unstack_params(params: Mapping[Any, Any]) -> Any:
+  """Converts parameters of the stacked `TransformerClassifier` to unstacked.
+
+  The inverse of `stack_params`: slice ``i`` of the leading axis of every
+  leaf under ``blocks`` goes to ``blocks/i``.
+
+  Args:
+    params: a mapping with a ``blocks`` entry whose leaves share a leading
+      axis of size ``depth``.
+
+  Returns:
+    The same mapping type, with ``blocks`` mapping ``0, ..., depth - 1`` to
+    the parameters of one `EncoderBlock` each.
+  """
+  blocks = _blocks(params)
+  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(blocks) if jnp.ndim(x)}
+  if len(sizes) != 1:
+    raise ValueError(
+      "unstack_params needs the leaves under 'blocks' to share a leading axis, "
+      f"got leading sizes {sorted(sizes)}."
+    )
+  (depth,) = sizes
+  parts = {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(depth)}
+  return _with_blocks(
+    params, nnx.State(parts) if isinstance(blocks, nnx.State) else parts
+  )
 
 
 _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {
