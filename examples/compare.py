@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           eval_every=args.eval_every,
           pgd_steps=args.pgd_steps,
           progress=not args.no_progress,
+          checkpoints=False,  # The workdirs are thrown away.
         )
         runs[name].append(
           train.train_and_evaluate(config, os.path.join(workdirs, f"{name}_{seed}"))
