@@ -170,13 +170,15 @@ def scale_by_dgs(
       )
     else:
       sums = lay.reduce(lambda w: w, weighted, dtype=stats_dtype)
+
+      def scale(g, d):
+        return (beta * g.astype(stats_dtype) / (sigma + d)).astype(g.dtype)
+
       if reduction == "global":
-        sums = jnp.full_like(sums, jnp.sum(sums))
-      new_updates = lay.map(
-        lambda g, d: (beta * g.astype(stats_dtype) / (sigma + d)).astype(g.dtype),
-        updates,
-        per_layer=[sums],
-      )
+        total = jnp.sum(sums)
+        new_updates = lay.map(lambda g: scale(g, total), updates)
+      else:
+        new_updates = lay.map(scale, updates, per_layer=[sums])
 
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)
     if importance is not None:
