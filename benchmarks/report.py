@@ -1,5 +1,6 @@
 """Markdown rendering of the benchmark results, and the targets of the issue."""
 
+import statistics
 from typing import Any
 
 from benchmarks import train_step, update_cost
@@ -65,8 +66,8 @@ def compile_section(tree: dict[str, Any], reps: int) -> list[str]:
       lines.append(_skipped(name, row, 6))
       continue
     c = row["compile"]
-    tl = sum(c["trace_lower_s"]) / len(c["trace_lower_s"])
-    cs = sum(c["compile_s"]) / len(c["compile_s"])
+    tl = statistics.median(c["trace_lower_s"])
+    cs = statistics.median(c["compile_s"])
     lines.append(
       f"| {name} | {tl:.1f} | {cs:.1f} | {c['total_s']:.1f} | {c['ratio']:.2f} | "
       f"{c['fusions']} ({c['distinct_fusions']}) |"

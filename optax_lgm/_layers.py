@@ -291,6 +291,11 @@ _ONE_PASS_MAX = 8192
 """Longest axis summed sequentially by `_sum_and_sum_of_squares`."""
 
 
+def _add_pairs(a: tuple, b: tuple) -> tuple:
+  """The reducer of `_sum_and_sum_of_squares`: adds two (sum, sum of squares)."""
+  return a[0] + b[0], a[1] + b[1]
+
+
 def _sum_and_sum_of_squares(
   d: jax.Array, axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
@@ -311,16 +316,14 @@ def _sum_and_sum_of_squares(
   p1, p2 = jax.lax.reduce(
     (d, d * d),
     (zero, zero),
-    lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    _add_pairs,
     axes[-1:],
   )
   rest = axes[:-1]
   if not rest or np.prod([d.shape[i] for i in rest]) > _ONE_PASS_MAX:
     return jnp.sum(p1, axis=rest), jnp.sum(p2, axis=rest)
   # Few partial sums: one more variadic reduction (one kernel, not two).
-  return jax.lax.reduce(
-    (p1, p2), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), rest
-  )
+  return jax.lax.reduce((p1, p2), (zero, zero), _add_pairs, rest)
 
 
 def make_layering(

@@ -24,6 +24,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples import train  # noqa: E402
 
 
+def config(data_dir) -> train.Config:
+  """The settings of the 8-device runs, and of the test's one-device run."""
+  return train.Config(
+    optimizer="sgd",
+    epochs=1,
+    batch_size=128,
+    max_steps=4,
+    checkpoint_every=2,
+    data_dir=data_dir,
+    robustness=False,
+    progress=False,
+  )
+
+
 def main(data_dir, root):
   assert jax.device_count() == 8, jax.devices()
   mesh = train.make_mesh()
@@ -35,18 +49,8 @@ def main(data_dir, root):
   print("ok batch split over 8 devices")
 
   def run(name, **kwargs):
-    # The settings of test_data_parallel_mesh_matches_one_device.
-    config = train.Config(
-      optimizer="sgd",
-      epochs=1,
-      batch_size=128,
-      max_steps=4,
-      checkpoint_every=2,
-      data_dir=data_dir,
-      robustness=False,
-      progress=False,
-    )
-    return train.train_and_evaluate(dataclasses.replace(config, **kwargs), root / name)
+    settings = dataclasses.replace(config(data_dir), **kwargs)
+    return train.train_and_evaluate(settings, root / name)
 
   run("eight")
   run("moved", max_steps=2)

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import _mesh_train  # tests/_mesh_train.py: the 8-device side of the mesh test.
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -197,16 +198,7 @@ def test_make_mesh():
 def test_data_parallel_mesh_matches_one_device(data_dir, tmp_path):
   # The runs on 8 devices go in a subprocess (tests/_mesh_train.py, with the
   # same settings); this process keeps its one device.
-  config = train.Config(
-    optimizer="sgd",
-    epochs=1,
-    batch_size=128,
-    max_steps=4,
-    checkpoint_every=2,
-    data_dir=data_dir,
-    robustness=False,
-    progress=False,
-  )
+  config = _mesh_train.config(data_dir)
   one = train.train_and_evaluate(config, tmp_path / "one")
   script = pathlib.Path(__file__).with_name("_mesh_train.py")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
