@@ -3,7 +3,9 @@
 Public API::
 
   create_model(name, num_classes, input_shape, mean, std, rngs, **kwargs)
-      name in MODELS = ("cnn", "resnet20", "resnet32", "transformer")
+      name in MODELS = ("cnn", "resnet20", "resnet32", "transformer",
+                        "transformer_stacked")
+  layer_axes_of(name) -> the layer_axes of optax_lgm for that model, or None
   CNN(num_classes, input_shape, mean, std, *, features=(32, 64), hidden=256,
       rngs)
   ResNet(num_classes, input_shape, mean, std, *, depth=20, width=16,
@@ -13,6 +15,7 @@ Public API::
                         patch_size=None, dim=64, depth=2, num_heads=4,
                         mlp_dim=128, stacked=False, rngs)
       .layer_axes(path, leaf)   the layer_axes of optax_lgm for its params
+  stacked_layer_axes(path, leaf)   that of the stacked (scanned) layout
   stack_params(params), unstack_params(params)
       convert TransformerClassifier parameters (or gradients, updates)
       between the list-of-blocks and the stacked (scanned) layouts
@@ -35,6 +38,7 @@ The defaults are small. On 2 CPU cores, once compiled, an epoch of ``digits``
 transformer, 2 s with ResNet-20 and 3.5 s with ResNet-32.
 """
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,8 +46,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODELS = ("cnn", "resnet20", "resnet32", "transformer")
-"""Names accepted by `create_model`."""
+MODELS = ("cnn", "resnet20", "resnet32", "transformer", "transformer_stacked")
+"""Names accepted by `create_model`.
+
+``"transformer_stacked"`` is `TransformerClassifier` with ``stacked=True``;
+its optimizers need ``layer_axes=layer_axes_of("transformer_stacked")``.
+"""
 
 
 def _check_input(
@@ -327,9 +335,10 @@ class TransformerClassifier(nnx.Module):
   the output layer.
 
   With ``stacked=True`` the blocks are created with ``nnx.vmap`` and applied
-  with ``nnx.scan``, as in a scanned (layer-stacked) transformer: ``blocks``
-  is then a single `EncoderBlock` whose every parameter has a leading axis of
-  size ``depth`` (``blocks/mlp_in/kernel`` of shape ``[depth, dim,
+  with ``jax.lax.scan`` over their stacked state, as in a scanned
+  (layer-stacked) transformer: ``blocks`` is then a single `EncoderBlock`
+  whose every parameter has a leading axis of size ``depth``
+  (``blocks/mlp_in/kernel`` of shape ``[depth, dim,
   mlp_dim]``), where the unstacked model has one `EncoderBlock` per index
   (``blocks/0/mlp_in/kernel`` of shape ``[dim, mlp_dim]``). The two compute
   the same function of the same weights; `stack_params` and `unstack_params`
@@ -352,7 +361,7 @@ class TransformerClassifier(nnx.Module):
     num_heads: number of attention heads.
     mlp_dim: hidden width of the MLPs.
     stacked: whether to stack the blocks along a leading axis (``nnx.vmap``
-      and ``nnx.scan``) instead of keeping a list of them.
+      and a scan) instead of keeping a list of them.
     rngs: random number generators for the initialisation.
 
   References:
@@ -420,12 +429,15 @@ class TransformerClassifier(nnx.Module):
     x = self.patch_embedding(_standardize(images, self.mean, self.std))
     x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.position_embedding[...]
     if self.stacked:
+      # A scan over the blocks' stacked state (nnx's functional API): unlike
+      # `nnx.scan`, it also runs where the model was merged from the state of
+      # an outer trace, e.g. inside `jax.grad` with respect to the images.
+      graphdef, blocks = nnx.split(self.blocks)
 
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-      def apply_blocks(x: jax.Array, block: EncoderBlock) -> jax.Array:
-        return block(x)
+      def apply_block(x: jax.Array, block: nnx.State) -> tuple[jax.Array, None]:
+        return nnx.merge(graphdef, block)(x), None
 
-      x = apply_blocks(x, self.blocks)
+      x, _ = jax.lax.scan(apply_block, x, blocks)
     else:
       for block in self.blocks:
         x = block(x)
@@ -449,9 +461,50 @@ class TransformerClassifier(nnx.Module):
     Returns:
       The number of leading axes of the leaf that index separate layers.
     """
-    del leaf
-    on_blocks = bool(path) and getattr(path[0], "key", None) == "blocks"
-    return int(self.stacked and on_blocks)
+    return stacked_layer_axes(path, leaf) if self.stacked else 0
+
+
+def stacked_layer_axes(path: tuple, leaf: Any) -> int:
+  """The ``layer_axes`` of a stacked `TransformerClassifier`'s parameters.
+
+  1 for the leaves under ``blocks`` (their leading axis indexes the blocks),
+  0 for the others. A plain function, where the method
+  `TransformerClassifier.layer_axes` is bound to one model: an optimizer
+  built with it can serve every model of that layout (and hashes the same).
+
+  Args:
+    path: the key path of the leaf, from the root of the parameter tree.
+    leaf: the leaf (not read).
+
+  Returns:
+    The number of leading axes of the leaf that index separate layers.
+
+  Examples:
+    >>> stacked_layer_axes((jax.tree_util.DictKey("blocks"),), None)
+    1
+    >>> stacked_layer_axes((jax.tree_util.DictKey("head"),), None)
+    0
+  """
+  del leaf
+  return int(bool(path) and getattr(path[0], "key", None) == "blocks")
+
+
+def layer_axes_of(name: str) -> Callable[[tuple, Any], int] | None:
+  """The ``layer_axes`` argument of ``optax_lgm`` for the model ``name``.
+
+  Args:
+    name: one of `MODELS`.
+
+  Returns:
+    `stacked_layer_axes` for ``"transformer_stacked"``; ``None`` (every leaf
+    one layer, or as ``layers`` groups them) for the other models.
+
+  Raises:
+    ValueError: if ``name`` is not one of `MODELS`.
+  """
+  if name not in MODELS:
+    raise ValueError(f"Unknown model name={name!r}; expected one of {MODELS}.")
+  return stacked_layer_axes if name == "transformer_stacked" else None
 
 
 def _with_blocks(params: Mapping[Any, Any], blocks: Mapping[Any, Any]) -> Any:
@@ -539,6 +592,7 @@ _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {
   "resnet20": resnet20,
   "resnet32": resnet32,
   "transformer": TransformerClassifier,
+  "transformer_stacked": functools.partial(TransformerClassifier, stacked=True),
 }
 
 

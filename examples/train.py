@@ -5,7 +5,8 @@ Public API::
   Config                          the settings of one run (a dataclass)
   OPTIMIZERS                      names accepted by `make_optimizer`
   DEFAULT_LEARNING_RATES          the learning rate each name uses by default
-  make_optimizer(name, learning_rate=None) -> optax.GradientTransformation
+  make_optimizer(name, learning_rate=None, layer_axes=None)
+      -> optax.GradientTransformation
   make_mesh(spec="auto") -> jax.sharding.Mesh
   train_and_evaluate(config, workdir) -> dict
 
@@ -69,6 +70,7 @@ import pathlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -169,13 +171,18 @@ class Config:
 
 
 def make_optimizer(
-  name: str, learning_rate: float | None = None
+  name: str,
+  learning_rate: float | None = None,
+  layer_axes: Callable[[tuple, Any], int] | None = None,
 ) -> optax.GradientTransformation:
   """Builds an optimizer by name.
 
   Args:
     name: one of `OPTIMIZERS`.
     learning_rate: ``None`` for ``DEFAULT_LEARNING_RATES[name]``.
+    layer_axes: the ``layer_axes`` of ``lgm``, ``dgs`` and ``layer_sam``
+      (`examples.models.layer_axes_of` gives the one of a model); the other
+      optimizers have no layers.
 
   Returns:
     The optax transformation. ``sam`` and ``layer_sam`` need ``grad_fn=`` in
@@ -200,10 +207,12 @@ def make_optimizer(
       opaque_mode=True,
     )
   if name == "lgm":
-    return optax_lgm.lgm(lr)
+    return optax_lgm.lgm(lr, layer_axes=layer_axes)
   if name == "dgs":
-    return optax_lgm.dgs(lr)
-  return optax_lgm.layer_sam(optax.sgd(lr, momentum=0.9), rho=SAM_RHO, k=2)
+    return optax_lgm.dgs(lr, layer_axes=layer_axes)
+  return optax_lgm.layer_sam(
+    optax.sgd(lr, momentum=0.9), rho=SAM_RHO, k=2, layer_axes=layer_axes
+  )
 
 
 def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
@@ -458,7 +467,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   model = models.create_model(
     config.model, meta.num_classes, meta.input_shape, meta.mean, meta.std, rngs
   )
-  tx = _cached_optimizer(config.optimizer, config.learning_rate)
+  tx = _cached_optimizer(
+    config.optimizer, config.learning_rate, models.layer_axes_of(config.model)
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   nnx.update(model, jax.device_put(nnx.state(model), replicated))
   nnx.update(optimizer, jax.device_put(nnx.state(optimizer), replicated))

@@ -71,7 +71,9 @@ def _create(config):
     meta.std,
     nnx.Rngs(jax.random.key(config.seed, impl="rbg")),
   )
-  tx = train.make_optimizer(config.optimizer, config.learning_rate)
+  tx = train.make_optimizer(
+    config.optimizer, config.learning_rate, models.layer_axes_of(config.model)
+  )
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -130,6 +132,30 @@ def test_each_model_trains_a_few_steps_on_digits(model, data_dir, tmp_path):
   )
   results = train.train_and_evaluate(config, tmp_path)
   _assert_trained(results, config, tmp_path, steps=2)
+
+
+def test_stacked_transformer_trains_with_a_layer_per_block(data_dir, tmp_path):
+  # The trainer passes models.layer_axes_of(model) on: each stacked block is
+  # a layer of its own, as each block of the unstacked model is.
+  names = {}
+  for model in ("transformer", "transformer_stacked"):
+    config = train.Config(
+      model=model,
+      optimizer="layer_sam",
+      epochs=1,
+      max_steps=2,
+      batch_size=128,
+      data_dir=data_dir,
+      robustness=False,
+      progress=False,
+    )
+    results = train.train_and_evaluate(config, tmp_path / model)
+    _assert_trained(results, config, tmp_path / model, steps=2)
+    names[model] = sorted(results["history"][-1]["layer_stats"]["sam_grad_norm"])
+  depth = 2  # TransformerClassifier's default.
+  assert len(names["transformer_stacked"]) == len(names["transformer"])
+  per_block = [n for n in names["transformer_stacked"] if n.startswith("blocks/")]
+  assert per_block and {n[-3:] for n in per_block} == {f"[{i}]" for i in range(depth)}
 
 
 def _readable_mock(source):

@@ -170,3 +170,22 @@ def test_attacks_run_the_model_in_eval_mode(digits):
       jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)),
       batch_stats,
   )
+
+
+def test_attacks_on_a_stacked_transformer(digits):
+  # The input gradient runs through the scan of the stacked blocks: the same
+  # adversarial images as the unstacked model with the same weights.
+  _, test, metadata = digits
+  images, labels = test["image"][:8], test["label"][:8]
+  shape = (metadata.num_classes, metadata.input_shape, metadata.mean, metadata.std)
+  sizes = dict(dim=8, depth=2, num_heads=2, mlp_dim=8)
+  unstacked = _create(models.TransformerClassifier, *shape, **sizes)
+  stacked = _create(models.TransformerClassifier, *shape, **sizes, stacked=True)
+  graphdef, _ = nnx.split(stacked)
+  stacked = nnx.merge(graphdef, models.stack_params(nnx.state(unstacked)))
+  for attack in (robustness.fgsm, robustness.pgd):
+    np.testing.assert_allclose(
+        attack(stacked, images, labels, 0.1),
+        attack(unstacked, images, labels, 0.1),
+        atol=1e-6,
+    )

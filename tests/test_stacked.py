@@ -1,7 +1,7 @@
 """Stacked (scanned) layers: ``layer_axes`` makes every stacked block a layer.
 
 The stacked `TransformerClassifier` of ``examples/models.py`` (``nnx.vmap`` /
-``nnx.scan``: one leaf per parameter, with a leading axis of size ``depth``)
+a scan: one leaf per parameter, with a leading axis of size ``depth``)
 and the unstacked one (a list of blocks) compute the same function of the same
 weights. With ``layer_axes=model.layer_axes``, every transformation must then
 treat the stacked model exactly as the unstacked one, layer for layer: the
