@@ -256,6 +256,20 @@ def _check_axis_name(axis_name: Any) -> None:
   )
 
 
+def _pmean_inexact(tree: Any, axis_name: AxisName) -> Any:
+  """``tree`` averaged over ``axis_name`` (itself for ``None``)."""
+  if axis_name is None:
+    return tree
+  return jax.tree.map(
+    lambda x: (
+      jax.lax.pmean(x, axis_name)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+      else x  # Integer or float0 gradients are left alone.
+    ),
+    tree,
+  )
+
+
 def _axes(axis_name: Union[str, tuple[str, ...]]) -> tuple[str, ...]:
   return axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
@@ -533,16 +547,7 @@ def layer_sam(
     w_flat = _flatten_like(lay, params, "params")
 
     def pmean(tree: Any) -> Any:
-      if axis_name is None:
-        return tree
-      return jax.tree.map(
-        lambda x: (
-          jax.lax.pmean(x, axis_name)
-          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-          else x  # Integer or float0 gradients are left alone.
-        ),
-        tree,
-      )
+      return _pmean_inexact(tree, axis_name)
 
     # The global first-pass gradient: what the layer norms, the selection, the
     # state and the unselected layers ("reuse") see. Without axis_name it is
@@ -663,6 +668,7 @@ def keep_top_k_layers(
   layers: _layers.Layers = "module",
   layer_axes: _layers.LayerAxes = None,
   mask: _layers.Mask = None,
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   r"""Keeps the gradient of the ``k`` layers with the largest norms; zeros the rest.
 
@@ -689,6 +695,13 @@ def keep_top_k_layers(
   zeros; ``None`` stays ``None``. On a non-finite gradient the state is left
   as it was.
 
+  With ``axis_name`` (inside ``jax.shard_map``, ``pmap`` or ``vmap``, each
+  device holding the gradient of its own shard of the batch, as for
+  m-sharpness), the layer norms, and so the selection and the state, are
+  those of the gradient averaged over ``axis_name``: every device keeps the
+  same layers, and the state is the same everywhere. The kept values are the
+  device's own. Averaging costs one all-reduce of the gradient.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_lgm
@@ -706,12 +719,17 @@ def keep_top_k_layers(
     layer_axes: leading axes of a leaf that index separate (stacked) layers.
     mask: a pytree of booleans or a callable returning one; leaves where it
       is ``False`` are never selected.
+    axis_name: ``None`` (the default: select by the norms of the gradient
+      given), or the name (or tuple of names) of the mapped axis over which
+      the gradient is averaged before its norms are taken.
 
   Returns:
     A :class:`optax.GradientTransformation`.
 
   Raises:
     ValueError: for ``k < 1`` or ``k`` larger than the number of layers.
+    TypeError: for an ``axis_name`` that is not ``None``, a str or a tuple
+      of str.
 
   References:
     Lee et al., `Layer-wise Adaptive Gradient Norm Penalizing Method for
@@ -721,6 +739,7 @@ def keep_top_k_layers(
   _check_k(k)
   _layers.check_layers(layers)
   _layers.check_layer_axes(layer_axes)
+  _check_axis_name(axis_name)
 
   def layering(tree: Any) -> _layers.Layering:
     return _layers.make_layering(tree, layers, layer_axes=layer_axes, mask=mask)
@@ -740,7 +759,8 @@ def keep_top_k_layers(
     del params
     lay = layering(updates)
     _check_k_fits(k, lay.num_layers)
-    norms = jnp.sqrt(lay.reduce(jnp.square, updates, dtype=jnp.float32))
+    gbar = _pmean_inexact(updates, axis_name)
+    norms = jnp.sqrt(lay.reduce(jnp.square, gbar, dtype=jnp.float32))
     sel = _top_k(norms, k)
     out = []
     for i, (g, ids) in enumerate(zip(lay.flatten(updates), lay.leaf_layers)):

@@ -571,7 +571,7 @@ def np_batch_grad(w: dict, x: np.ndarray, y: np.ndarray) -> dict:
   return out
 
 
-def np_m_sharpness_step(w, shards, *, k, rho, lr):
+def np_m_sharpness_step(w, shards, *, k, rho, lr, unselected="reuse"):
   """Per-shard perturbations of the globally selected layers, then SGD."""
   layers = sorted(SHAPES)
 
@@ -598,8 +598,9 @@ def np_m_sharpness_step(w, shards, *, k, rho, lr):
     }
     second.append(np_batch_grad(adv, x, y))
   g2_mean = mean(second)
+  take = sel | (unselected == "recompute")
   new = {
-    m: {n: w[m][n] - lr * (g2_mean if sel[j] else g_mean)[m][n] for n in SHAPES[m]}
+    m: {n: w[m][n] - lr * (g2_mean if take[j] else g_mean)[m][n] for n in SHAPES[m]}
     for j, m in enumerate(layers)
   }
   return new, norms, sel
@@ -691,10 +692,51 @@ def test_m_sharpness_on_one_device_is_global(selection):
   chex.assert_trees_all_close(s_m, s_g, rtol=1e-6, atol=1e-7)
 
 
+def test_keep_top_k_layers_with_axis_name_in_optax_sam():
+  # m-sharpness with optax's own SAM: keep_top_k_layers(axis_name=...) keeps
+  # the layers of the averaged gradient's top-k norms, each shard perturbs
+  # them along its own gradient, and the shards' updates are averaged.
+  rho, k, lr, n_shards = 0.3, 2, 0.1, 4
+  keep = optax_lgm.keep_top_k_layers(k, axis_name="shards")
+  adversarial = optax.chain(keep, optax.contrib.normalize(), optax.sgd(rho))
+  tx = optax.contrib.sam(
+    optax.sgd(lr), adversarial, opaque_mode=True, reset_state=False
+  )
+
+  def local_step(params, state, x, y):
+    grad_fn = jax.grad(lambda p, _: batch_loss(p, x, y))
+    updates, state = tx.update(grad_fn(params, 0), state, params, grad_fn=grad_fn)
+    updates = jax.lax.pmean(updates, "shards")
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(
+    jax.vmap(local_step, in_axes=(None, None, 0, 0), out_axes=None, axis_name="shards")
+  )
+  xs, ys = X.reshape(n_shards, -1, X.shape[1]), Y.reshape(n_shards, -1)
+  shards = list(zip(xs, ys))
+  params = init_params()
+  state = tx.init(params)
+  w = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  counts = np.zeros(4, int)
+  for _ in range(3):
+    params, state = step(params, state, jnp.asarray(xs), jnp.asarray(ys))
+    w, norms, sel = np_m_sharpness_step(
+      w, shards, k=k, rho=rho, lr=lr, unselected="recompute"
+    )
+    counts += sel
+    chex.assert_trees_all_close(params, w, rtol=1e-5, atol=1e-6)
+    keep_state = state.adv_state[0]
+    np.testing.assert_allclose(keep_state.grad_norm, norms, rtol=1e-5)
+    np.testing.assert_array_equal(keep_state.selected, sel)
+    np.testing.assert_array_equal(keep_state.selected_count, counts)
+
+
 @pytest.mark.parametrize("axis_name", [3, ["data"], ("data", 1), (), b"data"])
 def test_bad_axis_name(axis_name):
   with pytest.raises(TypeError, match="axis_name"):
     optax_lgm.layer_sam(optax.sgd(0.1), axis_name=axis_name)
+  with pytest.raises(TypeError, match="axis_name"):
+    optax_lgm.keep_top_k_layers(2, axis_name=axis_name)
 
 
 # --------------------------------------------------------------------------
