@@ -392,21 +392,22 @@ def layer_sam(
   way. Every device must see whole layers: split the params only over mesh
   axes left to the compiler (``jax.shard_map(..., axis_names={"data"})``).
 
-  Defaults, from ``python -m benchmarks.layer_sam_speed --defaults`` (a
-  ResNet-20 trained 60 SGD steps at batch 128 on 32x32 digits, probed every 10
-  steps; "captured" is the share of full SAM's gradient correction
-  :math:`\langle \tilde g - g, g_{SAM} - g\rangle / \lVert g_{SAM} - g
-  \rVert^2` that the layer-SAM gradient recovers): ``k=1, 2, 3, 4`` captured
-  0.219, 0.345, 0.391, 0.456 with ``layers="module"``. The second layer adds
-  0.126, the third 0.046 and the fourth 0.065, so ``k=2`` is the knee. In
-  dynamic mode ``k`` does not change the cost; in static mode ``k=1``
-  selected the output layer alone (1.00x an SGD step in FLOPs) while the
-  second layer was an input-side convolution (1.66x; full SAM 2.00x).
-  ``layers="leaf"`` captured the same (0.216, 0.341, 0.390, 0.455) and
-  selected the same kernels; ``"module"`` is the default because it ranks a
-  ``Dense``'s kernel and bias, or a BatchNorm's scale and bias, as one layer
-  and perturbs them together (39 layers instead of 59 on the ResNet-20), so
-  a lone bias is never selected.
+  Defaults, from ``python -m benchmarks.layer_sam_speed --defaults
+  --train-steps 60 --ks 1,2,3,4`` (a ResNet-20 trained 60 SGD steps at batch
+  128 on 32x32 digits, probed every 10 steps; "captured" is the share of full
+  SAM's gradient correction :math:`\langle \tilde g - g, g_{SAM} - g\rangle /
+  \lVert g_{SAM} - g \rVert^2` that the layer-SAM gradient recovers):
+  ``k=1, 2, 3, 4`` captured 0.192, 0.328, 0.375, 0.450 with
+  ``layers="module"``. The second layer adds 0.136, the third 0.047 and the
+  fourth 0.075, so ``k=2`` is the knee. In dynamic mode ``k`` does not change
+  the cost; in static mode ``k=1`` selected the output layer alone (1.00x an
+  SGD step in FLOPs) while the second layer was an input-side convolution
+  (1.66x; 1.71x at ``k=4``; full SAM 2.00x). ``layers="leaf"`` captured the
+  same (0.189, 0.325, 0.374, 0.449) and selected the same kernels;
+  ``"module"`` is the default because it ranks a ``Dense``'s kernel and bias,
+  or a BatchNorm's scale and bias, as one layer and perturbs them together
+  (39 layers instead of 59 on the ResNet-20), so a lone bias is never
+  selected. The figures are on the results page of the documentation.
 
   Leaves that carry no statistic (``None``, size-1 and non-float leaves and
   those outside ``mask``) are never perturbed and receive :math:`g`
