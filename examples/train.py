@@ -43,9 +43,9 @@ The batch size must be a multiple of the number of devices.
 Several hosts: run the same command on every host with ``--distributed``,
 which calls ``jax.distributed.initialize()`` before JAX does anything else
 (it finds the coordinator and the process ids on SLURM, Open MPI, Kubernetes
-and Cloud TPU; elsewhere call ``jax.distributed.initialize(coordinator_address,
-num_processes, process_id)`` yourself before `train_and_evaluate`), with the
-same ``--workdir`` on a shared file system. ``--mesh auto`` then spans the
+and Cloud TPU; elsewhere give them with ``--coordinator_address HOST:PORT
+--num_processes N --process_id I``), with the same ``--workdir`` on a shared
+file system. ``--mesh auto`` then spans the
 devices of all hosts. Every host reads the whole global batch (the datasets
 here are small and held in memory) and hands its own devices their rows with
 ``jax.make_array_from_callback``; for a large dataset, let each host read
@@ -57,7 +57,8 @@ Command line::
 
   python examples/train.py --optimizer lgm --epochs 5 [--workdir DIR]
       [--resume] [--max_steps N] [--checkpoint_every N] [--mesh data=8]
-      [--distributed]
+      [--distributed [--coordinator_address HOST:PORT --num_processes N
+      --process_id I]]
 """
 
 import argparse
@@ -430,8 +431,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       ``checkpoints/``.
 
   Returns:
-    ``{'config': dict, 'history': [per-epoch dict], 'curve': [{'step',
-    'test_accuracy'}], 'final_test_accuracy': float, 'robustness': dict}``.
+    ``{'config': dict, 'devices': {'data', 'processes'}, 'history':
+    [per-epoch dict], 'curve': [{'step', 'test_accuracy'}],
+    'final_test_accuracy': float, 'robustness': dict}``. ``devices`` gives
+    the size of the ``"data"`` axis and the number of processes (hosts).
     Each history entry has ``epoch``, ``step`` (steps so far),
     ``train_loss`` (mean over the epoch), ``test_accuracy``, ``images_per_s``
     (training throughput of the epoch, counting only the steps run since the
@@ -492,14 +495,17 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
 
   results: dict[str, Any] = {
     "config": dataclasses.asdict(config),
+    "devices": {"data": num_devices, "processes": jax.process_count()},
     "history": [],
     "curve": [],
   }
   step, epoch_losses = 0, []
   checkpoint_dir = workdir / CHECKPOINT_DIR
-  if not config.resume and checkpoint_dir.exists():
-    if is_main:
+  if not config.resume:
+    if is_main and checkpoint_dir.exists():
       shutil.rmtree(checkpoint_dir)
+    # Every process waits here, whatever it saw: none may create the folder
+    # (the manager below does) before process 0 has deleted it.
     ocp.multihost.sync_global_processes("train_and_evaluate:delete_checkpoints")
   manager = ocp.CheckpointManager(
     checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2)
@@ -652,10 +658,27 @@ def main(argv: list[str] | None = None) -> dict:
     action="store_true",
     help="call jax.distributed.initialize() first (one process per host)",
   )
+  parser.add_argument(
+    "--coordinator_address",
+    default=None,
+    help="with --distributed: HOST:PORT of process 0 (default: found by JAX on "
+    "SLURM, Open MPI, Kubernetes, Cloud TPU, or $JAX_COORDINATOR_ADDRESS)",
+  )
+  parser.add_argument(
+    "--num_processes", type=int, default=None, help="with --distributed"
+  )
+  parser.add_argument(
+    "--process_id", type=int, default=None, help="with --distributed: 0, 1, ..."
+  )
   parser.add_argument("--workdir", default=None, help="default: workdir/OPTIMIZER")
   args = parser.parse_args(argv)
+  cluster = (args.coordinator_address, args.num_processes, args.process_id)
   if args.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(*cluster)
+  elif any(value is not None for value in cluster):
+    parser.error(
+      "--coordinator_address, --num_processes and --process_id need --distributed"
+    )
   config = Config(
     dataset=args.dataset,
     model=args.model,

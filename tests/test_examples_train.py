@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -258,6 +259,81 @@ def test_data_parallel_mesh_matches_one_device(data_dir, tmp_path):
   # 2 steps on 8 devices, resumed here on one for 2 more.
   train.train_and_evaluate(dataclasses.replace(config, resume=True), tmp_path / "moved")
   assert_close("moved")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+  ("optimizer", "xla_flags"),
+  [
+    ("lgm", ""),
+    # Known issue (jax 0.10.2, XLA:CPU with Gloo across processes): with
+    # XLA's CSE pass, layer_sam's second-pass gradients come out 1-6% off
+    # the one-process values on this run's step 4, while one process with 4
+    # devices is exact; without CSE they match. See docs/guides/sharding.rst.
+    ("layer_sam", "--xla_disable_hlo_passes=cse"),
+  ],
+)
+def test_two_processes_train_as_one(optimizer, xla_flags, data_dir, tmp_path):
+  # Two processes joined by jax.distributed (2 CPU devices each, the
+  # collectives over Gloo) train on a 4-device "data" axis that spans both,
+  # as two hosts would; the result is the one-device run's.
+  config = dataclasses.replace(
+    _mesh_train.config(data_dir), optimizer=optimizer, mesh="auto"
+  )
+  one = train.train_and_evaluate(config, tmp_path / "one")  # Also prepares data.
+  args = [
+    f"--optimizer={config.optimizer}",
+    "--epochs=1",
+    f"--batch_size={config.batch_size}",
+    f"--max_steps={config.max_steps}",
+    f"--checkpoint_every={config.checkpoint_every}",
+    "--no_robustness",
+    f"--data_dir={data_dir}",
+    f"--workdir={tmp_path / 'two'}",
+    "--distributed",
+    f"--coordinator_address=localhost:{_free_port()}",
+    "--num_processes=2",
+  ]
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {xla_flags}",
+  }
+  processes = [
+    subprocess.Popen(
+      [sys.executable, train.__file__, *args, f"--process_id={i}"],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output
+  two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+  assert two["devices"] == {"data": 4, "processes": 2}
+  assert one["devices"] == {"data": 1, "processes": 1}
+  np.testing.assert_allclose(
+    two["history"][0]["train_loss"], one["history"][0]["train_loss"], rtol=1e-5
+  )
+  step, actual = _latest_checkpoint(tmp_path / "two", config)
+  expected_step, expected = _latest_checkpoint(tmp_path / "one", config)
+  assert step == expected_step == config.max_steps
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    actual,
+    expected,
+  )
 
 
 def test_unknown_optimizer():
