@@ -54,6 +54,11 @@ its optimizers need ``layer_axes=layer_axes_of("transformer_stacked")``.
 """
 
 
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    raise ValueError(f"Unknown model name={name!r}; expected one of {MODELS}.")
+
+
 def _check_input(
   input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
 ) -> int:
@@ -502,8 +507,7 @@ def layer_axes_of(name: str) -> Callable[[tuple, Any], int] | None:
   Raises:
     ValueError: if ``name`` is not one of `MODELS`.
   """
-  if name not in MODELS:
-    raise ValueError(f"Unknown model name={name!r}; expected one of {MODELS}.")
+  _check_name(name)
   return stacked_layer_axes if name == "transformer_stacked" else None
 
 
@@ -628,6 +632,5 @@ def create_model(
     >>> model(jnp.zeros((2, 8, 8, 1))).shape
     (2, 10)
   """
-  if name not in _CONSTRUCTORS:
-    raise ValueError(f"Unknown model name={name!r}; expected one of {MODELS}.")
+  _check_name(name)
   return _CONSTRUCTORS[name](num_classes, input_shape, mean, std, rngs=rngs, **kwargs)

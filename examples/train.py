@@ -45,9 +45,9 @@ which calls ``jax.distributed.initialize()`` before JAX does anything else
 (it finds the coordinator and the process ids on SLURM, Open MPI, Kubernetes
 and Cloud TPU; elsewhere give them with ``--coordinator_address HOST:PORT
 --num_processes N --process_id I``), with the same ``--workdir`` on a shared
-file system. ``--mesh auto`` then spans the
-devices of all hosts. Every host reads the whole global batch (the datasets
-here are small and held in memory) and hands its own devices their rows with
+file system. ``--mesh auto`` then spans the devices of all hosts. Every host
+reads the whole global batch (the datasets here are small and held in
+memory) and hands its own devices their rows with
 ``jax.make_array_from_callback``; for a large dataset, let each host read
 only its slice and build the global batch with
 ``jax.make_array_from_process_local_data``. Only process 0 writes

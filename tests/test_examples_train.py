@@ -119,11 +119,11 @@ def _assert_trained(results, config, workdir, steps):
     assert not np.array_equal(value, initial[name]), f"{name} did not change"
 
 
-@pytest.mark.parametrize("model", models.MODELS)
-def test_each_model_trains_a_few_steps_on_digits(model, data_dir, tmp_path):
+def _train_two_steps(model, optimizer, data_dir, workdir):
+  """Two steps of ``model`` on digits, checked with `_assert_trained`."""
   config = train.Config(
     model=model,
-    optimizer="sgd",
+    optimizer=optimizer,
     epochs=1,
     max_steps=2,
     batch_size=128,
@@ -131,8 +131,14 @@ def test_each_model_trains_a_few_steps_on_digits(model, data_dir, tmp_path):
     robustness=False,
     progress=False,
   )
-  results = train.train_and_evaluate(config, tmp_path)
-  _assert_trained(results, config, tmp_path, steps=2)
+  results = train.train_and_evaluate(config, workdir)
+  _assert_trained(results, config, workdir, steps=2)
+  return results
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+def test_each_model_trains_a_few_steps_on_digits(model, data_dir, tmp_path):
+  _train_two_steps(model, "sgd", data_dir, tmp_path)
 
 
 def test_stacked_transformer_trains_with_a_layer_per_block(data_dir, tmp_path):
@@ -140,18 +146,7 @@ def test_stacked_transformer_trains_with_a_layer_per_block(data_dir, tmp_path):
   # a layer of its own, as each block of the unstacked model is.
   names = {}
   for model in ("transformer", "transformer_stacked"):
-    config = train.Config(
-      model=model,
-      optimizer="layer_sam",
-      epochs=1,
-      max_steps=2,
-      batch_size=128,
-      data_dir=data_dir,
-      robustness=False,
-      progress=False,
-    )
-    results = train.train_and_evaluate(config, tmp_path / model)
-    _assert_trained(results, config, tmp_path / model, steps=2)
+    results = _train_two_steps(model, "layer_sam", data_dir, tmp_path / model)
     names[model] = sorted(results["history"][-1]["layer_stats"]["sam_grad_norm"])
   depth = 2  # TransformerClassifier's default.
   assert len(names["transformer_stacked"]) == len(names["transformer"])

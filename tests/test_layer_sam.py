@@ -47,24 +47,32 @@ def init_params(dtype=jnp.float32) -> dict:
   }
 
 
+def batch_loss(params: dict, x, y) -> jax.Array:
+  theta = jnp.concatenate([params[m][n].ravel() for m, n in LEAVES])
+  return 0.5 * jnp.mean(jnp.square(jnp.tanh(x @ theta) - y))
+
+
 def loss(params: dict, i=0) -> jax.Array:
   del i
-  theta = jnp.concatenate([params[m][n].ravel() for m, n in LEAVES])
-  return 0.5 * jnp.mean(jnp.square(jnp.tanh(X @ theta) - Y))
+  return batch_loss(params, X, Y)
 
 
 grad_fn = jax.grad(loss)
 
 
-def np_grad(w: dict) -> dict:
+def np_batch_grad(w: dict, x: np.ndarray, y: np.ndarray) -> dict:
   theta = np.concatenate([w[m][n].ravel() for m, n in LEAVES])
-  t = np.tanh(X @ theta)
-  g = X.T @ ((t - Y) * (1 - t * t)) / len(Y)
+  t = np.tanh(x @ theta)
+  g = x.T @ ((t - y) * (1 - t * t)) / len(y)
   out, i = {}, 0
   for (m, n), s in zip(LEAVES, SIZES):
     out.setdefault(m, {})[n] = g[i : i + s].reshape(SHAPES[m][n])
     i += s
   return out
+
+
+def np_grad(w: dict) -> dict:
+  return np_batch_grad(w, X, Y)
 
 
 def np_layer_sam_step(w, count, *, k, rho, normalize, unselected, adaptive, eta, lr):
@@ -553,22 +561,6 @@ def test_nnx_batchnorm_statistics_from_first_pass_only(selection):
 # m-sharpness (axis_name): each shard of the batch perturbs with its own
 # gradient; selection and the gradient handed on are averaged.
 # --------------------------------------------------------------------------
-
-
-def batch_loss(params: dict, x, y) -> jax.Array:
-  theta = jnp.concatenate([params[m][n].ravel() for m, n in LEAVES])
-  return 0.5 * jnp.mean(jnp.square(jnp.tanh(x @ theta) - y))
-
-
-def np_batch_grad(w: dict, x: np.ndarray, y: np.ndarray) -> dict:
-  theta = np.concatenate([w[m][n].ravel() for m, n in LEAVES])
-  t = np.tanh(x @ theta)
-  g = x.T @ ((t - y) * (1 - t * t)) / len(y)
-  out, i = {}, 0
-  for (m, n), s in zip(LEAVES, SIZES):
-    out.setdefault(m, {})[n] = g[i : i + s].reshape(SHAPES[m][n])
-    i += s
-  return out
 
 
 def np_m_sharpness_step(w, shards, *, k, rho, lr, unselected="reuse"):
