@@ -522,8 +522,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
         "step": step,
         # float32 -> float -> float32 is exact, so is the epoch's mean loss.
         "epoch_losses": [float(x) for x in jax.device_get(losses)],
-        "history": results["history"],
-        "curve": results["curve"],
+        # Copies: orbax writes in the background, and the run appends to
+        # these lists meanwhile (the entry of an epoch cut short, say).
+        "history": list(results["history"]),
+        "curve": list(results["curve"]),
         "config": results["config"],
       }
       _save(manager, model, optimizer, progress)

@@ -96,6 +96,24 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(
   assert saved["curve"] == whole["curve"]
 
 
+def test_saved_progress_is_not_changed_by_the_run(data_dir, tmp_path, monkeypatch):
+  # Orbax writes the progress in the background, while the run goes on: the
+  # lists handed to it must not be the run's own, which it appends to (the
+  # entry of an epoch cut short comes right after its checkpoint).
+  calls = []
+  save = train._save
+
+  def recording_save(manager, model, optimizer, progress):
+    calls.append((progress, json.dumps(progress)))
+    save(manager, model, optimizer, progress)
+
+  monkeypatch.setattr(train, "_save", recording_save)
+  train.train_and_evaluate(_config(data_dir, max_steps=7), tmp_path)
+  assert [progress["step"] for progress, _ in calls] == [4, 7]
+  for progress, at_call in calls:
+    assert json.dumps(progress) == at_call
+
+
 def test_resume_without_checkpoint_starts_from_scratch(data_dir, tmp_path):
   config = _config(data_dir, optimizer="lgm", epochs=1, max_steps=3, resume=True)
   results = train.train_and_evaluate(config, tmp_path)
