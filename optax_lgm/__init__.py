@@ -20,6 +20,7 @@ from optax_lgm._layers import layer_names as layer_names
 from optax_lgm._lgm import ScaleByLgmState as ScaleByLgmState
 from optax_lgm._lgm import lgm as lgm
 from optax_lgm._lgm import scale_by_lgm as scale_by_lgm
+from optax_lgm._static import StaticSelection as StaticSelection
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = (
     "LayerSamState",
     "ScaleByDgsState",
     "ScaleByLgmState",
+    "StaticSelection",
     "dgs",
     "keep_top_k_layers",
     "layer_names",
