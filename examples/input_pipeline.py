@@ -16,6 +16,8 @@ Public API::
   DatasetMetadata           num_classes, input_shape, per-channel mean/std
   DatasetNotFoundError      a dataset is not prepared under ``data_dir``
   Digits                    the TFDS builder of the offline "digits" dataset
+  FashionMnistFromFiles     TFDS's ``fashion_mnist``, prepared from local files
+  FASHION_MNIST_DIR         where Debian's ``dataset-fashion-mnist`` puts them
 
 A ``Batch`` is ``{'image': float32 [B, H, W, C] on [0, 1], 'label': int32 [B]}``.
 Images stay on the [0, 1] pixel scale: the models in ``examples.models``
@@ -26,8 +28,12 @@ so that adversarial perturbations and noise act on pixels.
 (1,797 real images, no download). Its builder writes ArrayRecord files into the
 TFDS data dir (``data_dir``, else ``$TFDS_DATA_DIR``, else
 ``~/tensorflow_datasets``) the first time it is asked for, in well under a
-second. The other datasets must already be prepared there in the
-``array_record`` format; see ``DatasetNotFoundError``.
+second. ``fashion_mnist`` is TFDS's dataset of that name, prepared on first
+use (about a minute) from the four original idx files found in ``manual_dir``
+(default `FASHION_MNIST_DIR`, where ``apt-get install dataset-fashion-mnist``
+puts them), with no download; see `FashionMnistFromFiles`. The other datasets
+must already be prepared there in the ``array_record`` format; see
+``DatasetNotFoundError``.
 
 Example::
 
@@ -40,6 +46,7 @@ Example::
 """
 
 import dataclasses
+import gzip
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -49,6 +56,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
 from sklearn import datasets as sklearn_datasets
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 Batch = dict[str, np.ndarray]
 """``{'image': float32 [B, H, W, C] on [0, 1], 'label': int32 [B]}``."""
@@ -106,7 +114,11 @@ DATASETS = tuple(_METADATA)
 """Names accepted by `get_datasets` and `get_metadata`."""
 
 
-class DatasetNotFoundError(RuntimeError):
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's package ``dataset-fashion-mnist`` installs the idx files."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not prepared (in the ``array_record`` format) under data_dir."""
 
 
@@ -194,6 +206,129 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       )
 
 
+class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
+  """TFDS's ``fashion_mnist`` (version 3.0.1), prepared from local idx files.
+
+  The same dataset as TFDS's own builder (name, version, features, class
+  names, splits and example keys), which downloads the four original files of
+  Xiao et al. (2017); this one reads them from ``manual_dir`` instead, through
+  TFDS's manual-download mechanism::
+
+    builder = FashionMnistFromFiles(data_dir=..., file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=FASHION_MNIST_DIR)
+    )
+
+  ``manual_dir`` must hold ``train-images-idx3-ubyte.gz``,
+  ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz`` and
+  ``t10k-labels-idx1-ubyte.gz`` (gzipped or not). What it writes is where TFDS's
+  own builder would write it (``data_dir/fashion_mnist/3.0.1``), so
+  ``tfds.data_source("fashion_mnist")`` reads it too. Images are handed to PIL
+  for PNG encoding, so no TensorFlow is needed.
+  """
+
+  name = "fashion_mnist"
+  code_path = epath.Path(__file__)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Install Debian's package with `apt-get install dataset-fashion-mnist` "
+    f"(files in {FASHION_MNIST_DIR}), or put the four original idx files of "
+    "https://github.com/zalandoresearch/fashion-mnist in manual_dir."
+  )
+  FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+  }
+  """The idx files of each split: ``(images, labels)``, without ``.gz``."""
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    directory = epath.Path(dl_manager.manual_dir)
+    return {
+      split: self._generate_examples(
+        *(_find_idx_file(directory, name) for name in files)
+      )
+      for split, files in self.FILES.items()
+    }
+
+  def _generate_examples(
+    self, images_path: epath.Path, labels_path: epath.Path
+  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+      raise ValueError(
+        f"{os.fspath(images_path)!r} holds images of shape {images.shape} and "
+        f"{os.fspath(labels_path)!r} labels of shape {labels.shape}; expected "
+        "[N, 28, 28] and [N]."
+      )
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+      yield i, {"image": PIL.Image.fromarray(image), "label": int(label)}
+
+
+def fashion_mnist_files(directory: str | os.PathLike[str]) -> list[epath.Path]:
+  """The paths of the four Fashion-MNIST idx files in ``directory``.
+
+  Raises:
+    FileNotFoundError: if one is missing; the one-line message says how to get
+      them.
+  """
+  directory = epath.Path(directory)
+  try:
+    return [
+      _find_idx_file(directory, name)
+      for files in FashionMnistFromFiles.FILES.values()
+      for name in files
+    ]
+  except FileNotFoundError:
+    raise FileNotFoundError(
+      f"Fashion-MNIST is not in {os.fspath(directory)!r}: install it with "
+      "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or, where "
+      "there is internet, call get_datasets('fashion_mnist', download=True)."
+    ) from None
+
+
+def _find_idx_file(directory: epath.Path, name: str) -> epath.Path:
+  for path in (directory / f"{name}.gz", directory / name):
+    if path.exists():
+      return path
+  raise FileNotFoundError(
+    f"Neither {name}.gz nor {name} is in {os.fspath(directory)!r}."
+  )
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+  """Reads an unsigned-byte idx file (the MNIST format), gzipped or not.
+
+  The format: two zero bytes, the type code ``0x08`` (unsigned byte), the
+  number of dimensions ``d``, ``d`` big-endian int32 sizes, then the data in
+  C order.
+
+  Args:
+    path: the file; read through gzip if its name ends in ``.gz``.
+
+  Returns:
+    A ``uint8`` array of the sizes in the header.
+
+  Raises:
+    ValueError: if the header is not that of an unsigned-byte idx file, or the
+      data does not have the size it announces.
+  """
+  path = epath.Path(path)
+  raw = path.read_bytes()
+  if path.name.endswith(".gz"):
+    raw = gzip.decompress(raw)
+  if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+    raise ValueError(
+      f"{os.fspath(path)!r} is not an unsigned-byte idx file (header {raw[:4]!r})."
+    )
+  ndim = raw[3]
+  shape = tuple(int(n) for n in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != np.prod(shape):
+    raise ValueError(
+      f"{os.fspath(path)!r} announces shape {shape} but holds {data.size} values."
+    )
+  return data.reshape(shape)
+
+
 def get_metadata(name: str) -> DatasetMetadata:
   """Returns the `DatasetMetadata` of a supported dataset.
 
@@ -215,7 +350,11 @@ def get_metadata(name: str) -> DatasetMetadata:
 
 
 def get_datasets(
-  name: str, data_dir: str | os.PathLike[str] | None = None, *, download: bool = False
+  name: str,
+  data_dir: str | os.PathLike[str] | None = None,
+  *,
+  download: bool = False,
+  manual_dir: str | os.PathLike[str] = FASHION_MNIST_DIR,
 ) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]], DatasetMetadata]:
   """Returns the train and test data sources of a dataset, and its metadata.
 
@@ -224,9 +363,12 @@ def get_datasets(
   return dicts with a ``uint8`` ``'image'`` ``[H, W, C]`` and an integer
   ``'label'``. Batch them with `iterate` or `load_split`.
 
-  ``digits`` is prepared on first use (offline, under a second). Other datasets
-  are only downloaded when ``download=True``; otherwise they must already be
-  prepared in the ``array_record`` format under ``data_dir``.
+  ``digits`` is prepared on first use (offline, under a second).
+  ``fashion_mnist``, if not prepared yet, is prepared from the idx files in
+  ``manual_dir`` (offline, about a minute; `FashionMnistFromFiles`), or, when
+  they are missing and ``download=True``, downloaded by TFDS's own builder.
+  Other datasets are only downloaded when ``download=True``; otherwise they
+  must already be prepared in the ``array_record`` format under ``data_dir``.
 
   Args:
     name: one of `DATASETS`.
@@ -234,17 +376,56 @@ def get_datasets(
       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
     download: whether TFDS may download and prepare a missing dataset (needs
       internet access, and TensorFlow to encode the images).
+    manual_dir: the folder of the Fashion-MNIST idx files; only read for
+      ``fashion_mnist``, and only until it is prepared.
 
   Returns:
     ``(train_source, test_source, metadata)``.
 
   Raises:
     ValueError: if ``name`` is not supported.
-    DatasetNotFoundError: if the dataset is not prepared under ``data_dir`` and
-      was not downloaded. The message says how to get it.
+    FileNotFoundError: if ``fashion_mnist`` is neither prepared nor in
+      ``manual_dir`` and ``download=False``; the one-line message says how to
+      get it.
+    DatasetNotFoundError: (a ``FileNotFoundError``) if another dataset is not
+      prepared under ``data_dir`` and was not downloaded. The message says how
+      to get it.
   """
   metadata = get_metadata(name)
+  if name == "fashion_mnist":
+    _prepare_fashion_mnist(data_dir, manual_dir, download=download)
   prepare = download or name == "digits"
+  train, test = _data_sources(name, data_dir, prepare=prepare)
+  return train, test, metadata
+
+
+def _prepare_fashion_mnist(
+  data_dir: str | os.PathLike[str] | None,
+  manual_dir: str | os.PathLike[str],
+  *,
+  download: bool,
+) -> None:
+  """Prepares ``fashion_mnist`` from the files in ``manual_dir`` if need be.
+
+  Leaves it to TFDS's own builder when the files are missing and ``download``.
+  """
+  builder = FashionMnistFromFiles(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return
+  try:
+    fashion_mnist_files(manual_dir)
+  except FileNotFoundError:
+    if download:
+      return
+    raise
+  config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  builder.download_and_prepare(download_config=config)
+
+
+def _data_sources(
+  name: str, data_dir: str | os.PathLike[str] | None, *, prepare: bool
+) -> list[Sequence[Mapping[str, Any]]]:
+  """``tfds.data_source`` of the train and test splits, or a clear error."""
   try:
     train, test = tfds.data_source(
       name,
@@ -257,7 +438,7 @@ def get_datasets(
     # TFDS's ways of saying "no splits prepared here" and "prepared, but in a
     # format without random access".
     raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from None
-  return train, test, metadata
+  return [train, test]
 
 
 def _not_prepared_message(name: str, data_dir: str | os.PathLike[str] | None) -> str:

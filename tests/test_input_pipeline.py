@@ -1,5 +1,7 @@
 """Tests for examples/input_pipeline.py."""
 
+import gzip
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -191,6 +193,7 @@ def test_mocked_tfds_datasets(tmp_path, name, shape, num_classes):
 def test_missing_dataset_raises_one_clear_error(tmp_path):
   with pytest.raises(input_pipeline.DatasetNotFoundError) as info:
     input_pipeline.get_datasets("mnist", data_dir=tmp_path)
+  assert isinstance(info.value, FileNotFoundError)  # What the CLIs catch.
   message = str(info.value)
   assert "'mnist'" in message
   assert str(tmp_path) in message
@@ -214,3 +217,113 @@ def test_metadata_of_every_dataset():
     assert len(metadata.mean) == len(metadata.std) == channels
     assert all(0 < m < 1 for m in metadata.mean)
     assert all(0 < s < 0.5 for s in metadata.std)
+
+
+def _write_idx(path, array, *, compress=True):
+  """Writes ``array`` (uint8) as an idx file: the format's reference writer."""
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+  data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+  if compress:
+    path = path.with_name(path.name + ".gz")
+    data = gzip.compress(data)
+  path.write_bytes(data)
+  return path
+
+
+@pytest.fixture(scope="module")
+def fashion_files(tmp_path_factory):
+  """Small Fashion-MNIST idx files: 30 train and 20 test random images."""
+  directory = tmp_path_factory.mktemp("fashion_files")
+  rng = np.random.default_rng(0)
+  splits = {}
+  for split, prefix, n in (("train", "train", 30), ("test", "t10k", 20)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    _write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+    # Uncompressed labels: the builder takes either.
+    _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+    splits[split] = images, labels
+  return directory, splits
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("fashion_tfds")
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_files, fashion_dir):
+  files, _ = fashion_files
+  return input_pipeline.get_datasets(
+      "fashion_mnist", data_dir=fashion_dir, manual_dir=files
+  )
+
+
+def _sorted_examples(images, labels):
+  rows = np.concatenate([images.reshape(len(labels), -1), labels[:, None]], 1)
+  return rows[np.lexsort(rows.T[::-1])]
+
+
+def test_read_idx_matches_the_written_array(tmp_path):
+  array = np.random.default_rng(1).integers(0, 256, (3, 5, 7), dtype=np.uint8)
+  for compress in (True, False):
+    path = _write_idx(tmp_path / f"x{compress}", array, compress=compress)
+    read = input_pipeline.read_idx(path)
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+  path = tmp_path / "floats"
+  path.write_bytes(bytes([0, 0, 0x0D, 1]) + np.asarray([2], ">i4").tobytes())
+  with pytest.raises(ValueError, match="not an unsigned-byte idx file"):
+    input_pipeline.read_idx(path)
+  short = tmp_path / "short"
+  short.write_bytes(bytes([0, 0, 8, 1]) + np.asarray([5], ">i4").tobytes() + b"abc")
+  with pytest.raises(ValueError, match=r"announces shape \(5,\) but holds 3"):
+    input_pipeline.read_idx(short)
+
+
+def test_fashion_mnist_is_prepared_from_the_idx_files(fashion, fashion_files):
+  _, splits = fashion_files
+  train, test, metadata = fashion
+  assert (len(train), len(test)) == (30, 20)
+  assert metadata == input_pipeline.get_metadata("fashion_mnist")
+  for source, (images, labels) in zip((train, test), splits.values(), strict=True):
+    arrays = input_pipeline.load_split(source)
+    assert arrays["image"].shape == (len(labels), 28, 28, 1)
+    np.testing.assert_array_equal(
+        _sorted_examples(np.round(arrays["image"] * 255), arrays["label"]),
+        _sorted_examples(images, labels),
+    )
+
+
+def test_fashion_mnist_is_tfds_own_dataset(fashion, fashion_dir):
+  # What was prepared is where TFDS's own `fashion_mnist` looks, in its format.
+  train = tfds.data_source("fashion_mnist", split="train", data_dir=fashion_dir)
+  assert len(train) == 30
+  builder = tfds.builder("fashion_mnist", data_dir=fashion_dir)
+  assert builder.info.features["label"].names[0] == "T-shirt/top"
+  assert builder.info.version == "3.0.1"
+
+
+def test_fashion_mnist_once_prepared_needs_no_files(fashion, fashion_dir, tmp_path):
+  train, test, _ = input_pipeline.get_datasets(
+      "fashion_mnist", data_dir=fashion_dir, manual_dir=tmp_path / "none"
+  )
+  assert (len(train), len(test)) == (30, 20)
+
+
+def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
+  files = tmp_path / "files"
+  files.mkdir()
+  _write_idx(files / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
+  with pytest.raises(FileNotFoundError) as info:
+    input_pipeline.get_datasets(
+        "fashion_mnist", data_dir=tmp_path / "tfds", manual_dir=files
+    )
+  message = str(info.value)
+  assert "\n" not in message
+  assert str(files) in message
+  assert "apt-get install dataset-fashion-mnist" in message
+  assert not (tmp_path / "tfds" / "fashion_mnist").exists()
