@@ -1,8 +1,12 @@
 """Sphinx configuration of the optax_lgm documentation.
 
 Build: ``make -C docs html`` (or ``sphinx-build -W --keep-going -b html docs
-docs/_build/html``). The build needs no network: intersphinx is off, and the
-maths is rendered by MathJax in the reader's browser.
+docs/_build/html``). Neither the build nor a reader needs the network:
+intersphinx is off, and the maths is rendered in the reader's browser by the
+copy of MathJax that ``sphinx-mathjax-offline`` puts into the site's
+``_static/mathjax``. ``python docs/check_site.py`` opens every page in
+headless Chromium and checks its maths, images and links; the figures of the
+results page are drawn by ``python docs/make_figures.py``.
 """
 
 import inspect
@@ -34,6 +38,7 @@ extensions = [
   "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
+  "sphinx-mathjax-offline",  # Sets mathjax_path to a copy served with the site.
   "sphinx.ext.viewcode",
   "sphinx_autodoc_typehints",
 ]

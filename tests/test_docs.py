@@ -6,11 +6,19 @@
 * Every ``.. code-block:: python`` of the pages under ``docs/`` runs: the
   blocks of one page in order, in one namespace, in a temporary directory.
   Fragments that are not meant to run are written as ``::`` literal blocks.
-* The site builds with ``sphinx-build -W`` (skipped without Sphinx).
+* The site builds with ``sphinx-build -W`` (skipped without Sphinx), and
+  ``docs/check_site.py`` opens every page of it in headless Chromium: maths
+  rendered, images loaded, internal links resolved (skipped without Chromium,
+  unless ``OPTAX_LGM_CHECK_SITE=1``, as in CI, makes a missing Chromium a
+  failure).
+* ``docs/make_figures.py`` draws a figure for each data file present, and the
+  committed figures are drawn from the committed data.
 """
 
 import doctest
 import importlib
+import json
+import os
 import pathlib
 import pkgutil
 import re
@@ -23,6 +31,10 @@ import pytest
 import optax_lgm
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+sys.path.insert(0, str(DOCS))
+import check_site  # noqa: E402
+import make_figures  # noqa: E402
+
 MODULES = sorted(
   ["optax_lgm"]
   + [f"optax_lgm.{m.name}" for m in pkgutil.iter_modules(optax_lgm.__path__)]
@@ -101,6 +113,15 @@ def test_page_code_runs(page, tmp_path, monkeypatch):
     exec(code, namespace)  # noqa: S102
 
 
+def chromium_or_skip() -> str:
+  chromium = check_site.find_chromium()
+  if chromium is None:
+    if os.environ.get("OPTAX_LGM_CHECK_SITE") == "1":
+      pytest.fail("OPTAX_LGM_CHECK_SITE=1 but no Chromium: apt-get install chromium")
+    pytest.skip("no Chromium (apt-get install chromium)")
+  return chromium
+
+
 def test_docs_build(tmp_path):
   pytest.importorskip("sphinx")
   pytest.importorskip("furo")
@@ -113,3 +134,137 @@ def test_docs_build(tmp_path):
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert (out / "api.html").exists()
+  assert (out / "_static" / "mathjax" / "tex-chtml.js").exists()
+
+  pages = {p.path: p for p in check_site.check_site(out, chromium_or_skip())}
+  assert not any(p.problems for p in pages.values()), check_site.report(
+    list(pages.values())
+  )
+  assert pages["lgm.html"].formulas > 10
+  includes = re.findall(
+    r"^\.\. include:: (figures/\S+)$", (DOCS / "results.rst").read_text(), re.M
+  )
+  figures = sum((DOCS / inc).read_text().count(".. figure::") for inc in includes)
+  assert figures, "the results page includes no figures"
+  assert pages["results.html"].images >= figures
+
+
+def write_page(path: pathlib.Path, body: str) -> None:
+  path.write_text(f"<!DOCTYPE html><html><head></head><body>{body}</body></html>")
+
+
+def test_check_site_finds_problems(tmp_path):
+  """A page of each kind of fault, and one good page (no MathJax: no maths)."""
+  chromium = chromium_or_skip()
+  png = DOCS / "figures" / "compare_digits_lgm.png"
+  (tmp_path / "ok.png").write_bytes(png.read_bytes())
+  write_page(tmp_path / "good.html", '<img src="ok.png"><a href="maths.html#x">x</a>')
+  write_page(tmp_path / "maths.html", '<span id="x" class="math">\\(a^2\\)</span>')
+  write_page(tmp_path / "image.html", '<img src="gone.png">')
+  write_page(
+    tmp_path / "link.html", '<a href="gone.html">a</a><a href="good.html#y">b</a>'
+  )
+  pages = {p.path: p for p in check_site.check_site(tmp_path, chromium)}
+  assert pages["good.html"].problems == []
+  assert pages["good.html"].images == 1
+  assert pages["good.html"].internal_links == 1
+  assert pages["maths.html"].problems == ["unrendered maths: '\\\\(a^2\\\\)'"]
+  assert pages["image.html"].problems == [
+    "image did not load: 'gone.png'",
+    "requested a missing file: /gone.png",
+  ]
+  assert pages["link.html"].problems == [
+    "broken link 'gone.html': no file gone.html",
+    "broken link 'good.html#y': good.html has no id 'y'",
+  ]
+
+
+def fake_comparison(optimizers=("sgd", "lgm", "layer_sam"), seeds=2) -> dict:
+  def run(name, seed):
+    stats = {
+      "lgm": {
+        "lgm_alpha": {"a/kernel": 2.0 + seed, "b/kernel": 0.5},
+        "lgm_scale": {"a/kernel": 2.0, "b/kernel": 0.5},
+      },
+      "layer_sam": {"sam_selected_count": {"a": 10 + seed, "b": 10 - seed}},
+    }.get(name, {})
+    return {
+      "curve": [{"step": s, "test_accuracy": 0.1 * s + 0.01 * seed} for s in (1, 5, 9)],
+      "history": [{"epoch": e, "step": 10 * e, "layer_stats": stats} for e in (1, 2)],
+    }
+
+  args = {"dataset": "digits", "model": "cnn", "seeds": seeds, "epochs": 2,
+          "batch_size": 8, "eval_every": 4, "target": 0.5, "out": "/tmp/x"}  # fmt: skip
+  runs = {name: [run(name, seed) for seed in range(seeds)] for name in optimizers}
+  return {"args": args, "runs": runs}
+
+
+def test_make_figures_draws_what_is_present(tmp_path):
+  pytest.importorskip("PIL")
+  from PIL import Image
+
+  data, out = tmp_path / "data", tmp_path / "figures"
+  data.mkdir()
+  (data / "compare_digits.json").write_text(json.dumps(fake_comparison()))
+  (data / "compare_fashion_mnist.json").write_text(
+    json.dumps(fake_comparison(optimizers=("sgd",)))
+  )
+  written = make_figures.make_figures(data, out)
+  assert sorted(p.name for p in written) == [
+    "compare_digits.inc",
+    "compare_digits_curves.png",
+    "compare_digits_layer_sam.png",
+    "compare_digits_lgm.png",
+    "compare_fashion_mnist.inc",
+    "compare_fashion_mnist_curves.png",
+  ]
+  sha = make_figures.sha256(data / "compare_digits.json")
+  assert Image.open(out / "compare_digits_lgm.png").text[make_figures.SOURCE_KEY] == sha
+  inc = (out / "compare_digits.inc").read_text()
+  assert inc.count(".. figure:: /figures/compare_digits_") == 3
+  command = (
+    "python examples/compare.py --dataset digits --model cnn --seeds 2 --epochs 2 "
+    "--batch_size 8 --eval_every 4 --target 0.5"
+  )
+  assert f"Data: ``{command}``" in inc
+
+  def contender(seconds):
+    reached = [s for s in seconds if s is not None]
+    return {
+      "seconds": seconds,
+      "final_accuracy": [0.95 if s else 0.8 for s in seconds],
+      "median_seconds": reached[0] if reached else None,
+    }
+
+  timing = {
+    "command": "python -m benchmarks.time_to_target",
+    "machine": "a test",
+    "target": 0.9,
+    "contenders": {"sgd": contender([3.0, None]), "sam": contender([None, None])},
+  }
+  (data / "time_to_target.json").write_text(json.dumps(timing))
+  written = make_figures.make_figures(data, out)
+  assert {"time_to_target.png", "time_to_target.inc"} <= {p.name for p in written}
+  inc = (out / "time_to_target.inc").read_text()
+  assert "``python -m benchmarks.time_to_target``, run on a test" in inc
+
+
+def test_committed_figures_match_their_data():
+  pytest.importorskip("PIL")
+  from PIL import Image
+
+  sources = sorted((DOCS / "data").glob("*.json"))
+  assert sources, "no data under docs/data"
+  for source in sources:
+    inc = DOCS / "figures" / f"{source.stem}.inc"
+    assert inc.exists(), (
+      f"no figures for {source.name}: run python docs/make_figures.py"
+    )
+    pngs = re.findall(r"^\.\. figure:: /figures/(\S+)$", inc.read_text(), re.M)
+    assert pngs, inc
+    for png in pngs:
+      recorded = Image.open(DOCS / "figures" / png).text.get(make_figures.SOURCE_KEY)
+      assert recorded == make_figures.sha256(source), (
+        f"docs/figures/{png} was not drawn from the current docs/data/{source.name}: "
+        "run python docs/make_figures.py"
+      )
