@@ -1,12 +1,16 @@
 """Compares the optimizers of `examples.train` over several seeds.
 
-Trains every optimizer (default: all of `examples.train.OPTIMIZERS`) on one
+Trains every optimizer (default: all of `examples.optimizers.OPTIMIZERS`) on one
 dataset and model (default: digits, CNN) for several seeds, then prints a
 markdown table of mean ± std over seeds: final test accuracy, steps to reach a
 target test accuracy (evaluated every ``--eval_every`` steps and at the end of
-every epoch), training throughput (images/s, epochs after the first, so
-without compilation), and FGSM / PGD / Gaussian-noise accuracies of the final
-models. Writes ``OUT/results.json`` and PNG plots into ``OUT``:
+every epoch), the time to that target (AlgoPerf's rule: training seconds from
+the first step to the first evaluation at or above the target, compilation
+included, evaluation excluded; the median over seeds, a seed that misses the
+target counting as infinite, "—" when the median is), training throughput
+(images/s, epochs after the first, so without compilation), and FGSM / PGD /
+Gaussian-noise accuracies of the final models. Writes ``OUT/results.json`` and
+PNG plots into ``OUT``:
 
 * ``learning_curves.png``: test accuracy against step, per optimizer (mean
   over seeds);
@@ -18,7 +22,7 @@ models. Writes ``OUT/results.json`` and PNG plots into ``OUT``:
 The defaults (3 seeds, 10 epochs of digits on the CNN, all 7 optimizers)
 finish in a few minutes on 2 CPU cores.
 
-Run: ``python examples/compare.py [--optimizers sgd,lgm --seeds 3 --epochs 10
+Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --epochs 10
 --out results]``.
 """
 
@@ -26,7 +30,6 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import tempfile
 import time
 from typing import Any
@@ -37,10 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# Running as a script (`python examples/compare.py`): make `examples` importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from examples import train  # noqa: E402
+from examples.optimizers import DEFAULT_LEARNING_RATES, OPTIMIZERS  # noqa: E402
 
 PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png")
 """The file names of the plots (the last two only with lgm / layer_sam)."""
@@ -60,11 +61,25 @@ def _steps_to_target(curve: list[dict], target: float) -> int | None:
   return None
 
 
+def _time_to_target(curve: list[dict], target: float) -> float | None:
+  for point in curve:
+    if point["test_accuracy"] >= target:
+      return point["seconds"]
+  return None
+
+
+def _median(values: list[float | None]) -> str:
+  """The median over seeds, a seed that missed the target counting as infinite."""
+  median = np.median([np.inf if v is None else v for v in values] or [np.inf])
+  return "—" if np.isinf(median) else f"{median:.3g}"
+
+
 def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
   """Per-optimizer summary over seeds of the results of `train_and_evaluate`."""
   summary = {}
   for name, results in runs.items():
     reached = [_steps_to_target(r["curve"], target) for r in results]
+    seconds = [_time_to_target(r["curve"], target) for r in results]
     throughput = [
       float(np.mean([h["images_per_s"] for h in r["history"][1:] or r["history"]]))
       for r in results
@@ -74,6 +89,7 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
       "learning_rate": results[0]["config"]["learning_rate"],
       "test_accuracy": [r["final_test_accuracy"] for r in results],
       "steps_to_target": reached,
+      "time_to_target": seconds,
       "images_per_s": throughput,
       "robustness": {k: [r["robustness"][k] for r in results] for k in robust_keys},
     }
@@ -89,6 +105,7 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
     "lr",
     "test acc",
     f"steps to {target:g} (runs)",
+    f"seconds to {target:g} (median)",
     "images/s",
     *robust_keys,
   ]
@@ -100,6 +117,7 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
       f"{s['learning_rate']:g}",
       _mean_std(s["test_accuracy"]),
       f"{_mean_std(reached)} ({len(reached)}/{num_seeds})",
+      _median(s["time_to_target"]),
       f"{np.mean(s['images_per_s']):.0f} ± {np.std(s['images_per_s']):.0f}",
       *(_mean_std(s["robustness"][k]) for k in robust_keys),
     ]
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dataset", default="digits")
   parser.add_argument("--model", default="cnn")
-  parser.add_argument("--optimizers", default=",".join(train.OPTIMIZERS))
+  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--batch_size", type=int, default=64)
@@ -203,8 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   optimizers = [name for name in args.optimizers.split(",") if name]
   for name in optimizers:
-    if name not in train.OPTIMIZERS:
-      parser.error(f"unknown optimizer {name!r}; expected some of {train.OPTIMIZERS}")
+    if name not in OPTIMIZERS:
+      parser.error(f"unknown optimizer {name!r}; expected some of {OPTIMIZERS}")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
@@ -218,12 +236,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           dataset=args.dataset,
           model=args.model,
           optimizer=name,
-          learning_rate=train.DEFAULT_LEARNING_RATES[name],
+          learning_rate=DEFAULT_LEARNING_RATES[name],
           epochs=args.epochs,
           batch_size=args.batch_size,
           seed=seed,
           data_dir=args.data_dir,
           eval_every=args.eval_every,
+          target_accuracy=args.target,
           pgd_steps=args.pgd_steps,
           progress=not args.no_progress,
           checkpoints=False,  # The workdirs are thrown away.

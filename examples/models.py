@@ -5,20 +5,22 @@ Public API::
   create_model(name, num_classes, input_shape, mean, std, rngs, **kwargs)
       name in MODELS = ("cnn", "resnet20", "resnet32", "transformer",
                         "transformer_stacked")
-  layer_axes_of(name) -> the layer_axes of optax_lgm for that model, or None
   CNN(num_classes, input_shape, mean, std, *, features=(32, 64), hidden=256,
-      rngs)
+      dtype=float32, rngs)
   ResNet(num_classes, input_shape, mean, std, *, depth=20, width=16,
-         shortcut="padding", rngs)
+         shortcut="padding", dtype=float32, rngs)
   resnet20(...), resnet32(...)   ResNet with depth 20 / 32
   TransformerClassifier(num_classes, input_shape, mean, std, *,
                         patch_size=None, dim=64, depth=2, num_heads=4,
-                        mlp_dim=128, stacked=False, rngs)
-      .layer_axes(path, leaf)   the layer_axes of optax_lgm for its params
-  stacked_layer_axes(path, leaf)   that of the stacked (scanned) layout
-  stack_params(params), unstack_params(params)
-      convert TransformerClassifier parameters (or gradients, updates)
-      between the list-of-blocks and the stacked (scanned) layouts
+                        mlp_dim=128, stacked=False, dtype=float32, rngs)
+
+Every model has ``model.layer_axes``: the ``layer_axes`` argument of the
+transformations of ``optax_lgm`` for its parameters (``None`` except for the
+stacked transformer, whose blocks share a leading axis).
+
+Mixed precision: ``dtype=jnp.bfloat16`` computes in bfloat16 while the
+parameters stay float32 (Flax's ``dtype`` and ``param_dtype``), so gradients
+and optimizer states are float32.
 
 Every model maps images ``float32 [B, H, W, C]`` on the [0, 1] pixel scale to
 logits ``[B, num_classes]``, and standardises them inside ``__call__`` with the
@@ -39,7 +41,7 @@ transformer, 2 s with ResNet-20 and 3.5 s with ResNet-32.
 """
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,7 +52,7 @@ MODELS = ("cnn", "resnet20", "resnet32", "transformer", "transformer_stacked")
 """Names accepted by `create_model`.
 
 ``"transformer_stacked"`` is `TransformerClassifier` with ``stacked=True``;
-its optimizers need ``layer_axes=layer_axes_of("transformer_stacked")``.
+its optimizers need ``layer_axes=model.layer_axes``.
 """
 
 
@@ -98,8 +100,12 @@ class CNN(nnx.Module):
     std: per-channel standard deviation of the [0, 1] pixels.
     features: output channels of the two convolutions.
     hidden: width of the hidden dense layer.
+    dtype: the computation dtype (parameters are float32).
     rngs: random number generators for the initialisation.
   """
+
+  layer_axes = None
+  """The ``layer_axes`` of ``optax_lgm``: every leaf is one layer."""
 
   def __init__(
     self,
@@ -110,6 +116,7 @@ class CNN(nnx.Module):
     *,
     features: tuple[int, int] = (32, 64),
     hidden: int = 256,
+    dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
@@ -119,10 +126,12 @@ class CNN(nnx.Module):
         f"CNN needs images of at least 4x4 pixels, got input_shape={input_shape}."
       )
     self.mean, self.std = tuple(mean), tuple(std)
-    self.conv1 = nnx.Conv(channels, features[0], (3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(features[0], features[1], (3, 3), rngs=rngs)
-    self.dense = nnx.Linear(height * width * features[1], hidden, rngs=rngs)
-    self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+    self.conv1 = nnx.Conv(channels, features[0], (3, 3), dtype=dtype, rngs=rngs)
+    self.conv2 = nnx.Conv(features[0], features[1], (3, 3), dtype=dtype, rngs=rngs)
+    self.dense = nnx.Linear(
+      height * width * features[1], hidden, dtype=dtype, rngs=rngs
+    )
+    self.head = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Returns the logits ``[B, num_classes]`` of images ``[B, H, W, C]``."""
@@ -134,7 +143,7 @@ class CNN(nnx.Module):
 
 
 def _conv3x3(
-  in_features: int, out_features: int, strides: int, *, rngs: nnx.Rngs
+  in_features: int, out_features: int, strides: int, *, dtype, rngs: nnx.Rngs
 ) -> nnx.Conv:
   return nnx.Conv(
     in_features,
@@ -143,12 +152,13 @@ def _conv3x3(
     strides,
     use_bias=False,
     kernel_init=nnx.initializers.he_normal(),
+    dtype=dtype,
     rngs=rngs,
   )
 
 
-def _batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+def _batch_norm(num_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
@@ -162,6 +172,7 @@ class BasicBlock(nnx.Module):
       and zero-padded to the new width where the shape changes; no
       parameters) or ``"projection"`` (option B: a strided 1x1 convolution
       and BatchNorm where the shape changes).
+    dtype: the computation dtype (parameters are float32).
     rngs: random number generators for the initialisation.
   """
 
@@ -172,13 +183,14 @@ class BasicBlock(nnx.Module):
     strides: int,
     shortcut: str,
     *,
+    dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
     self.strides = strides
-    self.conv1 = _conv3x3(in_features, out_features, strides, rngs=rngs)
-    self.bn1 = _batch_norm(out_features, rngs=rngs)
-    self.conv2 = _conv3x3(out_features, out_features, 1, rngs=rngs)
-    self.bn2 = _batch_norm(out_features, rngs=rngs)
+    self.conv1 = _conv3x3(in_features, out_features, strides, dtype=dtype, rngs=rngs)
+    self.bn1 = _batch_norm(out_features, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv3x3(out_features, out_features, 1, dtype=dtype, rngs=rngs)
+    self.bn2 = _batch_norm(out_features, dtype=dtype, rngs=rngs)
     reshapes = strides != 1 or in_features != out_features
     self.pad_features = out_features - in_features if shortcut == "padding" else 0
     if reshapes and shortcut == "projection":
@@ -190,9 +202,10 @@ class BasicBlock(nnx.Module):
           strides,
           use_bias=False,
           kernel_init=nnx.initializers.he_normal(),
+          dtype=dtype,
           rngs=rngs,
         ),
-        _batch_norm(out_features, rngs=rngs),
+        _batch_norm(out_features, dtype=dtype, rngs=rngs),
       )
     else:
       self.projection = None
@@ -227,12 +240,16 @@ class ResNet(nnx.Module):
     width: channels of the first stage.
     shortcut: ``"padding"`` (the paper's CIFAR choice, option A) or
       ``"projection"`` (option B); see `BasicBlock`.
+    dtype: the computation dtype (parameters are float32).
     rngs: random number generators for the initialisation.
 
   References:
     He et al., `Deep Residual Learning for Image Recognition
     <https://arxiv.org/abs/1512.03385>`_, 2016.
   """
+
+  layer_axes = None
+  """The ``layer_axes`` of ``optax_lgm``: every leaf is one layer."""
 
   def __init__(
     self,
@@ -244,6 +261,7 @@ class ResNet(nnx.Module):
     depth: int = 20,
     width: int = 16,
     shortcut: str = "padding",
+    dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
@@ -254,8 +272,8 @@ class ResNet(nnx.Module):
         f"shortcut must be 'padding' or 'projection', got shortcut={shortcut!r}."
       )
     self.mean, self.std = tuple(mean), tuple(std)
-    self.conv = _conv3x3(channels, width, 1, rngs=rngs)
-    self.bn = _batch_norm(width, rngs=rngs)
+    self.conv = _conv3x3(channels, width, 1, dtype=dtype, rngs=rngs)
+    self.bn = _batch_norm(width, dtype=dtype, rngs=rngs)
     blocks = []
     in_features = width
     for stage in range(3):
@@ -263,11 +281,13 @@ class ResNet(nnx.Module):
       for i in range((depth - 2) // 6):
         strides = 2 if stage > 0 and i == 0 else 1
         blocks.append(
-          BasicBlock(in_features, out_features, strides, shortcut, rngs=rngs)
+          BasicBlock(
+            in_features, out_features, strides, shortcut, dtype=dtype, rngs=rngs
+          )
         )
         in_features = out_features
     self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(in_features, num_classes, rngs=rngs)
+    self.head = nnx.Linear(in_features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Returns the logits ``[B, num_classes]`` of images ``[B, H, W, C]``."""
@@ -313,17 +333,26 @@ class EncoderBlock(nnx.Module):
     dim: width of the token embeddings.
     num_heads: number of attention heads.
     mlp_dim: hidden width of the MLP.
+    dtype: the computation dtype (parameters are float32).
     rngs: random number generators for the initialisation.
   """
 
-  def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
-    self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_dim: int,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.attention_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(
-      num_heads=num_heads, in_features=dim, decode=False, rngs=rngs
+      num_heads=num_heads, in_features=dim, decode=False, dtype=dtype, rngs=rngs
     )
-    self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.mlp_in = nnx.Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the block to tokens ``[B, N, dim]``."""
@@ -346,11 +375,9 @@ class TransformerClassifier(nnx.Module):
   (``blocks/mlp_in/kernel`` of shape ``[depth, dim,
   mlp_dim]``), where the unstacked model has one `EncoderBlock` per index
   (``blocks/0/mlp_in/kernel`` of shape ``[dim, mlp_dim]``). The two compute
-  the same function of the same weights; `stack_params` and `unstack_params`
-  convert the parameters (and gradients, updates) from one layout to the
-  other. Pass ``layer_axes=model.layer_axes`` to the transformations of
-  ``optax_lgm`` so that each stacked block is a layer of its own (see
-  `layer_axes`).
+  the same function of the same weights. Pass ``layer_axes=model.layer_axes``
+  to the transformations of ``optax_lgm`` so that each stacked block is a
+  layer of its own (see `layer_axes`).
 
   Args:
     num_classes: number of outputs.
@@ -367,6 +394,7 @@ class TransformerClassifier(nnx.Module):
     mlp_dim: hidden width of the MLPs.
     stacked: whether to stack the blocks along a leading axis (``nnx.vmap``
       and a scan) instead of keeping a list of them.
+    dtype: the computation dtype (parameters are float32).
     rngs: random number generators for the initialisation.
 
   References:
@@ -387,6 +415,7 @@ class TransformerClassifier(nnx.Module):
     num_heads: int = 4,
     mlp_dim: int = 128,
     stacked: bool = False,
+    dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
     channels = _check_input(input_shape, mean, std)
@@ -407,6 +436,7 @@ class TransformerClassifier(nnx.Module):
       (patch_size, patch_size),
       patch_size,
       padding="VALID",
+      dtype=dtype,
       rngs=rngs,
     )
     num_patches = (height // patch_size) * (width // patch_size)
@@ -419,20 +449,24 @@ class TransformerClassifier(nnx.Module):
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def create_blocks(rngs: nnx.Rngs) -> EncoderBlock:
-        return EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs)
+        return EncoderBlock(dim, num_heads, mlp_dim, dtype=dtype, rngs=rngs)
 
       self.blocks = create_blocks(rngs)
     else:
       self.blocks = nnx.List(
-        [EncoderBlock(dim, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)]
+        [
+          EncoderBlock(dim, num_heads, mlp_dim, dtype=dtype, rngs=rngs)
+          for _ in range(depth)
+        ]
       )
-    self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+    self.norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Returns the logits ``[B, num_classes]`` of images ``[B, H, W, C]``."""
     x = self.patch_embedding(_standardize(images, self.mean, self.std))
-    x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.position_embedding[...]
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    x = x + self.position_embedding[...].astype(x.dtype)
     if self.stacked:
       # A scan over the blocks' stacked state (nnx's functional API): unlike
       # `nnx.scan`, it also runs where the model was merged from the state of
@@ -448,147 +482,24 @@ class TransformerClassifier(nnx.Module):
         x = block(x)
     return self.head(self.norm(x).mean(axis=1))
 
-  def layer_axes(self, path: tuple, leaf: Any) -> int:
-    """The ``layer_axes`` of ``optax_lgm`` for this model's parameters.
+  @property
+  def layer_axes(self) -> Callable[[tuple, Any], int] | None:
+    """The ``layer_axes`` of ``optax_lgm`` for ``nnx.state(model, nnx.Param)``.
 
-    A callable ``(path, leaf) -> int`` for the ``layer_axes`` argument of
-    ``optax_lgm.scale_by_lgm``, ``scale_by_dgs``, ``layer_sam`` and
-    ``layer_names``, for the tree ``nnx.state(model, nnx.Param)`` (what
-    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` updates). It is 1 for the
-    leaves under ``blocks`` of a stacked model (their leading axis indexes
-    the blocks) and 0 otherwise, so that every block is a layer of its own in
-    both layouts.
-
-    Args:
-      path: the key path of the leaf, from the root of the parameter tree.
-      leaf: the leaf (not read).
-
-    Returns:
-      The number of leading axes of the leaf that index separate layers.
+    For a stacked model, a function ``(path, leaf) -> int`` that is 1 for the
+    leaves under ``blocks`` (their leading axis indexes the blocks) and 0
+    otherwise, so that every block is a layer of its own; ``None`` (every
+    leaf one layer, or as ``layers`` groups them) for the unstacked model.
+    The function is the same for every stacked model, so optimizers built
+    with it hash the same.
     """
-    return stacked_layer_axes(path, leaf) if self.stacked else 0
+    return _stacked_layer_axes if self.stacked else None
 
 
-def stacked_layer_axes(path: tuple, leaf: Any) -> int:
-  """The ``layer_axes`` of a stacked `TransformerClassifier`'s parameters.
-
-  1 for the leaves under ``blocks`` (their leading axis indexes the blocks),
-  0 for the others. A plain function, where the method
-  `TransformerClassifier.layer_axes` is bound to one model: an optimizer
-  built with it can serve every model of that layout (and hashes the same).
-
-  Args:
-    path: the key path of the leaf, from the root of the parameter tree.
-    leaf: the leaf (not read).
-
-  Returns:
-    The number of leading axes of the leaf that index separate layers.
-
-  Examples:
-    >>> stacked_layer_axes((jax.tree_util.DictKey("blocks"),), None)
-    1
-    >>> stacked_layer_axes((jax.tree_util.DictKey("head"),), None)
-    0
-  """
+def _stacked_layer_axes(path: tuple, leaf: Any) -> int:
+  """1 for the leaves under ``blocks`` of a stacked model, 0 for the others."""
   del leaf
   return int(bool(path) and getattr(path[0], "key", None) == "blocks")
-
-
-def layer_axes_of(name: str) -> Callable[[tuple, Any], int] | None:
-  """The ``layer_axes`` argument of ``optax_lgm`` for the model ``name``.
-
-  Args:
-    name: one of `MODELS`.
-
-  Returns:
-    `stacked_layer_axes` for ``"transformer_stacked"``; ``None`` (every leaf
-    one layer, or as ``layers`` groups them) for the other models.
-
-  Raises:
-    ValueError: if ``name`` is not one of `MODELS`.
-  """
-  _check_name(name)
-  return stacked_layer_axes if name == "transformer_stacked" else None
-
-
-def _with_blocks(params: Mapping[Any, Any], blocks: Mapping[Any, Any]) -> Any:
-  """``params`` with its ``blocks`` entry replaced, of the same mapping type."""
-  out = dict(params)
-  out["blocks"] = blocks
-  if not isinstance(params, nnx.State):
-    return out
-  # Rebuilt from its flat form: nested the way nnx.state and nnx.split nest it.
-  return nnx.from_flat_state(nnx.to_flat_state(nnx.State(out)))
-
-
-def _blocks(params: Mapping[Any, Any]) -> Any:
-  if not isinstance(params, Mapping) or "blocks" not in params:
-    raise ValueError(
-      "Expected the parameters of a TransformerClassifier, a mapping with a "
-      f"'blocks' entry, got {type(params).__name__}."
-    )
-  return params["blocks"]
-
-
-def stack_params(params: Mapping[Any, Any]) -> Any:
-  """Converts parameters of the unstacked `TransformerClassifier` to stacked.
-
-  The leaves under ``blocks/0``, ``blocks/1``, ... are stacked along a new
-  leading axis under ``blocks``; the other entries are kept. Works on
-  ``nnx.state(model, nnx.Param)`` and on any tree shaped like it (gradients,
-  updates, ``nnx.to_pure_dict`` of it).
-
-  Examples:
-    >>> from flax import nnx
-    >>> model = nnx.eval_shape(lambda: TransformerClassifier(
-    ...     10, (8, 8, 1), (0.3,), (0.4,), dim=8, depth=3, rngs=nnx.Rngs(0)))
-    >>> params = jax.eval_shape(stack_params, nnx.state(model, nnx.Param))
-    >>> params["blocks"]["mlp_in"]["kernel"].shape
-    (3, 8, 128)
-
-  Args:
-    params: a mapping with a ``blocks`` entry that maps ``0, 1, ...`` to the
-      parameters of one `EncoderBlock` each.
-
-  Returns:
-    The same mapping type, with ``blocks`` the parameters of one
-    `EncoderBlock` whose leaves have a leading axis of size ``depth``.
-  """
-  blocks = _blocks(params)
-  if sorted(blocks) != list(range(len(blocks))) or not blocks:
-    raise ValueError(
-      f"stack_params needs blocks indexed 0, 1, ..., got keys {list(blocks)}."
-    )
-  parts = [blocks[i] for i in range(len(blocks))]
-  return _with_blocks(params, jax.tree.map(lambda *xs: jnp.stack(xs), *parts))
-
-
-def unstack_params(params: Mapping[Any, Any]) -> Any:
-  """Converts parameters of the stacked `TransformerClassifier` to unstacked.
-
-  The inverse of `stack_params`: slice ``i`` of the leading axis of every
-  leaf under ``blocks`` goes to ``blocks/i``.
-
-  Args:
-    params: a mapping with a ``blocks`` entry whose leaves share a leading
-      axis of size ``depth``.
-
-  Returns:
-    The same mapping type, with ``blocks`` mapping ``0, ..., depth - 1`` to
-    the parameters of one `EncoderBlock` each.
-  """
-  blocks = _blocks(params)
-  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(blocks) if jnp.ndim(x)}
-  if len(sizes) != 1:
-    raise ValueError(
-      "unstack_params needs the leaves under 'blocks' to share a leading axis, "
-      f"got leading sizes {sorted(sizes)}."
-    )
-  (depth,) = sizes
-  parts = {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(depth)}
-  return _with_blocks(
-    params, nnx.State(parts) if isinstance(blocks, nnx.State) else parts
-  )
 
 
 _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {

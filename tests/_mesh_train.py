@@ -1,9 +1,9 @@
 """Trains examples/train.py on a simulated 8-device mesh; used by test_examples_train.
 
 Run in its own process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-so that the rest of the suite keeps one device::
+so that the rest of the suite keeps one device, from the repository root::
 
-  python tests/_mesh_train.py DATA_DIR ROOT
+  PYTHONPATH=.:tests python -m _mesh_train DATA_DIR ROOT
 
 Writes the runs ``ROOT/eight`` (4 steps) and ``ROOT/moved`` (2 steps), which
 the test compares with a run on one device. Prints ``ok NAME`` for each check
@@ -16,12 +16,8 @@ import sys
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from examples import train  # noqa: E402
+from examples import distributed, train
 
 
 def config(data_dir) -> train.Config:
@@ -40,10 +36,10 @@ def config(data_dir) -> train.Config:
 
 def main(data_dir, root):
   assert jax.device_count() == 8, jax.devices()
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   assert mesh.devices.size == 8
   batch = {"image": np.zeros((128, 8, 8, 1), np.float32)}
-  sharded = train._shard(batch, NamedSharding(mesh, P("data")))["image"]
+  sharded = distributed.shard_batch(batch, mesh)["image"]
   assert len(sharded.addressable_shards) == 8
   assert {s.data.shape for s in sharded.addressable_shards} == {(16, 8, 8, 1)}
   print("ok batch split over 8 devices")

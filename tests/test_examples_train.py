@@ -17,7 +17,10 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from examples import compare, input_pipeline, models, train
+from examples import checkpointing, compare, distributed, input_pipeline, models, train
+from examples.optimizers import OPTIMIZERS, make_optimizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.mark.parametrize("name", train.OPTIMIZERS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_train_and_evaluate_one_epoch(name, data_dir, tmp_path):
   config = train.Config(
     optimizer=name,
@@ -72,18 +75,19 @@ def _create(config):
     meta.std,
     nnx.Rngs(jax.random.key(config.seed, impl="rbg")),
   )
-  tx = train.make_optimizer(
-    config.optimizer, config.learning_rate, models.layer_axes_of(config.model)
-  )
+  tx = make_optimizer(config.optimizer, config.learning_rate, model.layer_axes)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def _latest_checkpoint(workdir, config):
   """The step and the arrays of the latest checkpoint, on this process's device."""
   model, optimizer = _create(config)
-  target = {"model": train._saveable(model), "optimizer": train._saveable(optimizer)}
+  target = {
+    "model": checkpointing.saveable(model),
+    "optimizer": checkpointing.saveable(optimizer),
+  }
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  manager = ocp.CheckpointManager(workdir / train.CHECKPOINT_DIR)
+  manager = ocp.CheckpointManager(workdir / "checkpoints")
   step = manager.latest_step()
   restored = manager.restore(
     step,
@@ -142,7 +146,7 @@ def test_each_model_trains_a_few_steps_on_digits(model, data_dir, tmp_path):
 
 
 def test_stacked_transformer_trains_with_a_layer_per_block(data_dir, tmp_path):
-  # The trainer passes models.layer_axes_of(model) on: each stacked block is
+  # The trainer passes model.layer_axes on: each stacked block is
   # a layer of its own, as each block of the unstacked model is.
   names = {}
   for model in ("transformer", "transformer_stacked"):
@@ -207,14 +211,14 @@ def test_main_stops_and_resumes(data_dir, tmp_path, capsys):
 
 
 def test_make_mesh():
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   assert mesh.axis_names == ("data",)
   assert mesh.devices.size == len(jax.devices())
-  assert train.make_mesh("data=1").devices.size == 1
+  assert distributed.make_mesh("data=1").devices.size == 1
   with pytest.raises(ValueError, match="asks for"):
-    train.make_mesh(f"data={len(jax.devices()) + 1}")
+    distributed.make_mesh(f"data={len(jax.devices()) + 1}")
   with pytest.raises(ValueError, match="'auto' or 'data=N'"):
-    train.make_mesh("model=1")
+    distributed.make_mesh("model=1")
 
 
 def test_data_parallel_mesh_matches_one_device(data_dir, tmp_path):
@@ -222,10 +226,13 @@ def test_data_parallel_mesh_matches_one_device(data_dir, tmp_path):
   # same settings); this process keeps its one device.
   config = _mesh_train.config(data_dir)
   one = train.train_and_evaluate(config, tmp_path / "one")
-  script = pathlib.Path(__file__).with_name("_mesh_train.py")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+  }
   result = subprocess.run(
-    [sys.executable, str(script), data_dir, str(tmp_path)],
+    [sys.executable, "-m", "_mesh_train", data_dir, str(tmp_path)],
     env=env,
     capture_output=True,
     text=True,
@@ -300,8 +307,9 @@ def test_two_processes_train_as_one(optimizer, xla_flags, data_dir, tmp_path):
   }
   processes = [
     subprocess.Popen(
-      [sys.executable, train.__file__, *args, f"--process_id={i}"],
+      [sys.executable, "-m", "examples.train", *args, f"--process_id={i}"],
       env=env,
+      cwd=ROOT,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
@@ -333,7 +341,7 @@ def test_two_processes_train_as_one(optimizer, xla_flags, data_dir, tmp_path):
 
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="Unknown optimizer"):
-    train.make_optimizer("rmsprop")
+    make_optimizer("rmsprop")
 
 
 def test_compare_main_writes_table_json_and_plots(data_dir, tmp_path, capsys):

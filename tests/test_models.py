@@ -1,5 +1,6 @@
 """Tests for examples/models.py."""
 
+import _stacking  # tests/_stacking.py: the two layouts of the transformer.
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +49,22 @@ def test_output_shape(name, dataset):
   logits = jax.eval_shape(forward, images)
   assert logits.shape == (3, 7)
   assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters(name):
+  input_shape, mean, std = SHAPES["digits"]
+
+  def forward(images):
+    model = models.create_model(
+      name, 7, input_shape, mean, std, nnx.Rngs(0), dtype=jnp.bfloat16
+    )
+    return model(images), nnx.state(model)
+
+  images = jax.ShapeDtypeStruct((3, *input_shape), jnp.float32)
+  logits, state = jax.eval_shape(forward, images)
+  assert logits.dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
 
 
 def test_resnet_sizes():
@@ -155,24 +172,29 @@ def test_stacked_transformer_layout():
   assert sorted(unstacked["blocks"]) == [0, 1, 2]
   assert _num_params(_transformer(True)) == _num_params(_transformer(False))
   # The conversions give the other model's tree: structure, shapes and dtypes.
-  assert _shapes(jax.eval_shape(models.stack_params, unstacked)) == _shapes(stacked)
-  assert _shapes(jax.eval_shape(models.unstack_params, stacked)) == _shapes(unstacked)
+  stack, unstack = _stacking.stack_params, _stacking.unstack_params
+  assert _shapes(jax.eval_shape(stack, unstacked)) == _shapes(stacked)
+  assert _shapes(jax.eval_shape(unstack, stacked)) == _shapes(unstacked)
   # Plain dicts too (nnx.to_pure_dict).
   pure = nnx.to_pure_dict(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), unstacked))
-  pure = models.stack_params(pure)
+  pure = _stacking.stack_params(pure)
   assert isinstance(pure, dict) and pure["blocks"]["mlp_out"]["bias"].shape == (3, 8)
 
 
-def test_stacked_transformer_layer_axes():
-  for stacked in (False, True):
-    model = _transformer(stacked)
-    axes = jax.tree_util.tree_map_with_path(
-      lambda path, _, model=model: model.layer_axes(path, None),
-      nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-    )
-    blocks = axes["blocks"] if stacked else axes["blocks"][1]
-    assert blocks["mlp_in"]["kernel"] == int(stacked)
-    assert axes["head"]["kernel"] == 0 and axes["position_embedding"] == 0
+def test_layer_axes():
+  # One block per layer: the stacked blocks' leading axis; else every leaf.
+  assert _transformer(False).layer_axes is None
+  model = _transformer(True)
+  axes = jax.tree_util.tree_map_with_path(
+    lambda path, _: model.layer_axes(path, None),
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+  )
+  assert axes["blocks"]["mlp_in"]["kernel"] == 1
+  assert axes["head"]["kernel"] == 0 and axes["position_embedding"] == 0
+  # The same function for every stacked model: optimizers built with it hash
+  # the same (one compiled step for several seeds).
+  assert _transformer(True, 2).layer_axes is model.layer_axes
+  assert models.CNN.layer_axes is None and models.ResNet.layer_axes is None
 
 
 def test_stacked_transformer_computes_the_same_function():
@@ -190,23 +212,23 @@ def test_stacked_transformer_computes_the_same_function():
   )
   images = _images((3, *SHAPES["digits"][0]))
   np.testing.assert_allclose(
-    forward[True](models.stack_params(params), images),
+    forward[True](_stacking.stack_params(params), images),
     forward[False](params, images),
     rtol=1e-5,
     atol=1e-6,
   )
   # Round trip, exactly.
-  back = models.unstack_params(models.stack_params(params))
+  back = _stacking.unstack_params(_stacking.stack_params(params))
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_stack_params_needs_blocks():
   with pytest.raises(ValueError, match="'blocks'"):
-    models.stack_params({"head": np.ones(2)})
+    _stacking.stack_params({"head": np.ones(2)})
   with pytest.raises(ValueError, match="indexed 0, 1"):
-    models.stack_params({"blocks": {1: {"w": np.ones(2)}}})
+    _stacking.stack_params({"blocks": {1: {"w": np.ones(2)}}})
   with pytest.raises(ValueError, match="leading axis"):
-    models.unstack_params({"blocks": {"a": np.ones(2), "b": np.ones(3)}})
+    _stacking.unstack_params({"blocks": {"a": np.ones(2), "b": np.ones(3)}})
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Tests for examples/robustness.py, on a small CNN trained briefly on digits."""
 
+import _stacking  # tests/_stacking.py: the two layouts of the transformer.
 import jax
 import numpy as np
 import optax
@@ -25,7 +26,7 @@ def _create(model_fn, *args, **kwargs):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
   train, test, metadata = input_pipeline.get_datasets(
-      "digits", data_dir=tmp_path_factory.mktemp("tfds")
+    "digits", data_dir=tmp_path_factory.mktemp("tfds")
   )
   return input_pipeline.load_split(train), input_pipeline.load_split(test), metadata
 
@@ -35,13 +36,13 @@ def trained(digits):
   """A CNN after 88 Adam steps (four epochs of batch 64): about 90% accurate."""
   train, test, metadata = digits
   model = _create(
-      models.CNN,
-      metadata.num_classes,
-      metadata.input_shape,
-      metadata.mean,
-      metadata.std,
-      features=(8, 16),
-      hidden=32,
+    models.CNN,
+    metadata.num_classes,
+    metadata.input_shape,
+    metadata.mean,
+    metadata.std,
+    features=(8, 16),
+    hidden=32,
   )
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
@@ -64,23 +65,32 @@ def trained(digits):
 def results(trained):
   model, images, labels = trained
   return robustness.evaluate_robustness(
-      model,
-      images,
-      labels,
-      key=_key(0),
-      eps_list=(0.0, 0.02, 0.05, 0.1, 0.2),
-      sigmas=(0.0, 0.1),
-      pgd_steps=PGD_STEPS,
-      batch_size=len(labels),
+    model,
+    images,
+    labels,
+    key=_key(0),
+    eps_list=(0.0, 0.02, 0.05, 0.1, 0.2),
+    sigmas=(0.0, 0.1),
+    pgd_steps=PGD_STEPS,
+    batch_size=len(labels),
   )
 
 
 def test_result_keys(results):
   assert list(results) == [
-      "clean",
-      "fgsm@0", "pgd@0", "fgsm@0.02", "pgd@0.02", "fgsm@0.05", "pgd@0.05",
-      "fgsm@0.1", "pgd@0.1", "fgsm@0.2", "pgd@0.2",
-      "noise@0", "noise@0.1",
+    "clean",
+    "fgsm@0",
+    "pgd@0",
+    "fgsm@0.02",
+    "pgd@0.02",
+    "fgsm@0.05",
+    "pgd@0.05",
+    "fgsm@0.1",
+    "pgd@0.1",
+    "fgsm@0.2",
+    "pgd@0.2",
+    "noise@0",
+    "noise@0.1",
   ]
   assert all(isinstance(v, float) for v in results.values())
 
@@ -113,7 +123,7 @@ def test_accuracy_matches_a_direct_count(trained):
   predictions = np.argmax(model(images), axis=-1)
   expected = np.mean(predictions == labels)
   assert robustness.accuracy(model, images, labels, batch_size=100) == pytest.approx(
-      expected
+    expected
   )
 
 
@@ -148,13 +158,13 @@ def test_attacks_run_the_model_in_eval_mode(digits):
   _, test, metadata = digits
   images, labels = test["image"][:8], test["label"][:8]
   model = _create(
-      models.ResNet,
-      metadata.num_classes,
-      metadata.input_shape,
-      metadata.mean,
-      metadata.std,
-      depth=8,
-      width=4,
+    models.ResNet,
+    metadata.num_classes,
+    metadata.input_shape,
+    metadata.mean,
+    metadata.std,
+    depth=8,
+    width=4,
   )
   batch_stats = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   eval_model = nnx.clone(model)
@@ -166,9 +176,9 @@ def test_attacks_run_the_model_in_eval_mode(digits):
   np.testing.assert_array_equal(adversarial, expected)
   assert model.bn.use_running_average is False  # The caller's mode is kept.
   jax.tree.map(
-      np.testing.assert_array_equal,
-      jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)),
-      batch_stats,
+    np.testing.assert_array_equal,
+    jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)),
+    batch_stats,
   )
 
 
@@ -182,10 +192,10 @@ def test_attacks_on_a_stacked_transformer(digits):
   unstacked = _create(models.TransformerClassifier, *shape, **sizes)
   stacked = _create(models.TransformerClassifier, *shape, **sizes, stacked=True)
   graphdef, _ = nnx.split(stacked)
-  stacked = nnx.merge(graphdef, models.stack_params(nnx.state(unstacked)))
+  stacked = nnx.merge(graphdef, _stacking.stack_params(nnx.state(unstacked)))
   for attack in (robustness.fgsm, robustness.pgd):
     np.testing.assert_allclose(
-        attack(stacked, images, labels, 0.1),
-        attack(unstacked, images, labels, 0.1),
-        atol=1e-6,
+      attack(stacked, images, labels, 0.1),
+      attack(unstacked, images, labels, 0.1),
+      atol=1e-6,
     )

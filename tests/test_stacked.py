@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _stacking import stack_params  # tests/_stacking.py
 from flax import nnx
 
 import optax_lgm
@@ -83,7 +84,7 @@ def layouts():
   labels = jnp.asarray(rng.integers(0, 5, size=8))
   batch = (images, labels)
   unstacked = _layout(False, batch)
-  stacked = _layout(True, batch, models.stack_params(unstacked.params))
+  stacked = _layout(True, batch, stack_params(unstacked.params))
   return unstacked, stacked, batch
 
 
@@ -232,7 +233,7 @@ def test_gradients_agree(layouts):
   unstacked, stacked, (images, labels) = layouts
   grads_u = unstacked.grad(unstacked.params, images, labels)
   grads_s = stacked.grad(stacked.params, images, labels)
-  chex.assert_trees_all_close(models.stack_params(grads_u), grads_s, **TOL)
+  chex.assert_trees_all_close(stack_params(grads_u), grads_s, **TOL)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -242,17 +243,17 @@ def test_stacked_equals_unstacked(layouts, case):
   history_u = _run(unstacked, make(unstacked.model.layer_axes), batch)
   history_s = _run(stacked, make(stacked.model.layer_axes), batch)
   for (updates_u, state_u), (updates_s, state_s) in zip(history_u, history_s):
-    chex.assert_trees_all_close(updates_s, models.stack_params(updates_u), **TOL)
+    chex.assert_trees_all_close(updates_s, stack_params(updates_u), **TOL)
     if case.startswith("dgs"):  # No per-layer state: compare the importance.
       importance_u, importance_s = state_u[0].importance, state_s[0].importance
       chex.assert_trees_all_close(
-        importance_s, models.stack_params(importance_u), **TOL
+        importance_s, stack_params(importance_u), **TOL
       )
     else:
       _assert_same_layer_stats(state_s, state_u)
     if case == "lgm_temporal_leaf":  # The per-element EMA of the gradient.
       chex.assert_trees_all_close(
-        state_s[0].mu, models.stack_params(state_u[0].mu), **TOL
+        state_s[0].mu, stack_params(state_u[0].mu), **TOL
       )
   if case.startswith("layer_sam"):
     # The dynamic selection picked single blocks of a stacked leaf, not the
@@ -276,7 +277,7 @@ def test_layer_sam_static_selection_by_name(layouts):
   history_u = _run(unstacked, tx_u, batch, selection_u)
   history_s = _run(stacked, tx_s, batch, selection_s)
   for (updates_u, state_u), (updates_s, state_s) in zip(history_u, history_s):
-    chex.assert_trees_all_close(updates_s, models.stack_params(updates_u), **TOL)
+    chex.assert_trees_all_close(updates_s, stack_params(updates_u), **TOL)
     _assert_same_layer_stats(state_s, state_u)
   selected = optax_lgm.layer_stats(state_s)["sam_selected_count"]
   assert {n for n, count in selected.items() if count} == set(selection_s)
@@ -299,7 +300,7 @@ def test_without_layer_axes_the_updates_differ(layouts):
     )
     return jit(tx.update)(grads, tx.init(grads))[0]
 
-  expected = models.stack_params({"blocks": dgs(grads_u, None)})["blocks"]
+  expected = stack_params({"blocks": dgs(grads_u, None)})["blocks"]
   chex.assert_trees_all_close(dgs(grads_s, 1), expected, **TOL)
   together = dgs(grads_s, None)
   assert not np.allclose(

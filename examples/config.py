@@ -1,0 +1,226 @@
+"""The settings of `examples.train`, defined once, and its command line.
+
+`Config` lists every setting with its default and its help text; `parse` builds
+the ``argparse`` command line from those fields (``--name VALUE`` for each,
+``--name`` and ``--no_name`` for booleans), so a new setting is one new field.
+`check` rejects settings that cannot work, with a `UsageError` saying what is
+wrong and how to fix it; the command line prints it in one line and exits with
+status 2.
+"""
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+
+from examples.models import MODELS
+
+OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
+"""Names of the optimizers of `examples.train.make_optimizer`."""
+
+
+DTYPES = ("float32", "bfloat16")
+"""Computation dtypes; parameters and optimizer states stay float32."""
+
+
+class UsageError(ValueError):
+  """Settings that cannot work; the message says what to change."""
+
+
+def _field(default, help_text: str, **kwargs):
+  return dataclasses.field(default=default, metadata={"help": help_text, **kwargs})
+
+
+@dataclasses.dataclass
+class Config:
+  """Settings of one training run; the help text of each field is its flag's."""
+
+  dataset: str = _field("digits", "a dataset of examples.input_pipeline")
+  model: str = _field("cnn", "the model", choices=MODELS)
+  optimizer: str = _field("sgd", "the optimizer", choices=OPTIMIZERS)
+  learning_rate: float | None = _field(
+    None, "learning rate (default: the optimizer's, see DEFAULT_LEARNING_RATES)"
+  )
+  epochs: int = _field(5, "passes over the training set")
+  batch_size: int = _field(64, "examples per step (per micro-batch with grad_accum)")
+  grad_accum: int = _field(
+    1,
+    "apply the mean gradient of this many batches in one update (optax.MultiSteps); "
+    "sam and layer_sam perturb each batch at its own gradient",
+  )
+  dtype: str = _field(
+    "float32",
+    "computation dtype; parameters and optimizer states stay float32",
+    choices=DTYPES,
+  )
+  seed: int = _field(0, "seed of the initialisation, the data order and the attacks")
+  data_dir: str | None = _field(None, "the TFDS data dir (default: TFDS's)")
+  eval_every: int = _field(
+    0, "also evaluate test accuracy every this many steps (0: once per epoch)"
+  )
+  target_accuracy: float = _field(
+    0.95,
+    "record time_to_target: training seconds (compilation in, evaluation out) "
+    "until the first evaluation at or above this test accuracy",
+  )
+  layer_sam_mode: str = _field(
+    "static",
+    "layer_sam's selection: 'static' (optax_lgm.StaticSelection: fixed between "
+    "re-selections, the fast path) or 'dynamic' (chosen in the graph every step)",
+    choices=("static", "dynamic"),
+  )
+  reselect_every: int = _field(10, "static layer_sam: steps between re-selections")
+  skip_nonfinite: int = _field(
+    0,
+    "skip steps whose gradient is not finite (optax.apply_if_finite) and stop after "
+    "this many in a row (0: off)",
+  )
+  robustness: bool = _field(True, "evaluate FGSM, PGD and noise accuracy at the end")
+  eps_list: tuple[float, ...] = _field(
+    (8 / 255, 0.1), "L-infinity sizes of FGSM and PGD, on the pixel scale"
+  )
+  sigmas: tuple[float, ...] = _field(
+    (0.04, 0.06, 0.08, 0.09, 0.10), "Gaussian noise levels, on the pixel scale"
+  )
+  pgd_steps: int = _field(5, "steps of PGD")
+  progress: bool = _field(True, "show a progress bar")
+  max_steps: int | None = _field(
+    None, "stop after this many steps in all, with a checkpoint (default: all epochs)"
+  )
+  checkpoints: bool = _field(True, "write orbax checkpoints under WORKDIR/checkpoints")
+  checkpoint_every: int = _field(
+    500, "also checkpoint every this many steps (0: at epoch ends and max_steps only)"
+  )
+  resume: bool = _field(
+    False,
+    "go on from the latest checkpoint of WORKDIR (without it, old checkpoints are "
+    "deleted)",
+  )
+  mesh: str = _field(
+    "auto", "data-parallel devices: 'auto' (all) or 'data=N' (the first N)"
+  )
+
+
+RESUME_KEYS = (
+  "dataset",
+  "model",
+  "optimizer",
+  "learning_rate",
+  "batch_size",
+  "grad_accum",
+  "dtype",
+  "seed",
+  "layer_sam_mode",
+  "reselect_every",
+  "skip_nonfinite",
+)
+"""Settings that a resumed run must share with the run of its checkpoint."""
+
+
+def check(config: Config) -> None:
+  """Raises `UsageError` if ``config`` cannot work (before anything is built)."""
+  for name in ("model", "optimizer", "dtype", "layer_sam_mode"):
+    choices = next(f for f in dataclasses.fields(Config) if f.name == name)
+    choices = choices.metadata["choices"]
+    if getattr(config, name) not in choices:
+      raise UsageError(
+        f"unknown {name}={getattr(config, name)!r}; choose one of {', '.join(choices)}"
+      )
+  if config.learning_rate is not None and not config.learning_rate > 0:
+    raise UsageError(
+      f"learning_rate={config.learning_rate} must be positive (or left out for "
+      "the optimizer's default)"
+    )
+  for name in ("epochs", "batch_size", "grad_accum", "reselect_every"):
+    if getattr(config, name) < 1:
+      raise UsageError(f"{name}={getattr(config, name)} must be at least 1")
+  for name in ("eval_every", "checkpoint_every", "skip_nonfinite", "pgd_steps"):
+    if getattr(config, name) < 0:
+      raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
+  if config.max_steps is not None and config.max_steps < 1:
+    raise UsageError(f"max_steps={config.max_steps} must be at least 1")
+
+
+def _argument_type(hint):
+  """The ``argparse`` type of a field: its type, without ``None``."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  return args[0] if args else hint
+
+
+def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namespace:
+  """Parses the command line: one flag per `Config` field, plus the others.
+
+  Args:
+    argv: the arguments (default: ``sys.argv[1:]``).
+    **parser_kwargs: passed to ``argparse.ArgumentParser``.
+
+  Returns:
+    A namespace with ``config`` (a `Config`), ``workdir``, and the
+    ``distributed`` settings. A bad value exits with status 2 and one line.
+  """
+  parser = argparse.ArgumentParser(
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **parser_kwargs
+  )
+
+  def error(message: str) -> typing.NoReturn:  # One line, no usage block.
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+  parser.error = error
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    kind = _argument_type(hints[field.name])
+    flag, help_text = f"--{field.name}", field.metadata["help"]
+    if kind is bool:  # --name and --no_name.
+      group = parser.add_mutually_exclusive_group()
+      group.add_argument(
+        flag, action="store_true", default=field.default, help=help_text
+      )
+      group.add_argument(
+        f"--no_{field.name}", dest=field.name, action="store_false", help="the opposite"
+      )
+    elif typing.get_origin(kind) is tuple:
+      item = typing.get_args(kind)[0]
+      parser.add_argument(
+        flag, default=field.default, type=item, nargs="+", help=help_text
+      )
+    else:
+      parser.add_argument(
+        flag,
+        default=field.default,
+        type=kind,
+        help=help_text,
+        choices=field.metadata.get("choices"),
+      )
+  parser.add_argument(
+    "--workdir", default=None, help="output directory (default: workdir/OPTIMIZER)"
+  )
+  group = parser.add_argument_group("several hosts")
+  group.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() first (one process per host)",
+  )
+  group.add_argument(
+    "--coordinator_address",
+    default=None,
+    help="with --distributed: HOST:PORT of process 0 (default: found by JAX)",
+  )
+  group.add_argument(
+    "--num_processes", type=int, default=None, help="with --distributed"
+  )
+  group.add_argument("--process_id", type=int, default=None, help="with --distributed")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  names = [f.name for f in dataclasses.fields(Config)]
+  values = {name: getattr(args, name) for name in names}
+  for name in ("eps_list", "sigmas"):
+    values[name] = tuple(values[name])
+  cluster = (args.coordinator_address, args.num_processes, args.process_id)
+  if not args.distributed and any(value is not None for value in cluster):
+    error("--coordinator_address, --num_processes and --process_id need --distributed")
+  return argparse.Namespace(
+    config=Config(**values),
+    workdir=args.workdir or f"workdir/{values['optimizer']}",
+    distributed=args.distributed,
+    cluster=cluster,
+  )

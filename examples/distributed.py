@@ -1,0 +1,91 @@
+"""Devices and hosts for `examples.train`: the data-parallel mesh and the batches.
+
+The step runs on a one-axis ``"data"`` mesh (`make_mesh`): each batch is split
+over the devices of the axis (`shard_batch`), the model and optimizer states
+are replicated, and XLA sums the gradients across devices. On one device this
+changes nothing.
+
+Several hosts: run the same command on every host with ``--distributed``,
+which calls `initialize` (``jax.distributed.initialize()``) before JAX does
+anything else. JAX finds the coordinator and the process ids on SLURM, Open
+MPI, Kubernetes and Cloud TPU; elsewhere give them with
+``--coordinator_address HOST:PORT --num_processes N --process_id I``. Use the
+same ``--workdir`` on a shared file system. ``--mesh auto`` then spans the
+devices of all hosts. Every host reads the whole global batch (the datasets
+here are small and held in memory) and hands its own devices their rows with
+``jax.make_array_from_callback``; for a large dataset, let each host read only
+its slice and build the global batch with
+``jax.make_array_from_process_local_data``. Only process 0 writes
+``metrics.json``; orbax coordinates the checkpoint writes.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from examples.config import UsageError
+
+
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Joins the other hosts (``jax.distributed.initialize``), before any JAX work."""
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
+  """Builds the one-axis ``"data"`` mesh of data-parallel training.
+
+  Args:
+    spec: ``"auto"`` for all devices (``jax.devices()``: those of every host),
+      or ``"data=N"`` for the first ``N`` of them.
+
+  Returns:
+    A mesh with the one axis ``"data"``.
+
+  Raises:
+    UsageError: (a ValueError) if ``spec`` is neither form, or asks for more
+      devices than there are.
+
+  Examples:
+    >>> make_mesh("data=1").devices.shape
+    (1,)
+  """
+  devices = jax.devices()
+  if spec == "auto":
+    size = len(devices)
+  else:
+    name, _, value = spec.partition("=")
+    if name.strip() != "data" or not value.strip().isdigit():
+      raise UsageError(f"mesh must be 'auto' or 'data=N', got mesh={spec!r}")
+    size = int(value)
+    if not 1 <= size <= len(devices):
+      raise UsageError(
+        f"mesh={spec!r} asks for {size} devices; there are {len(devices)}"
+      )
+  return jax.make_mesh(
+    (size,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:size]
+  )
+
+
+def shard_batch(
+  batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
+  """Gives each device of ``mesh`` its rows of a global batch."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {
+    key: jax.make_array_from_callback(
+      value.shape, sharding, lambda index, value=value: value[index]
+    )
+    for key, value in batch.items()
+  }
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  """Places a copy of ``tree`` on every device of ``mesh``."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
