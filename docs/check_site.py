@@ -284,7 +284,7 @@ def report(pages: list[Page]) -> str:
     status = "FAIL" if p.problems else "ok"
     lines.append(
       f"{status:4} {p.path}: {p.formulas} formulas rendered, {p.images} images "
-      f"loaded, {p.internal_links} internal links ok"
+      f"loaded, {p.internal_links} internal links checked"
       + (
         f", {p.external_links} external links not followed" if p.external_links else ""
       )

@@ -195,11 +195,14 @@ def draw_time_to_target(data: dict, path: pathlib.Path, sha: str) -> tuple[str, 
   alt = "Seconds to the target accuracy per optimizer"
   return alt, (
     f"Wall-clock seconds to the first evaluation at {data['target']:g} test "
-    "accuracy (bar: the median over seeds; dots: each seed)."
+    "accuracy (bar: the median over seeds, none where a seed missed the "
+    "target; dots: each seed that reached it)."
   )
 
 
-def _figure(png: str, text: tuple[str, str], source: pathlib.Path, data: dict) -> str:
+def _figure(
+  png: str, width: str, text: tuple[str, str], source: pathlib.Path, data: dict
+) -> str:
   if source.stem == "time_to_target":
     command = data["command"]
   else:
@@ -207,8 +210,9 @@ def _figure(png: str, text: tuple[str, str], source: pathlib.Path, data: dict) -
   machine = f", run on {data['machine']}" if data.get("machine") else ""
   return (
     f".. figure:: /figures/{png}\n"
+    f"   :name: {png.removesuffix('.png')}\n"
     f"   :alt: {text[0]}\n"
-    "   :width: 100%\n\n"
+    f"   :width: {width}\n\n"
     f"   {text[1]} Data: ``{command}``{machine} (``docs/data/{source.name}``); "
     f"figure: ``{FIGURE_COMMAND}``.\n"
   )
@@ -218,15 +222,15 @@ Drawer = Callable[[dict, pathlib.Path, str], tuple[str, str]]
 """Draws one figure into a PNG; returns its alt text and caption."""
 
 
-def figures_for(name: str, data: dict) -> list[tuple[str, Drawer]]:
-  """The figures of one data file: (PNG suffix, drawing function) pairs."""
+def figures_for(name: str, data: dict) -> list[tuple[str, Drawer, str]]:
+  """The figures of one data file: (PNG suffix, drawing function, width)."""
   if name == "time_to_target":
-    return [("", draw_time_to_target)]
-  figures = [("_curves", draw_curves)]
+    return [("", draw_time_to_target, "70%")]
+  figures = [("_curves", draw_curves, "100%")]
   if "lgm" in data["runs"]:
-    figures.append(("_lgm", draw_lgm))
+    figures.append(("_lgm", draw_lgm, "100%"))
   if "layer_sam" in data["runs"]:
-    figures.append(("_layer_sam", draw_selection))
+    figures.append(("_layer_sam", draw_selection, "60%"))
   return figures
 
 
@@ -240,9 +244,10 @@ def make_figures(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path
     data = json.loads(source.read_text())
     sha = sha256(source)
     fragment = []
-    for suffix, draw in figures_for(source.stem, data):
+    for suffix, draw, width in figures_for(source.stem, data):
       png = out / f"{source.stem}{suffix}.png"
-      fragment.append(_figure(png.name, draw(data, png, sha), source, data))
+      text = draw(data, png, sha)
+      fragment.append(_figure(png.name, width, text, source, data))
       written.append(png)
     inc = out / f"{source.stem}.inc"
     inc.write_text(
