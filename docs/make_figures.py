@@ -6,9 +6,10 @@ Each data file that is present gives PNG figures and one reStructuredText
 fragment under ``docs/figures``; a missing file is skipped. A page shows the
 figures of a file with ``.. include:: figures/<file stem>.inc``.
 
-* ``compare_<dataset>.json``: the ``results.json`` that ``examples/compare.py
-  --out DIR`` writes (optionally with a ``"command"`` key, the command that
-  ran; without it the command is rebuilt from ``"args"``). Figures: test
+* ``compare_<dataset>.json``: the ``results.json`` that ``python -m
+  examples.compare --out DIR`` writes, optionally with the keys ``"command"``
+  (the command that ran; without it the command is rebuilt from ``"args"``),
+  ``"commit"`` and ``"machine"``, which the captions quote. Figures: test
   accuracy against step for every optimizer (mean over seeds, band from the
   lowest to the highest seed); LGM's per-layer α and applied scale at the
   end of each epoch (the LGM paper's Figure 1); how many steps
@@ -57,7 +58,7 @@ def compare_command(data: dict) -> str:
     for key, value in data["args"].items()
     if key not in skip and value is not None
   ]
-  return " ".join(["python examples/compare.py", *flags])
+  return " ".join(["python -m examples.compare", *flags])
 
 
 def _save(fig, path: pathlib.Path, source_sha: str) -> None:
@@ -207,13 +208,15 @@ def _figure(
     command = data["command"]
   else:
     command = compare_command(data)
+  commit = f" at commit {data['commit']}" if data.get("commit") else ""
   machine = f", run on {data['machine']}" if data.get("machine") else ""
   return (
     f".. figure:: /figures/{png}\n"
     f"   :name: {png.removesuffix('.png')}\n"
     f"   :alt: {text[0]}\n"
     f"   :width: {width}\n\n"
-    f"   {text[1]} Data: ``{command}``{machine} (``docs/data/{source.name}``); "
+    f"   {text[1]} Data: ``{command}``{commit}{machine} "
+    f"(``docs/data/{source.name}``); "
     f"figure: ``{FIGURE_COMMAND}``.\n"
   )
 

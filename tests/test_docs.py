@@ -223,7 +223,7 @@ def test_make_figures_draws_what_is_present(tmp_path):
   inc = (out / "compare_digits.inc").read_text()
   assert inc.count(".. figure:: /figures/compare_digits_") == 3
   command = (
-    "python examples/compare.py --dataset digits --model cnn --seeds 2 --epochs 2 "
+    "python -m examples.compare --dataset digits --model cnn --seeds 2 --epochs 2 "
     "--batch_size 8 --eval_every 4 --target 0.5"
   )
   assert f"Data: ``{command}``" in inc
