@@ -14,7 +14,9 @@ From the DOM that Chromium dumps, a page fails when
 
 * a formula is not rendered: an element of class ``math`` (what Sphinx writes
   for ``:math:`` and ``.. math::``) holds no MathJax output, still shows its
-  LaTeX, or holds a MathJax error;
+  LaTeX, or holds a MathJax error; or the prose (outside maths and code)
+  shows LaTeX: a command such as ``\\alpha``, ``\\(``, ``$$`` or a ``:math:``
+  role that was not parsed;
 * an image did not load (its ``naturalWidth`` is 0);
 * a link to this site points to a missing file or to an ``id`` that the
   target page does not have;
@@ -34,6 +36,7 @@ import http.server
 import os
 import pathlib
 import posixpath
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +81,15 @@ BROWSER_FLAGS = (
 )
 
 
+VOID_TAGS = ("area", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+             "source", "track", "wbr")  # fmt: skip
+"""Elements without an end tag."""
+CODE_TAGS = ("pre", "code", "kbd", "samp", "script", "style", "textarea")
+"""Elements whose text is not prose (LaTeX there is not maths to render)."""
+RAW_LATEX = re.compile(r"\\[a-zA-Z]+|\\[()[\]]|\$\$|:math:`")
+"""LaTeX in prose: a command (``\\alpha``), a delimiter, or a ``:math:`` role."""
+
+
 @dataclasses.dataclass
 class Page:
   """What one page showed in the browser."""
@@ -101,8 +113,8 @@ class _Dom(html.parser.HTMLParser):
     self.probe_done = False
     self.math_error: str | None = None
     self.formulas: list[dict] = []  # One per math element: output, error, text.
-    self._math_depth: list[int] = []  # Tag depths of the open math elements.
-    self._depth = 0
+    self.raw_latex: list[str] = []  # LaTeX-like text outside maths and code.
+    self._open: list[tuple[bool, bool]] = []  # Per open tag: starts maths, code.
 
   def handle_starttag(self, tag, attrs):
     attrs = dict(attrs)
@@ -117,26 +129,29 @@ class _Dom(html.parser.HTMLParser):
       self.links.append(attrs["href"])
     elif tag == "img":
       self.images.append((attrs.get("src", ""), attrs.get("data-site-check-loaded")))
-    if tag in ("br", "img", "meta", "link", "input", "hr", "wbr", "source"):
-      return  # Void elements have no end tag.
-    self._depth += 1
-    if "math" in (attrs.get("class") or "").split() and not self._math_depth:
+    if tag in VOID_TAGS:
+      return
+    in_math = any(math for math, _ in self._open)
+    starts_math = "math" in (attrs.get("class") or "").split() and not in_math
+    self._open.append((starts_math, tag in CODE_TAGS))
+    if starts_math:
       self.formulas.append({"output": 0, "error": 0, "text": ""})
-      self._math_depth.append(self._depth)
-    elif self._math_depth:
-      if tag == "mjx-container":
-        self.formulas[-1]["output"] += 1
-      elif tag == "mjx-merror":
-        self.formulas[-1]["error"] += 1
+    elif in_math and tag == "mjx-container":
+      self.formulas[-1]["output"] += 1
+    elif in_math and tag == "mjx-merror":
+      self.formulas[-1]["error"] += 1
 
   def handle_endtag(self, tag):
-    if self._math_depth and self._math_depth[-1] == self._depth:
-      self._math_depth.pop()
-    self._depth -= 1
+    if self._open:
+      self._open.pop()
 
   def handle_data(self, data):
-    if self._math_depth:
+    if any(math for math, _ in self._open):
       self.formulas[-1]["text"] += data
+    elif not any(code for _, code in self._open):
+      match = RAW_LATEX.search(data)
+      if match:
+        self.raw_latex.append(data[max(match.start() - 30, 0) : match.end() + 30])
 
 
 def _handler(root: pathlib.Path, missing: list[tuple[str, str]]):
@@ -225,6 +240,8 @@ def _check_dom(page: Page, dom: _Dom) -> None:
       page.problems.append(f"MathJax error in a formula: {text[:80]!r}")
     else:
       page.formulas += 1
+  for text in dom.raw_latex:
+    page.problems.append(f"LaTeX outside maths: {' '.join(text.split())!r}")
   for src, loaded in dom.images:
     if loaded == "true":
       page.images += 1

@@ -159,7 +159,11 @@ def test_check_site_finds_problems(tmp_path):
   png = DOCS / "figures" / "compare_digits_lgm.png"
   (tmp_path / "ok.png").write_bytes(png.read_bytes())
   write_page(tmp_path / "good.html", '<img src="ok.png"><a href="maths.html#x">x</a>')
-  write_page(tmp_path / "maths.html", '<span id="x" class="math">\\(a^2\\)</span>')
+  write_page(
+    tmp_path / "maths.html",
+    '<span id="x" class="math">\\(a^2\\)</span><code>\\alpha</code>'
+    "<p>scaled by :math:`\\alpha`</p>",
+  )
   write_page(tmp_path / "image.html", '<img src="gone.png">')
   write_page(
     tmp_path / "link.html", '<a href="gone.html">a</a><a href="good.html#y">b</a>'
@@ -168,7 +172,10 @@ def test_check_site_finds_problems(tmp_path):
   assert pages["good.html"].problems == []
   assert pages["good.html"].images == 1
   assert pages["good.html"].internal_links == 1
-  assert pages["maths.html"].problems == ["unrendered maths: '\\\\(a^2\\\\)'"]
+  assert pages["maths.html"].problems == [
+    "unrendered maths: '\\\\(a^2\\\\)'",
+    "LaTeX outside maths: 'scaled by :math:`\\\\alpha`'",
+  ]
   assert pages["image.html"].problems == [
     "image did not load: 'gone.png'",
     "requested a missing file: /gone.png",
