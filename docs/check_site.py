@@ -21,7 +21,7 @@ From the DOM that Chromium dumps, a page fails when
 * a link to this site points to a missing file or to an ``id`` that the
   target page does not have;
 * the browser requested a file that the site does not have (script,
-  stylesheet, font, image);
+  stylesheet, font, image), or the page loads one from another host;
 * the probe did not finish (the page did not load).
 
 Links to other hosts are counted but not followed.
@@ -86,6 +86,8 @@ VOID_TAGS = ("area", "br", "col", "embed", "hr", "img", "input", "link", "meta",
 """Elements without an end tag."""
 CODE_TAGS = ("pre", "code", "kbd", "samp", "script", "style", "textarea")
 """Elements whose text is not prose (LaTeX there is not maths to render)."""
+LOADED_LINKS = {"stylesheet", "icon", "preload", "modulepreload", "manifest"}
+"""The ``<link rel>`` values that make the browser load the ``href``."""
 RAW_LATEX = re.compile(r"\\[a-zA-Z]+|\\[()[\]]|\$\$|:math:`")
 """LaTeX in prose: a command (``\\alpha``), a delimiter, or a ``:math:`` role."""
 
@@ -114,6 +116,7 @@ class _Dom(html.parser.HTMLParser):
     self.math_error: str | None = None
     self.formulas: list[dict] = []  # One per math element: output, error, text.
     self.raw_latex: list[str] = []  # LaTeX-like text outside maths and code.
+    self.resources: list[str] = []  # What the page loads: scripts, styles, media.
     self._open: list[tuple[bool, bool]] = []  # Per open tag: starts maths, code.
 
   def handle_starttag(self, tag, attrs):
@@ -129,6 +132,10 @@ class _Dom(html.parser.HTMLParser):
       self.links.append(attrs["href"])
     elif tag == "img":
       self.images.append((attrs.get("src", ""), attrs.get("data-site-check-loaded")))
+    if tag == "link" and set((attrs.get("rel") or "").split()) & LOADED_LINKS:
+      self.resources.append(attrs.get("href") or "")
+    elif tag in ("script", "img", "iframe", "video", "audio", "source", "embed"):
+      self.resources.append(attrs.get("src") or "")
     if tag in VOID_TAGS:
       return
     in_math = any(math for math, _ in self._open)
@@ -240,6 +247,9 @@ def _check_dom(page: Page, dom: _Dom) -> None:
       page.problems.append(f"MathJax error in a formula: {text[:80]!r}")
     else:
       page.formulas += 1
+  for url in dom.resources:
+    if urllib.parse.urlsplit(url).netloc:
+      page.problems.append(f"needs the network: loads {url}")
   for text in dom.raw_latex:
     page.problems.append(f"LaTeX outside maths: {' '.join(text.split())!r}")
   for src, loaded in dom.images:

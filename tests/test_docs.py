@@ -165,6 +165,7 @@ def test_check_site_finds_problems(tmp_path):
     "<p>scaled by :math:`\\alpha`</p>",
   )
   write_page(tmp_path / "image.html", '<img src="gone.png">')
+  write_page(tmp_path / "network.html", '<script src="https://cdn.test/m.js"></script>')
   write_page(
     tmp_path / "link.html", '<a href="gone.html">a</a><a href="good.html#y">b</a>'
   )
@@ -179,6 +180,9 @@ def test_check_site_finds_problems(tmp_path):
   assert pages["image.html"].problems == [
     "image did not load: 'gone.png'",
     "requested a missing file: /gone.png",
+  ]
+  assert pages["network.html"].problems == [
+    "needs the network: loads https://cdn.test/m.js"
   ]
   assert pages["link.html"].problems == [
     "broken link 'gone.html': no file gone.html",
