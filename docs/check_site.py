@@ -170,7 +170,8 @@ def _handler(root: pathlib.Path, missing: list[tuple[str, str]]):
 
     def do_GET(self):  # noqa: N802 (the name http.server calls)
       path = urllib.parse.urlsplit(self.path).path
-      file = root / urllib.parse.unquote(path).lstrip("/")
+      # The file SimpleHTTPRequestHandler serves (it stays under root).
+      file = pathlib.Path(self.translate_path(self.path))
       if path.endswith(".html") and file.is_file():
         body = file.read_bytes().replace(b"</body>", PROBE + b"</body>", 1)
         self.send_response(200)
