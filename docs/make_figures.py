@@ -52,12 +52,11 @@ def compare_command(data: dict) -> str:
   """The command of a comparison: its ``"command"``, or rebuilt from its args."""
   if "command" in data:
     return data["command"]
-  skip = ("out", "data_dir", "no_progress")
-  flags = [
-    f"--{key} {shlex.quote(str(value))}"
-    for key, value in data["args"].items()
-    if key not in skip and value is not None
-  ]
+  flags = []
+  for key, value in data["args"].items():
+    if key in ("out", "data_dir", "no_progress") or value in (None, False):
+      continue
+    flags.append(f"--{key}" if value is True else f"--{key} {shlex.quote(str(value))}")
   return " ".join(["python -m examples.compare", *flags])
 
 
@@ -66,15 +65,24 @@ def _save(fig, path: pathlib.Path, source_sha: str) -> None:
   plt.close(fig)
 
 
-def _spread(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Mean, lowest and highest over seeds (the rows) of equally long series."""
-  values = np.asarray(rows, dtype=float)
-  return values.mean(0), values.min(0), values.max(0)
+def _spread(rows: list[dict]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+  """The x's, then mean, lowest and highest over seeds (rows ``{x: value}``).
+
+  A seed without a value at some x (a run cut short) is left out there; a
+  value that is a list (per-slice statistics of stacked layers) counts as its
+  mean.
+  """
+  xs = list(dict.fromkeys(x for row in rows for x in row))
+  if all(isinstance(x, (int, float)) for x in xs):
+    xs.sort()
+  values = np.asarray(
+    [[np.mean(row[x]) if x in row else np.nan for x in xs] for row in rows]
+  )
+  return xs, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
-def _curves(runs: list[dict]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-  steps = [p["step"] for p in runs[0]["curve"]]
-  return steps, *_spread([[p["test_accuracy"] for p in run["curve"]] for run in runs])
+def _curves(runs: list[dict]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+  return _spread([{p["step"]: p["test_accuracy"] for p in r["curve"]} for r in runs])
 
 
 def draw_curves(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
@@ -125,7 +133,6 @@ def draw_curves(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
 
 def draw_lgm(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
   runs = data["runs"]["lgm"]
-  epochs = [h["epoch"] for h in runs[0]["history"]]
   layers = list(runs[0]["history"][0]["layer_stats"]["lgm_alpha"])
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True, layout="constrained")
   for ax, key, title in (
@@ -133,8 +140,8 @@ def draw_lgm(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
     (axes[1], "lgm_scale", "scale applied to the gradient (normalised, clipped)"),
   ):
     for layer in layers:
-      mean, low, high = _spread(
-        [[h["layer_stats"][key][layer] for h in run["history"]] for run in runs]
+      epochs, mean, low, high = _spread(
+        [{h["epoch"]: h["layer_stats"][key][layer] for h in r["history"]} for r in runs]
       )
       (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=layer)
       ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
@@ -156,8 +163,7 @@ def draw_selection(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
   runs = data["runs"]["layer_sam"]
   counts = [run["history"][-1]["layer_stats"]["sam_selected_count"] for run in runs]
   steps = runs[0]["history"][-1]["step"]
-  layers = list(counts[0])
-  mean, low, high = _spread([[c[layer] for layer in layers] for c in counts])
+  layers, mean, low, high = _spread(counts)
   x = np.arange(len(layers))
   fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
   ax.bar(x, mean, yerr=[mean - low, high - mean], capsize=4, label="layer_sam")

@@ -194,13 +194,17 @@ def fake_comparison(optimizers=("sgd", "lgm", "layer_sam"), seeds=2) -> dict:
   def run(name, seed):
     stats = {
       "lgm": {
-        "lgm_alpha": {"a/kernel": 2.0 + seed, "b/kernel": 0.5},
+        "lgm_alpha": {"a/kernel": 2.0 + seed, "b/kernel": [0.5, 0.7]},
         "lgm_scale": {"a/kernel": 2.0, "b/kernel": 0.5},
       },
       "layer_sam": {"sam_selected_count": {"a": 10 + seed, "b": 10 - seed}},
     }.get(name, {})
     return {
-      "curve": [{"step": s, "test_accuracy": 0.1 * s + 0.01 * seed} for s in (1, 5, 9)],
+      # The last seed's run stopped early.
+      "curve": [
+        {"step": s, "test_accuracy": 0.1 * s + 0.01 * seed}
+        for s in ((1, 5) if seed == seeds - 1 else (1, 5, 9))
+      ],
       "history": [{"epoch": e, "step": 10 * e, "layer_stats": stats} for e in (1, 2)],
     }
 
@@ -208,6 +212,24 @@ def fake_comparison(optimizers=("sgd", "lgm", "layer_sam"), seeds=2) -> dict:
           "batch_size": 8, "eval_every": 4, "target": 0.5, "out": "/tmp/x"}  # fmt: skip
   runs = {name: [run(name, seed) for seed in range(seeds)] for name in optimizers}
   return {"args": args, "runs": runs}
+
+
+def test_spread_over_seeds():
+  xs, mean, low, high = make_figures._spread([{5: 0.5, 1: 0.7}, {1: [0.2, 0.4]}])
+  assert xs == [1, 5]
+  np = pytest.importorskip("numpy")
+  np.testing.assert_allclose(mean, [0.5, 0.5])
+  np.testing.assert_allclose(low, [0.3, 0.5])
+  np.testing.assert_allclose(high, [0.7, 0.5])
+
+
+def test_compare_command():
+  args = {"dataset": "digits", "seeds": 3, "out": "x", "data_dir": None,
+          "no_progress": True, "resume": False, "skip_nonfinite": True}  # fmt: skip
+  assert make_figures.compare_command({"args": args}) == (
+    "python -m examples.compare --dataset digits --seeds 3 --skip_nonfinite"
+  )
+  assert make_figures.compare_command({"args": args, "command": "c"}) == "c"
 
 
 def test_make_figures_draws_what_is_present(tmp_path):
