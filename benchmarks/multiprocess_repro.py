@@ -1,0 +1,243 @@
+"""XLA:CPU with Gloo collectives: a two-pass step differs from one process.
+
+A pure-JAX reproduction (no ``optax_lgm``) of the discrepancy described in
+``docs/guides/sharding.rst`` ("Several processes"): a small CNN trained with
+a sharpness-aware step that perturbs only the two layers of largest gradient
+norm (the computation of ``optax_lgm.layer_sam``, written out in ``step``),
+data-parallel on a 4-device ``"data"`` axis. Run::
+
+  python -m benchmarks.multiprocess_repro [--steps 4] [--xla_flags FLAGS]
+
+It trains the same steps three times, each in fresh processes started here:
+
+* ``reference``: one process, 4 CPU devices, no ``jax.distributed`` (the
+  collectives run in-process);
+* ``gloo, one process``: one process, 4 CPU devices, ``jax.distributed``
+  initialised (XLA:CPU then runs every collective through Gloo);
+* ``gloo, two processes``: two processes with 2 CPU devices each, as two
+  hosts would.
+
+and prints, for the two Gloo runs, the largest absolute and relative
+difference of each parameter from the reference, then ``equal`` or
+``DIFFERENT`` (relative tolerance 1e-5). ``--xla_flags`` is added to the
+``XLA_FLAGS`` of every run, to try a workaround, e.g.
+``--xla_flags=--xla_disable_hlo_passes=cse``. The exit status is 1 when a
+Gloo run differs.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+BATCH = 128
+"""Global batch size: 32 images per device."""
+
+RHO, K, LEARNING_RATE, MOMENTUM = 0.05, 2, 0.05, 0.9
+"""Perturbation radius, layers perturbed, and the SGD settings."""
+
+
+def _worker(args) -> None:
+  """One process of a run: trains ``args.steps`` steps, saves the params."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  if args.num_processes:
+    jax.distributed.initialize(
+      args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
+  assert jax.device_count() == 4, jax.devices()
+  mesh = jax.make_mesh((4,), ("data",), (jax.sharding.AxisType.Auto,))
+  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+  def init(key):
+    shapes = {
+      "conv1": (3, 3, 1, 32),
+      "conv2": (3, 3, 32, 64),
+      "dense": (2 * 2 * 64, 256),
+      "head": (256, 10),
+    }
+    params = {}
+    for (name, shape), k in zip(shapes.items(), jax.random.split(key, 4)):
+      fan_in = np.prod(shape[:-1])
+      params[name] = {
+        "kernel": jax.random.normal(k, shape) / np.sqrt(fan_in),
+        "bias": jnp.zeros(shape[-1]),
+      }
+    return params
+
+  def conv(x, layer):
+    y = jax.lax.conv_general_dilated(
+      x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    y = jax.nn.relu(y + layer["bias"])
+    return (
+      jax.lax.reduce_window(y, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+      / 4
+    )
+
+  def loss_fn(params, images, labels):
+    x = conv(conv(images, params["conv1"]), params["conv2"])
+    x = jax.nn.relu(
+      x.reshape(len(x), -1) @ params["dense"]["kernel"] + params["dense"]["bias"]
+    )
+    logits = x @ params["head"]["kernel"] + params["head"]["bias"]
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
+
+  @jax.jit
+  def step(params, momentum, images, labels):
+    # First pass; the layer norms; the K largest; the perturbation of those
+    # alone, normalised over them; the second pass; SGD with momentum on the
+    # second-pass gradient of the selected layers and the first-pass one of
+    # the others.
+    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+    names = sorted(grads)
+    norms = jnp.stack([optax_global_norm(grads[n]) for n in names])
+    selected = jnp.zeros(len(names), bool).at[jax.lax.top_k(norms, K)[1]].set(True)
+    scale = RHO / (jnp.sqrt(jnp.sum(jnp.where(selected, norms**2, 0.0))) + 1e-12)
+    perturbed = {
+      n: jax.tree.map(
+        lambda w, g, s=selected[i]: w + jnp.where(s, scale * g, 0.0),
+        params[n],
+        grads[n],
+      )
+      for i, n in enumerate(names)
+    }
+    second = jax.grad(loss_fn)(perturbed, images, labels)
+    used = {
+      n: jax.tree.map(
+        lambda a, b, s=selected[i]: jnp.where(s, a, b), second[n], grads[n]
+      )
+      for i, n in enumerate(names)
+    }
+    momentum = jax.tree.map(lambda m, g: MOMENTUM * m + g, momentum, used)
+    params = jax.tree.map(lambda w, m: w - LEARNING_RATE * m, params, momentum)
+    return params, momentum, loss
+
+  def optax_global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
+
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  all_images = ((digits.images / 16 - 0.3059) / 0.3762).astype(np.float32)[..., None]
+  all_labels = digits.target.astype(np.int32)
+  rng = np.random.default_rng(0)
+  order = rng.permutation(len(all_labels))
+  params = jax.device_put(init(jax.random.key(0)), replicated)
+  momentum = jax.tree.map(jnp.zeros_like, params)
+  losses = []
+  for i in range(args.steps):
+    rows = order[i * BATCH : (i + 1) * BATCH]
+    images, labels = all_images[rows], all_labels[rows]
+    images, labels = (
+      jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
+      for x in (images, labels)
+    )
+    params, momentum, loss = step(params, momentum, images, labels)
+    losses.append(float(loss))
+  if jax.process_index() == 0:
+    flat = {
+      jax.tree_util.keystr(path): np.asarray(x)
+      for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    np.savez(args.out, **flat)
+    pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(losses))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run(name, out, processes, gloo, steps, xla_flags) -> None:
+  """Starts the processes of one run and waits for them."""
+  devices = 4 // processes
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {xla_flags}",
+    "JAX_PLATFORMS": "cpu",
+  }
+  command = [sys.executable, "-m", "benchmarks.multiprocess_repro", "--worker"]
+  command += [f"--steps={steps}", f"--out={out}"]
+  if gloo:
+    command += [
+      f"--coordinator=localhost:{_free_port()}",
+      f"--num_processes={processes}",
+    ]
+  children = [
+    subprocess.Popen(
+      [*command, f"--process_id={i}"],
+      env=env,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(processes)
+  ]
+  try:
+    outputs = [child.communicate(timeout=600)[0] for child in children]
+  finally:
+    for child in children:
+      child.kill()
+  for child, output in zip(children, outputs):
+    if child.returncode:
+      raise RuntimeError(f"{name}: a process failed:\n{output}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--xla_flags", default="", help="added to XLA_FLAGS of every run")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--out", help=argparse.SUPPRESS)
+  parser.add_argument("--coordinator", help=argparse.SUPPRESS)
+  parser.add_argument("--num_processes", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--process_id", type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    _worker(args)
+    return 0
+
+  runs = {
+    "reference": (1, False),
+    "gloo, one process": (1, True),
+    "gloo, two processes": (2, True),
+  }
+  print(f"XLA_FLAGS extra: {args.xla_flags!r}; {args.steps} steps")
+  different = False
+  with tempfile.TemporaryDirectory() as tmp:
+    results = {}
+    for i, (name, (processes, gloo)) in enumerate(runs.items()):
+      out = os.path.join(tmp, f"run{i}.npz")
+      _run(name, out, processes, gloo, args.steps, args.xla_flags)
+      results[name] = dict(np.load(out))
+    reference = results.pop("reference")
+    for name, params in results.items():
+      worst = 0.0
+      print(f"{name}:")
+      for key, expected in reference.items():
+        error = np.abs(params[key] - expected)
+        rel = error.max() / max(np.abs(expected).max(), 1e-30)
+        worst = max(worst, rel)
+        print(f"  {key:24s} max abs {error.max():.3g}  max rel {rel:.3g}")
+      ok = worst <= 1e-5
+      different |= not ok
+      verdict = "equal" if ok else "DIFFERENT"
+      print(f"  -> {verdict} (largest relative difference {worst:.3g})")
+  return int(different)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,183 @@
+"""Two processes train as one: the trainer's CLI with ``--distributed``.
+
+Two processes on this machine, joined by ``jax.distributed`` with 2 CPU
+devices each (XLA:CPU then runs the collectives over Gloo), train on a
+4-device ``"data"`` axis that spans both, as two hosts would; a third run,
+one process on one device, is the reference. For every optimizer of the
+trainer, the runs must end with the same parameters and optimizer state
+(``rtol=1e-5``) and the same training loss. The compiler settings are the
+trainer's own: the test adds nothing to ``XLA_FLAGS`` but the device count.
+
+Each case starts three Python processes (one to two minutes on two busy
+cores), so by default only ``layer_sam`` (both selection modes: the
+optimizer whose second pass once came out 1-6% off, see
+``docs/guides/sharding.rst``) and ``sgd`` run; ``OPTAX_LGM_SLOW=1`` runs every
+optimizer. ``OPTAX_LGM_XLA_FLAGS`` is added to the ``XLA_FLAGS`` of every run
+(to try a workaround by hand).
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
+"""The optimizers of ``examples.train`` (checked against its own list below)."""
+
+STEPS = 4
+"""Steps of each run: ``layer_sam``'s selection moves on step 4 of this run."""
+
+SLOW = os.environ.get("OPTAX_LGM_SLOW", "") not in ("", "0")
+"""Whether to run every case (``OPTAX_LGM_SLOW=1``)."""
+
+CASES = {
+  **{name: [f"--optimizer={name}"] for name in OPTIMIZERS},
+  "layer_sam_dynamic": ["--optimizer=layer_sam", "--layer_sam_mode=dynamic"],
+}
+"""Trainer arguments of each case: every optimizer, and layer_sam's two modes."""
+
+FAST = ("sgd", "layer_sam", "layer_sam_dynamic")
+"""The cases run without ``OPTAX_LGM_SLOW``."""
+
+KNOWN_ISSUE = {
+  "layer_sam_dynamic": (
+    "XLA:CPU with Gloo collectives (jax 0.10.2): the second-pass gradients "
+    "of the selected layers come out up to 6% off unless XLA's YNN fusions "
+    "(or its CSE pass) are off; the trainer does not turn them off yet "
+    "(docs/guides/sharding.rst)"
+  ),
+}
+"""Cases that fail until the trainer applies the workaround itself."""
+
+EXTRA_XLA_FLAGS = os.environ.get("OPTAX_LGM_XLA_FLAGS", "")
+"""Added to ``XLA_FLAGS`` of every run."""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_optimizers_are_the_trainers():
+  from examples import train
+
+  assert tuple(train.OPTIMIZERS) == OPTIMIZERS
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _args(case: str, data_dir: str, workdir: pathlib.Path) -> list[str]:
+  return [
+    sys.executable,
+    "-m",
+    "examples.train",
+    *CASES[case],
+    "--epochs=1",
+    "--batch_size=128",
+    f"--max_steps={STEPS}",
+    "--checkpoint_every=2",
+    "--no_robustness",
+    "--no_progress",
+    f"--data_dir={data_dir}",
+    f"--workdir={workdir}",
+  ]
+
+
+def _run_all(commands: list[list[str]], env: dict) -> list[str]:
+  """Runs the commands at once; returns their outputs; each must succeed."""
+  processes = [
+    subprocess.Popen(
+      command,
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for command in commands
+  ]
+  try:
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+  return outputs
+
+
+def read_checkpoint(workdir: pathlib.Path) -> tuple[int, dict[str, np.ndarray]]:
+  """The latest checkpoint's model and optimizer arrays, as NumPy, by path.
+
+  Read as plain arrays, whatever devices wrote them.
+  """
+  folder = workdir / "checkpoints"
+  step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  arrays = {}
+  for item in ("model", "optimizer"):
+    checkpointer = ocp.PyTreeCheckpointer()
+    path = folder / str(step) / item
+    tree = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
+    restore_args = jax.tree.map(lambda _, a=as_numpy: a, tree)
+    restored = checkpointer.restore(path, restore_args=restore_args)
+    for key, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
+      arrays[item + jax.tree_util.keystr(key)] = np.asarray(value)
+  return step, arrays
+
+
+def _case(name: str):
+  """The pytest parameter of a case, skipped or marked as a known issue."""
+  marks = []
+  if not (SLOW or name in FAST):
+    marks.append(pytest.mark.skip(reason="run with OPTAX_LGM_SLOW=1"))
+  if name in KNOWN_ISSUE and not EXTRA_XLA_FLAGS:
+    marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_ISSUE[name]))
+  return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_case(name) for name in CASES])
+def test_two_processes_train_as_one(case, data_dir, tmp_path):
+  one = _args(case, data_dir, tmp_path / "one")
+  # The reference; also prepares the data.
+  _run_all([one], {**os.environ, "XLA_FLAGS": EXTRA_XLA_FLAGS})
+  two = _args(case, data_dir, tmp_path / "two") + [
+    "--distributed",
+    f"--coordinator_address=localhost:{_free_port()}",
+    "--num_processes=2",
+  ]
+  flags = f"--xla_force_host_platform_device_count=2 {EXTRA_XLA_FLAGS}"
+  env = {**os.environ, "XLA_FLAGS": flags}
+  _run_all([[*two, f"--process_id={i}"] for i in range(2)], env)
+
+  metrics = {
+    name: json.loads((tmp_path / name / "metrics.json").read_text())
+    for name in ("one", "two")
+  }
+  assert metrics["two"]["devices"] == {"data": 4, "processes": 2}
+  assert metrics["one"]["devices"] == {"data": 1, "processes": 1}
+  (entry_one,), (entry_two,) = metrics["one"]["history"], metrics["two"]["history"]
+  assert entry_one["step"] == entry_two["step"] == STEPS
+  np.testing.assert_allclose(
+    entry_two["train_loss"], entry_one["train_loss"], rtol=1e-5
+  )
+
+  step_one, expected = read_checkpoint(tmp_path / "one")
+  step_two, actual = read_checkpoint(tmp_path / "two")
+  assert step_one == step_two == STEPS
+  assert actual.keys() == expected.keys()
+  for key, value in expected.items():
+    np.testing.assert_allclose(actual[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
