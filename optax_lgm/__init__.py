@@ -10,9 +10,9 @@ from optax_lgm._dgs import ScaleByDgsState as ScaleByDgsState
 from optax_lgm._dgs import dgs as dgs
 from optax_lgm._dgs import scale_by_dgs as scale_by_dgs
 from optax_lgm._diagnostics import layer_stats as layer_stats
-from optax_lgm._layer_sam import KeepTopKLayersState as KeepTopKLayersState
+from optax_lgm._keep_top_k import KeepTopKLayersState as KeepTopKLayersState
+from optax_lgm._keep_top_k import keep_top_k_layers as keep_top_k_layers
 from optax_lgm._layer_sam import LayerSamState as LayerSamState
-from optax_lgm._layer_sam import keep_top_k_layers as keep_top_k_layers
 from optax_lgm._layer_sam import layer_sam as layer_sam
 from optax_lgm._layer_sam import select_layers as select_layers
 from optax_lgm._layers import LayerNames as LayerNames

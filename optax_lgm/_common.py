@@ -7,6 +7,7 @@ so they are checked only when given as plain Python numbers.
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -44,6 +45,52 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}.")
 
 
+def check_float_dtype(name: str, dtype: Any) -> None:
+  """Raises a ``TypeError`` unless ``dtype`` is ``None`` or a float dtype."""
+  if dtype is None:
+    return
+  try:
+    is_float = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    is_float = False
+  if not is_float:
+    raise TypeError(
+      f"{name} must be a floating-point dtype (e.g. jnp.float32), "
+      f"got {name}={dtype!r}."
+    )
+
+
+def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
+  """Raises a ``ValueError`` if two Python numbers are in the wrong order."""
+  numbers = (int, float)
+  if isinstance(low, numbers) and isinstance(high, numbers) and low > high:
+    raise ValueError(
+      f"{low_name} must not exceed {high_name}, got {low_name}={low!r} and "
+      f"{high_name}={high!r}."
+    )
+
+
+def add_decayed_weights(
+  weight_decay: jax.typing.ArrayLike, mask: Any
+) -> optax.GradientTransformation:
+  """:func:`optax.add_decayed_weights` that needs no ``params`` for a literal 0.
+
+  The state is that of :func:`optax.add_decayed_weights` whatever the value,
+  so the optimizer's state has one structure whether ``weight_decay`` is a
+  number or injected with :func:`optax.inject_hyperparams`.
+  """
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+    return decay
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      return updates, state
+    return decay.update(updates, state, params)
+
+  return optax.GradientTransformation(decay.init, update_fn)
+
+
 def sgd_tail(
   learning_rate: optax.ScalarOrSchedule,
   momentum: Optional[jax.typing.ArrayLike],
@@ -52,12 +99,11 @@ def sgd_tail(
   weight_decay_mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Weight decay → momentum → learning rate, shared by the ready optimizers."""
+  if not callable(learning_rate):
+    check_number("learning_rate", learning_rate, lower=0.0)
   check_number("weight_decay", weight_decay, lower=0.0)
   check_number("momentum", momentum, lower=0.0, upper=1.0)
-  parts = []
-  # A literal zero adds nothing and would force callers to pass params.
-  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-    parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  parts = [add_decayed_weights(weight_decay, weight_decay_mask)]
   if momentum is not None:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -4,11 +4,13 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_lgm import _common, _layers
 
 _REDUCTIONS = ("global", "layer", "element")
+_DENOMINATORS = ("sum", "mean", "sqrt")
 
 
 class ScaleByDgsState(NamedTuple):
@@ -20,7 +22,7 @@ class ScaleByDgsState(NamedTuple):
       params, in ``stats_dtype``); otherwise ``None``.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # Shadows tuple.count, as in optax.
   importance: Optional[optax.Updates]
 
 
@@ -29,12 +31,26 @@ def _gamma_leaves(gamma: Any, lay: _layers.Layering) -> list:
   if isinstance(gamma, (int, float)) or (hasattr(gamma, "ndim") and gamma.ndim == 0):
     return [gamma] * len(lay.leaf_layers)
   try:
-    return lay.flatten(gamma)
+    leaves = lay.flatten(gamma)
   except (ValueError, TypeError) as e:
     raise ValueError(
       "gamma must be a scalar or a pytree with the structure of the params "
       f"({lay.treedef}), got gamma={gamma!r}."
     ) from e
+  for leaf in leaves:
+    _check_gamma(leaf)
+  return leaves
+
+
+def _check_gamma(gamma: Any) -> None:
+  """Raises a ``ValueError`` for a known negative ``gamma`` (gradient ascent)."""
+  if gamma is None or isinstance(gamma, jax.core.Tracer):
+    return
+  if np.any(np.asarray(gamma) < 0):
+    raise ValueError(
+      "gamma must be non-negative (a negative weight turns the step into "
+      f"gradient ascent), got gamma={gamma!r}."
+    )
 
 
 def scale_by_dgs(
@@ -43,6 +59,7 @@ def scale_by_dgs(
   gamma: Any = 1.0,
   *,
   reduction: str = "global",
+  denominator: str = "sum",
   importance_decay: Optional[jax.typing.ArrayLike] = None,
   layers: _layers.Layers = "leaf",
   layer_axes: _layers.LayerAxes = None,
@@ -65,18 +82,22 @@ def scale_by_dgs(
 
   * ``"global"`` (the paper's equation): every parameter of the model, so one
     scalar divides the whole tree and the direction of the gradient is kept.
-    The update is :math:`\beta g / \|g\|_1`, tiny for a large model: with
-    plain SGD start from a learning rate of about :math:`0.5\sqrt{n}`
-    (``n`` the number of parameters); 100 trains the 38k-parameter digits CNN
-    of ``benchmarks/lgm_defaults.py`` to 96% in three epochs.
+    The update is :math:`\beta g / \|g\|_1`: its size falls like the number
+    of parameters, so the learning rate that works depends on the model's
+    size (about :math:`0.1\sqrt n` with SGD, for ``n`` parameters).
   * ``"layer"``: the parameters of :math:`i`'s layer (see ``layers``); each
-    layer's update has an L1 norm of :math:`\beta`. About 1 for layers of
-    hundreds to thousands of entries (87% on the same task and budget, where
-    0.3 and 3 do worse and 10 diverges).
+    layer's update has an L1 norm of :math:`\beta`.
   * ``"element"``: just :math:`\gamma_i I_i`, which is what the paper's code
-    listing does (``1 / (|g| + eps)``): sign descent in disguise. Use the
-    learning rate of sign descent, about ``1e-2`` to ``1e-3`` (``1e-2``:
-    97.5% on the same task and budget).
+    listing does (``1 / (|g| + eps)``): sign descent in disguise, with the
+    learning rate of sign descent.
+
+  ``denominator="mean"`` divides by the mean :math:`\frac{1}{|K(i)|}
+  \sum_{k \in K(i)} \gamma_k I_k` instead of the sum (``"sum"``, the
+  equation): the update is then :math:`|K(i)|` times the equation's, with a
+  mean magnitude of :math:`\beta` per entry whatever the size of the model
+  or of the layer, so one learning rate serves every model and every
+  reduction. :func:`dgs` uses it. Working learning rates are measured on the
+  results page of the documentation.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -93,9 +114,12 @@ def scale_by_dgs(
   Args:
     beta: the overall scale :math:`\beta`.
     sigma: the stabiliser :math:`\sigma` added to the denominator.
-    gamma: per-parameter importance weights :math:`\gamma`: a scalar, or a
-      pytree shaped like the params whose leaves broadcast to the params'.
+    gamma: per-parameter importance weights :math:`\gamma \ge 0`: a scalar,
+      or a pytree shaped like the params whose leaves broadcast to the
+      params'.
     reduction: ``"global"``, ``"layer"`` or ``"element"``.
+    denominator: ``"sum"`` (the equation) or ``"mean"`` (divided by the
+      number of entries of :math:`K(i)`).
     importance_decay: ``None`` (use this step's ``|g|``) or the decay of an
       EMA of ``|g|``, in ``[0, 1)``.
     layers: what a layer is, for ``reduction="layer"``: ``"leaf"``,
@@ -103,7 +127,7 @@ def scale_by_dgs(
     layer_axes: leading axes of a leaf that index separate (stacked) layers.
     mask: a pytree of booleans or a callable returning one; leaves where it is
       ``False`` pass through unchanged and do not count in the sums.
-    stats_dtype: the dtype of the sums and of the importance EMA (``None``:
+    stats_dtype: a float dtype for the sums and the importance EMA (``None``:
       float32).
 
   Returns:
@@ -111,12 +135,19 @@ def scale_by_dgs(
     is not finite, the state is left as it was (the updates are then not
     finite either, which :func:`optax.apply_if_finite` detects and skips).
 
+  Raises:
+    ValueError: for an unknown ``reduction``, ``denominator`` or ``layers``,
+      a negative ``sigma`` or ``gamma``, an ``importance_decay`` outside
+      ``[0, 1)``, or (in ``update``) gradients not shaped like the params.
+    TypeError: for a ``stats_dtype`` that is not a float dtype.
+
   References:
     Mann, `Dynamic Gradient Scaling: A Fine-Grained Approach to Optimizing
     Large Language Models in Deep Learning <https://doi.org/10.22214/ijraset.2024.62669>`_,
     2024.
   """
   _common.check_choice("reduction", reduction, _REDUCTIONS)
+  _common.check_choice("denominator", denominator, _DENOMINATORS)
   _common.check_number("sigma", sigma, lower=0.0)
   _common.check_number("importance_decay", importance_decay, lower=0.0, upper=1.0)
   if isinstance(importance_decay, (int, float)) and importance_decay == 1.0:
@@ -124,15 +155,15 @@ def scale_by_dgs(
       "importance_decay must lie in [0, 1), got importance_decay=1.0 "
       "(the importance would never leave zero)."
     )
-  _layers.check_layers(layers)
-  _layers.check_layer_axes(layer_axes)
+  if isinstance(gamma, (int, float)):
+    _check_gamma(gamma)
+  _common.check_float_dtype("stats_dtype", stats_dtype)
+  spec = _layers.LayerSpec(layers, layer_axes, mask)
   stats_dtype = jnp.float32 if stats_dtype is None else stats_dtype
 
-  def layering(tree: Any) -> _layers.Layering:
-    return _layers.make_layering(tree, layers, layer_axes=layer_axes, mask=mask)
-
   def init_fn(params: optax.Params) -> ScaleByDgsState:
-    _gamma_leaves(gamma, layering(params))
+    if not _layers.is_params_placeholder(params):
+      _gamma_leaves(gamma, spec(params))
     importance = None
     if importance_decay is not None:
       importance = optax.tree.zeros_like(params, dtype=stats_dtype)
@@ -140,75 +171,94 @@ def scale_by_dgs(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    lay = layering(updates)
-    gammas = lay.unflatten(_gamma_leaves(gamma, lay))
-
+    lay = spec(updates)
     abs_g = lay.map(lambda g: jnp.abs(g.astype(stats_dtype)), updates)
-    per_layer = lay.reduce(lambda a: a, abs_g, dtype=stats_dtype)
-    finite = jnp.all(jnp.isfinite(per_layer))
-    importance = state.importance
+    finite = jnp.all(jnp.isfinite(lay.reduce(lambda a: a, abs_g, dtype=stats_dtype)))
+    importance = _importance(lay, abs_g, state)
+    gammas = lay.unflatten(_gamma_leaves(gamma, lay))
+    weighted = lay.map(lambda i, w: i * jnp.asarray(w, stats_dtype), importance, gammas)
+    new_updates = _divide(lay, updates, weighted)
+    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
     if importance_decay is not None:
-      first = state.count == 0
-      importance = lay.map(
-        lambda a, i: jnp.where(
-          first, a, importance_decay * i + (1 - importance_decay) * a
-        ),
-        abs_g,
-        state.importance,
-      )
-    weighted = lay.map(
-      lambda i, w: i * jnp.asarray(w, stats_dtype),
-      abs_g if importance is None else importance,
-      gammas,
+      importance = optax.tree.where(finite, importance, state.importance)
+    else:
+      importance = None
+    return new_updates, ScaleByDgsState(count=count, importance=importance)
+
+  def _importance(lay, abs_g, state):
+    """This step's ``|g|``, or its EMA with ``importance_decay``."""
+    if importance_decay is None:
+      return abs_g
+    lay.flatten_as(state.importance, "the state's importance")
+    first = state.count == 0
+    d = importance_decay
+    return lay.map(
+      lambda a, i: jnp.where(first, a, d * i + (1 - d) * a), abs_g, state.importance
     )
 
+  def _divide(lay, updates, weighted):
+    """``beta * g / (sigma + sum or mean of weighted over K(i))``."""
+
+    def scale(g, d):
+      return (beta * g.astype(stats_dtype) / (sigma + d)).astype(g.dtype)
+
     if reduction == "element":
-      new_updates = lay.map(
-        lambda g, w: (beta * g.astype(stats_dtype) / (sigma + w)).astype(g.dtype),
-        updates,
-        weighted,
-      )
-    else:
-      sums = lay.reduce(lambda w: w, weighted, dtype=stats_dtype)
-
-      def scale(g, d):
-        return (beta * g.astype(stats_dtype) / (sigma + d)).astype(g.dtype)
-
-      if reduction == "global":
-        total = jnp.sum(sums)
-        new_updates = lay.map(lambda g: scale(g, total), updates)
-      else:
-        new_updates = lay.map(scale, updates, per_layer=[sums])
-
-    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-    if importance is not None:
-      importance = optax.tree.where(finite, importance, state.importance)
-    return new_updates, ScaleByDgsState(count=count, importance=importance)
+      return lay.map(scale, updates, weighted)
+    sums = lay.reduce(lambda w: w, weighted, dtype=stats_dtype)
+    sizes = np.asarray(lay.sizes, np.float64)
+    if reduction == "global":
+      total = jnp.sum(sums)
+      if denominator == "mean":
+        total = total / max(float(np.sum(sizes)), 1.0)
+      if denominator == "sqrt":
+        total = total / max(float(np.sum(sizes)), 1.0) ** 0.5
+      return lay.map(lambda g: scale(g, total), updates)
+    if denominator == "mean":
+      sums = sums / jnp.asarray(np.maximum(sizes, 1.0), stats_dtype)
+    return lay.map(scale, updates, per_layer=[sums])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def dgs(
   learning_rate: optax.ScalarOrSchedule,
+  momentum: Optional[jax.typing.ArrayLike] = 0.9,
+  nesterov: bool = False,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
   beta: jax.typing.ArrayLike = 1.0,
   sigma: jax.typing.ArrayLike = 1e-8,
   gamma: Any = 1.0,
-  *,
   reduction: str = "global",
+  denominator: str = "mean",
   importance_decay: Optional[jax.typing.ArrayLike] = None,
-  momentum: Optional[jax.typing.ArrayLike] = None,
-  nesterov: bool = False,
-  weight_decay: jax.typing.ArrayLike = 0.0,
   layers: _layers.Layers = "leaf",
   layer_axes: _layers.LayerAxes = None,
   mask: _layers.Mask = None,
   weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SGD on dynamically scaled gradients: :func:`scale_by_dgs`, then SGD.
+  r"""SGD with momentum on dynamically scaled gradients.
 
-  The chain :func:`scale_by_dgs` → weight decay → (momentum) → learning rate.
-  The learning rate depends strongly on ``reduction``; see
-  :func:`scale_by_dgs` for a working value of each.
+  The chain :func:`scale_by_dgs` → weight decay → momentum → learning rate,
+  with the same positional arguments and defaults as :func:`lgm` and
+  :func:`optax.sgd`:
+
+  .. math::
+
+    u_t = -\eta_t\, \mathrm{trace}_\mu\Big(
+      \frac{\beta\, g_t}{\sigma + \operatorname{mean}_{k}\, \gamma_k |g_{t,k}|}
+      + \lambda\, w_t\Big).
+
+  It divides by the *mean* of :math:`\gamma |g|` (``denominator="mean"``),
+  not by the sum of the paper's equation: the two differ by the constant
+  factor :math:`n`, the number of parameters (of the model, for
+  ``reduction="global"``; of each layer, for ``"layer"``). So
+  ``dgs(lr, denominator="sum")`` is the equation, and ``dgs(lr)`` equals
+  ``dgs(lr * n, denominator="sum")``; but with the mean, each entry's update
+  has a mean magnitude of :math:`\beta` whatever the size of the model, and
+  one learning rate trains models of very different sizes: the default
+  ``learning_rate`` to start from is ``1e-2``. The measurement is on the
+  results page of the documentation.
 
   Examples:
     >>> import jax
@@ -217,9 +267,9 @@ def dgs(
     >>> import optax_lgm
     >>> def f(x): return jnp.sum(x ** 2)
     >>> params = jnp.array([1.0, 2.0, 3.0])
-    >>> solver = optax_lgm.dgs(learning_rate=0.3, momentum=0.5)
+    >>> solver = optax_lgm.dgs(learning_rate=0.01)
     >>> state = solver.init(params)
-    >>> for _ in range(100):
+    >>> for _ in range(200):
     ...   updates, state = solver.update(jax.grad(f)(params), state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(f(params) < 1e-2)
@@ -227,15 +277,17 @@ def dgs(
 
   Args:
     learning_rate: a fixed learning rate or a schedule.
-    beta: see :func:`scale_by_dgs`.
-    sigma: see :func:`scale_by_dgs`.
-    gamma: see :func:`scale_by_dgs`.
-    reduction: see :func:`scale_by_dgs`.
-    importance_decay: see :func:`scale_by_dgs`.
     momentum: the momentum decay (``None``: plain SGD, as in the paper).
     nesterov: whether to use Nesterov momentum.
     weight_decay: the weight decay coefficient (needs ``params`` in
       ``update``).
+    beta: see :func:`scale_by_dgs`.
+    sigma: see :func:`scale_by_dgs`.
+    gamma: see :func:`scale_by_dgs`.
+    reduction: see :func:`scale_by_dgs`.
+    denominator: see :func:`scale_by_dgs`; ``"sum"`` for the paper's
+      equation (its learning rate then depends on the model's size).
+    importance_decay: see :func:`scale_by_dgs`.
     layers: see :func:`scale_by_dgs`.
     layer_axes: see :func:`scale_by_dgs`.
     mask: see :func:`scale_by_dgs`.
@@ -256,6 +308,7 @@ def dgs(
       sigma,
       gamma,
       reduction=reduction,
+      denominator=denominator,
       importance_decay=importance_decay,
       layers=layers,
       layer_axes=layer_axes,

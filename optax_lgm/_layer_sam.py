@@ -25,9 +25,8 @@ backward pass. The state keeps running per-layer gradient norms, and
 The training loop of static mode jits the step with ``selection`` as a static
 argument and re-selects every so many steps; ``jit`` compiles one step per
 distinct selection (a selection seen before is not compiled again), and the
-top layers change rarely, so few are compiled: a 60-step ResNet-20 run
-re-selecting every 10 steps (``benchmarks/layer_sam_speed.py``) compiled 3
-steps, one dynamic and two static::
+top layers change rarely, so few are compiled (the results page of the
+documentation counts them on a ResNet-20)::
 
   tx = optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, k=2)
 
@@ -67,29 +66,30 @@ XLA:CPU and BatchNorm. XLA shares the two forward passes only if they are
 still identical when its common-subexpression pass runs. On XLA:CPU (jax
 0.10) the earlier ``reshape-mover`` pass rewrites the BatchNorm arithmetic of
 the two passes differently (their users differ), so the second forward pass
-is computed again: on a ResNet-20, perturbing the two output-side layers
-costs 1.33x an SGD step in FLOPs instead of 1.00x. Disabling that pass
+is computed again (the results page measures the cost on a ResNet-20).
+Disabling that pass
 restores the sharing: ``jax.jit(train_step, compiler_options={
 'xla_disable_hlo_passes': 'reshape-mover'})``, or
 ``XLA_FLAGS=--xla_disable_hlo_passes=reshape-mover`` for ``nnx.jit``.
 Networks without BatchNorm share the forward pass without it.
 """
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_lgm import _common, _layers
+from optax_lgm import _common, _layers, _selection, _sharding
+from optax_lgm._keep_top_k import KeepTopKLayersState as KeepTopKLayersState
+from optax_lgm._keep_top_k import keep_top_k_layers as keep_top_k_layers
 
 _NORMALIZE = ("selected", "global")
 _UNSELECTED = ("reuse", "recompute")
-
-Selection = Optional[Sequence[Union[int, str]]]
-AxisName = Union[None, str, tuple[str, ...]]
+_MaskedNode = getattr(optax, "MaskedNode", None)
+GradFn = Callable[[optax.Params, int], optax.Updates]
 
 
 class LayerSamState(NamedTuple):
@@ -111,7 +111,7 @@ class LayerSamState(NamedTuple):
       the indices of ``selection``.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # Shadows tuple.count, as in optax.
   grad_norm: jax.Array
   grad_norm_avg: jax.Array
   selected: jax.Array
@@ -129,182 +129,46 @@ class LayerSamState(NamedTuple):
     }
 
 
-class KeepTopKLayersState(NamedTuple):
-  """State of :func:`keep_top_k_layers`.
-
-  Attributes:
-    grad_norm: each layer's gradient norm at the last finite step, float32,
-      shape ``[num_layers]``.
-    selected: 1 for the layers kept at the last finite step, else 0, int32.
-    selected_count: how many steps each layer has been kept, int32.
-    names: the layer names (static).
-  """
-
-  grad_norm: jax.Array
-  selected: jax.Array
-  selected_count: jax.Array
-  names: _layers.LayerNames
-
-  def diagnostics(self) -> dict[str, jax.Array]:
-    """Per-layer arrays to log, by statistic name."""
-    return {
-      "top_k_grad_norm": self.grad_norm,
-      "top_k_selected": self.selected,
-      "top_k_selected_count": self.selected_count,
-    }
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
-def _check_k(k: Any) -> None:
-  """Raises a ``ValueError`` for a ``k`` that is not ``None`` or an int >= 1."""
-  if k is None or isinstance(k, (jax.Array, np.ndarray)):
-    return  # An array is an injected hyperparameter; checked where concrete.
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"k must be None (every layer) or an int >= 1, got k={k!r}.")
-
-
-def _concrete_int(k: Any) -> Optional[int]:
-  """``k`` as a Python int where it is known at trace time, else ``None``."""
-  if k is None or isinstance(k, jax.core.Tracer):
-    return None
-  return int(np.asarray(k))
-
-
-def _check_k_fits(k: Any, num_layers: int) -> None:
-  """Raises a ``ValueError`` if a known ``k`` exceeds the number of layers."""
-  value = _concrete_int(k)
-  if value is None:
-    return
-  if value < 1:
-    raise ValueError(f"k must be None (every layer) or an int >= 1, got k={value}.")
-  # An empty tree has nothing to select; any k is then harmless.
-  if num_layers and value > num_layers:
+def _check_update_arguments(
+  updates: optax.Updates, params: Optional[optax.Params], grad_fn: Optional[GradFn]
+) -> GradFn:
+  """Returns ``grad_fn``; raises a ``ValueError`` for what ``update`` lacks."""
+  if grad_fn is None:
     raise ValueError(
-      f"k={value} is larger than the number of layers of the params "
-      f"({num_layers}); pass k=None to select every layer."
+      "layer_sam's update needs grad_fn, a function (params, i) -> "
+      "gradients (as in optax.contrib.sam's opaque mode): "
+      "tx.update(grads, state, params, grad_fn=grad_fn)."
     )
-
-
-def _top_k(norms: jax.Array, k: Any) -> jax.Array:
-  """Boolean mask of the ``k`` largest ``norms``; ties go to the lower index."""
-  n = norms.shape[0]
-  if k is None:
-    return jnp.ones([n], bool)
-  if isinstance(k, (int, np.integer)):
-    return _layers.top_k_mask(norms, int(k))
-  # A traced k (optax.inject_hyperparams): rank the layers, O(num_layers^2).
-  idx = jnp.arange(n)
-  before = (norms[None, :] > norms[:, None]) | (
-    (norms[None, :] == norms[:, None]) & (idx[None, :] < idx[:, None])
-  )
-  return jnp.sum(before, axis=1) < k
-
-
-def _static_selection(selection: Any, layering: _layers.Layering) -> np.ndarray:
-  """Turns a ``selection`` (indices or names) into a boolean NumPy mask."""
-  n = layering.num_layers
-  if isinstance(selection, (jax.Array, jax.core.Tracer)) or not isinstance(
-    selection, (tuple, list, np.ndarray)
+  if params is None:
+    raise ValueError(
+      "layer_sam's update needs params (the weights to perturb): "
+      "tx.update(grads, state, params, grad_fn=grad_fn)."
+    )
+  if _MaskedNode is not None and any(
+    isinstance(x, _MaskedNode)
+    for x in jax.tree.leaves(updates, is_leaf=lambda x: isinstance(x, _MaskedNode))
   ):
     raise ValueError(
-      "selection must be None (dynamic mode) or a tuple of layer indices or "
-      "names, hashable so that it can be a static argument of jax.jit "
-      "(jax.jit(step, static_argnames='selection')), got "
-      f"selection={selection!r} of type {type(selection).__name__}."
+      "layer_sam is inside optax.partition or optax.masked: grad_fn would "
+      "receive optax's MaskedNode placeholders instead of the other "
+      "partitions' weights. Wrap the whole model instead and say which "
+      "leaves take part with layer_sam(..., mask=...)."
     )
-  mask = np.zeros([n], bool)
-  for item in selection:
-    if isinstance(item, str):
-      if item not in layering.names:
-        raise ValueError(
-          f"selection names a layer {item!r} that the params do not have; "
-          f"the layers are {layering.names}."
-        )
-      mask[layering.names.index(item)] = True
-      continue
-    if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
-      raise ValueError(
-        f"selection must hold layer indices (ints) or names (str), got "
-        f"{item!r} in selection={selection!r}."
-      )
-    if not 0 <= item < n:
-      raise ValueError(
-        f"selection holds the index {int(item)}, out of range for {n} layers "
-        f"(valid indices: 0 to {n - 1}), in selection={selection!r}."
-      )
-    mask[int(item)] = True
-  return mask
+  return grad_fn
 
 
-def _check_axis_name(axis_name: Any) -> None:
-  """Raises a ``TypeError`` unless ``axis_name`` is None, a str or a tuple of str."""
-  if axis_name is None or isinstance(axis_name, str):
-    return
-  if (
-    isinstance(axis_name, tuple)
-    and axis_name
-    and all(isinstance(a, str) for a in axis_name)
-  ):
-    return
-  raise TypeError(
-    "axis_name must be None (global perturbation), the name of the mapped "
-    "data axis (a str, as in jax.lax.pmean) or a non-empty tuple of such "
-    f"names, got axis_name={axis_name!r} of type {type(axis_name).__name__}."
-  )
+def _where(take: Any, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``jnp.where(take, a, b)``; a static (NumPy) ``take`` picks at trace time.
 
-
-def _pmean_inexact(tree: Any, axis_name: AxisName) -> Any:
-  """``tree`` averaged over ``axis_name`` (itself for ``None``)."""
-  if axis_name is None:
-    return tree
-  return jax.tree.map(
-    lambda x: (
-      jax.lax.pmean(x, axis_name)
-      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-      else x  # Integer or float0 gradients are left alone.
-    ),
-    tree,
-  )
-
-
-def _axes(axis_name: Union[str, tuple[str, ...]]) -> tuple[str, ...]:
-  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-
-def _varying_axes(x: Any) -> frozenset:
-  """The mesh axes over which ``x`` varies inside ``jax.shard_map``.
-
-  Empty outside ``shard_map``, under ``check_vma=False``, ``pmap`` and
-  ``vmap``, which do not track it.
+  Picking at trace time leaves the unread second-pass gradients out of the
+  graph, which is what lets XLA prune them in static mode.
   """
-  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10.
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # jax 0.6 to 0.9.
-
-
-def _to_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """Marks ``x`` as varying over ``axes`` (a no-op on the values)."""
-  missing = tuple(a for a in axes if a not in _varying_axes(x))
-  if not missing:
-    return x
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)
-
-
-def _flatten_like(layering: _layers.Layering, tree: Any, what: str) -> list:
-  try:
-    return layering.flatten(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-      f"{what} must have the structure of the gradients "
-      f"({layering.treedef}), got {jax.tree.structure(tree, is_leaf=_is_none)}."
-    ) from e
+  if isinstance(take, np.ndarray):
+    if take.all():
+      return a
+    if not take.any():
+      return b
+  return jnp.where(take, a, b)
 
 
 def layer_sam(
@@ -321,7 +185,7 @@ def layer_sam(
   norm_decay: jax.typing.ArrayLike = 0.9,
   layer_axes: _layers.LayerAxes = None,
   mask: _layers.Mask = None,
-  axis_name: AxisName = None,
+  axis_name: _sharding.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimisation that perturbs only the top-k layers.
 
@@ -392,22 +256,17 @@ def layer_sam(
   way. Every device must see whole layers: split the params only over mesh
   axes left to the compiler (``jax.shard_map(..., axis_names={"data"})``).
 
-  Defaults, from ``python -m benchmarks.layer_sam_speed --defaults
-  --train-steps 60 --ks 1,2,3,4`` (a ResNet-20 trained 60 SGD steps at batch
-  128 on 32x32 digits, probed every 10 steps; "captured" is the share of full
-  SAM's gradient correction :math:`\langle \tilde g - g, g_{SAM} - g\rangle /
-  \lVert g_{SAM} - g \rVert^2` that the layer-SAM gradient recovers):
-  ``k=1, 2, 3, 4`` captured 0.192, 0.328, 0.375, 0.450 with
-  ``layers="module"``. The second layer adds 0.136, the third 0.047 and the
-  fourth 0.075, so ``k=2`` is the knee. In dynamic mode ``k`` does not change
-  the cost; in static mode ``k=1`` selected the output layer alone (1.00x an
-  SGD step in FLOPs) while the second layer was an input-side convolution
-  (1.66x; 1.71x at ``k=4``; full SAM 2.00x). ``layers="leaf"`` captured the
-  same (0.189, 0.325, 0.374, 0.449) and selected the same kernels;
-  ``"module"`` is the default because it ranks a ``Dense``'s kernel and bias,
-  or a BatchNorm's scale and bias, as one layer and perturbs them together
-  (39 layers instead of 59 on the ResNet-20), so a lone bias is never
-  selected. The figures are on the results page of the documentation.
+  The defaults ``k=2`` and ``layers="module"`` are measured: on a ResNet-20
+  the second layer adds much of SAM's gradient correction and later layers
+  little, and ``"module"`` ranks a ``Dense``'s kernel and bias (or a
+  BatchNorm's scale and bias) as one layer, so a lone bias is never
+  selected. In dynamic mode ``k`` does not change the cost; in static mode
+  the lowest selected layer sets it. The figures are on the results page of
+  the documentation ("Partial-layer SAM: speed" and the defaults table).
+
+  Inside :func:`optax.partition` or :func:`optax.masked`, ``grad_fn`` would
+  receive optax's placeholders for the leaves of the other partitions; use
+  ``layer_sam(..., mask=...)`` instead (``update`` raises and says so).
 
   Leaves that carry no statistic (``None``, size-1 and non-float leaves and
   those outside ``mask``) are never perturbed and receive :math:`g`
@@ -472,8 +331,10 @@ def layer_sam(
   Raises:
     ValueError: for ``k < 1``, ``k`` larger than the number of layers,
       ``rho < 0``, an unknown ``normalize`` / ``unselected`` / ``layers``, and
-      (in ``update``) a missing ``grad_fn`` or ``params`` or a ``selection``
-      with an index out of range.
+      (in ``update``) a missing ``grad_fn`` or ``params``, a ``selection``
+      that is empty, repeats a layer or holds an index out of range, trees
+      of other structures than the gradients, or a call from inside
+      :func:`optax.partition`.
     TypeError: for an ``axis_name`` that is not ``None``, a str or a tuple
       of str.
 
@@ -489,7 +350,7 @@ def layer_sam(
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, 2021.
   """
-  _check_k(k)
+  _selection.check_k(k)
   if not callable(rho):
     _common.check_number("rho", rho, lower=0.0)
   _common.check_number("eta", eta, lower=0.0)
@@ -498,18 +359,14 @@ def layer_sam(
   _common.check_choice("normalize", normalize, _NORMALIZE)
   _common.check_choice("unselected", unselected, _UNSELECTED)
   _common.check_choice("adaptive", adaptive, (False, True))
-  _layers.check_layers(layers)
-  _layers.check_layer_axes(layer_axes)
-  _check_axis_name(axis_name)
+  _sharding.check_axis_name(axis_name)
+  spec = _layers.LayerSpec(layers, layer_axes, mask)
   inner = optax.with_extra_args_support(optimizer)
   f32 = jnp.float32
 
-  def layering(tree: Any) -> _layers.Layering:
-    return _layers.make_layering(tree, layers, layer_axes=layer_axes, mask=mask)
-
   def init_fn(params: optax.Params) -> LayerSamState:
-    lay = layering(params)
-    _check_k_fits(k, lay.num_layers)
+    lay = spec(params)
+    _selection.check_k_fits(k, lay.num_layers)
     n = lay.num_layers
     return LayerSamState(
       count=jnp.zeros([], jnp.int32),
@@ -526,46 +383,53 @@ def layer_sam(
     state: LayerSamState,
     params: Optional[optax.Params] = None,
     *,
-    grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
-    selection: Selection = None,
+    grad_fn: Optional[GradFn] = None,
+    selection: _selection.Selection = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, LayerSamState]:
-    if grad_fn is None:
-      raise ValueError(
-        "layer_sam's update needs grad_fn, a function (params, i) -> "
-        "gradients (as in optax.contrib.sam's opaque mode): "
-        "tx.update(grads, state, params, grad_fn=grad_fn)."
-      )
-    if params is None:
-      raise ValueError(
-        "layer_sam's update needs params (the weights to perturb): "
-        "tx.update(grads, state, params, grad_fn=grad_fn)."
-      )
-    lay = layering(updates)
-    _check_k_fits(k, lay.num_layers)
-    static = None if selection is None else _static_selection(selection, lay)
-    g_flat = lay.flatten(updates)  # This device's gradient (m-sharpness).
-    w_flat = _flatten_like(lay, params, "params")
-
-    def pmean(tree: Any) -> Any:
-      return _pmean_inexact(tree, axis_name)
+    grad_fn = _check_update_arguments(updates, params, grad_fn)
+    lay = spec(updates)
+    lay.check_names(state.names)
+    lay.flatten_as(params, "params")
+    _selection.check_k_fits(k, lay.num_layers)
 
     # The global first-pass gradient: what the layer norms, the selection, the
     # state and the unselected layers ("reuse") see. Without axis_name it is
-    # the gradient given.
-    gbar = pmean(updates)
-    gbar_flat = lay.flatten(gbar)
+    # the gradient given; with it, updates are this device's own.
+    gbar = _sharding.pmean_inexact(updates, axis_name)
     sq = lay.reduce(jnp.square, gbar, dtype=f32)
     norms = jnp.sqrt(sq)
-    sel = _top_k(norms, k) if static is None else jnp.asarray(static)
+    sel: Any  # A traced mask, or a NumPy one in static mode.
+    if selection is None:
+      sel, lay_sel = _selection.top_k(norms, k), lay
+    else:  # Static: only the leaves of selected layers take part below.
+      sel = _selection.static_mask(selection, lay)
+      lay_sel = lay.restrict(sel)
 
-    # The perturbation follows this device's gradient (with axis_name) and is
-    # normalised by its own norm.
+    coef = perturbation_coefficients(lay, updates, params, sq, sel, state.count)
+    adv = perturb(lay_sel, params, updates, coef)
+    adv = _sharding.vary_like(adv, updates, axis_name)
+    g2 = grad_fn(adv, 0)
+    lay.flatten_as(g2, "grad_fn's output")
+    sam_grads = merge(lay_sel, gbar, g2, sel)
+
+    out_sq = lay.reduce(jnp.square, sam_grads, dtype=f32)
+    finite = jnp.isfinite(jnp.sum(sq)) & jnp.isfinite(jnp.sum(out_sq))
+    new_updates, inner_state = inner.update(
+      sam_grads, state.inner_state, params, **extra_args
+    )
+    new_state = next_state(state, norms, sel, inner_state)
+    return new_updates, optax.tree.where(finite, new_state, state)
+
+  def perturbation_coefficients(lay, updates, params, sq, sel, count):
+    """Per layer, rho over the norm of the perturbation where selected, else 0.
+
+    The perturbation follows this device's gradient (with ``axis_name``) and
+    is normalised by its own norm.
+    """
     if adaptive:
       scaled = lay.map(
-        lambda g, w: (jnp.abs(w.astype(f32)) + eta) * g.astype(f32),
-        updates,
-        params,
+        lambda g, w: (jnp.abs(w.astype(f32)) + eta) * g.astype(f32), updates, params
       )
       denom_sq = lay.reduce(jnp.square, scaled, dtype=f32)
     elif axis_name is not None:
@@ -574,216 +438,69 @@ def layer_sam(
       denom_sq = sq
     if normalize == "selected":
       denom_sq = jnp.where(sel, denom_sq, 0.0)
-    rho_t = rho(state.count) if callable(rho) else rho
+    rho_t = rho(count) if callable(rho) else rho
     scale = jnp.asarray(rho_t, f32) / (jnp.sqrt(jnp.sum(denom_sq)) + eps)
-    # Per layer: rho / norm where selected, 0 elsewhere. A per-layer scalar
-    # times the gradient, as in SAM, rather than a select on the weights.
-    coef = scale * sel.astype(f32)
+    # A per-layer scalar times the gradient, as in SAM, rather than a select
+    # on the weights.
+    return scale * jnp.asarray(sel, f32)
 
-    # Static mode: which slices of leaf i are selected (a NumPy bool array).
-    def leaf_mask(i: int) -> np.ndarray:
-      return static[lay.leaf_layers[i]]
+  def perturb(lay_sel, params, updates, coef):
+    """``w + coef * g`` (times ``T**2`` for ASAM) on the leaves that take part.
 
-    def perturb(i: int, w: jax.Array, g: jax.Array) -> jax.Array:
+    The other leaves are the very same arrays as in ``params``, so that the
+    second pass shares their computation with the first.
+    """
+
+    def shift(w, g, c):
       dtype = jnp.promote_types(w.dtype, f32)  # bf16 -> f32; f64 stays.
       w_ = w.astype(dtype)
-      e = lay.expand(coef, i, jnp.ndim(w)).astype(dtype) * g.astype(dtype)
+      e = c.astype(dtype) * g.astype(dtype)
       if adaptive:
         e = e * jnp.square(jnp.abs(w_) + eta)
       return (w_ + e).astype(w.dtype)
 
-    adv_flat = []
-    for i, (w, g, ids) in enumerate(zip(w_flat, g_flat, lay.leaf_layers)):
-      if ids is None or w is None or g is None:
-        adv_flat.append(w)  # Never perturbed.
-      elif static is not None and not leaf_mask(i).any():
-        adv_flat.append(w)  # The very same array: the second pass shares it.
-      else:
-        adv_flat.append(perturb(i, w, g))
+    return lay_sel.map(shift, params, updates, per_layer=[coef])
 
-    if axis_name is not None and any(_varying_axes(g) for g in g_flat if g is not None):
-      # Inside jax.shard_map (check_vma=True), the gradient with respect to
-      # weights that do not vary over the axis comes back summed over it;
-      # mark every leaf as varying so that grad_fn gives this device's own.
-      adv_flat = [
-        w if w is None else _to_varying(w, _axes(axis_name)) for w in adv_flat
-      ]
-    g2_flat = _flatten_like(
-      lay, grad_fn(lay.unflatten(adv_flat), 0), "grad_fn's output"
+  def merge(lay_sel, gbar, g2, sel):
+    """Second-pass gradients of the selected layers, first-pass elsewhere.
+
+    Second-pass gradients are averaged over ``axis_name`` only where they are
+    read, so that static mode still prunes the rest.
+    """
+
+    def second(g, g2_leaf):
+      return _sharding.pmean_inexact(g2_leaf, axis_name).astype(g.dtype)
+
+    if unselected == "recompute":
+      return lay_sel.map(lambda g, g2_leaf, _: second(g, g2_leaf), gbar, g2,
+                         per_layer=[sel], missing=second)  # fmt: skip
+    return lay_sel.map(
+      lambda g, g2_leaf, take: _where(take, second(g, g2_leaf), g),
+      gbar,
+      g2,
+      per_layer=[sel],
     )
 
-    # Second-pass gradients are averaged over axis_name only where they are
-    # read, so that static mode still prunes the rest.
-    out_flat = []
-    for i, (g, g2, ids) in enumerate(zip(gbar_flat, g2_flat, lay.leaf_layers)):
-      if g is None:
-        out_flat.append(None)
-        continue
-      if unselected == "recompute":
-        out_flat.append(pmean(g2).astype(g.dtype))
-      elif ids is None:
-        out_flat.append(g)
-      elif static is None:
-        take = lay.expand(sel, i, jnp.ndim(g))
-        out_flat.append(jnp.where(take, pmean(g2).astype(g.dtype), g))
-      elif leaf_mask(i).all():
-        out_flat.append(pmean(g2).astype(g.dtype))
-      elif not leaf_mask(i).any():
-        out_flat.append(g)  # grad_fn's gradient of this leaf is never read.
-      else:  # Stacked layers (layer_axes), some slices selected.
-        take = lay.expand(jnp.asarray(static), i, jnp.ndim(g))
-        out_flat.append(jnp.where(take, pmean(g2).astype(g.dtype), g))
-    sam_grads = lay.unflatten(out_flat)
-
-    out_sq = lay.reduce(jnp.square, sam_grads, dtype=f32)
-    finite = jnp.isfinite(jnp.sum(sq)) & jnp.isfinite(jnp.sum(out_sq))
-
-    new_updates, inner_state = inner.update(
-      sam_grads, state.inner_state, params, **extra_args
-    )
-
+  def next_state(state, norms, sel, inner_state):
+    """Norms, their running average, the selection and its counts."""
     first = state.count == 0
     avg = jnp.where(
       first, norms, norm_decay * state.grad_norm_avg + (1 - norm_decay) * norms
     ).astype(f32)
-    picked = sel.astype(jnp.int32)
-    new_state = LayerSamState(
+    sel = jnp.asarray(sel)
+    return LayerSamState(
       count=optax.safe_increment(state.count),
       grad_norm=norms,
       grad_norm_avg=avg,
-      selected=picked,
+      selected=sel.astype(jnp.int32),
       selected_count=jnp.where(
         sel, optax.safe_increment(state.selected_count), state.selected_count
       ),
       inner_state=inner_state,
       names=state.names,
     )
-    return new_updates, optax.tree.where(finite, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def keep_top_k_layers(
-  k: Optional[int],
-  *,
-  layers: _layers.Layers = "module",
-  layer_axes: _layers.LayerAxes = None,
-  mask: _layers.Mask = None,
-  axis_name: AxisName = None,
-) -> optax.GradientTransformation:
-  r"""Keeps the gradient of the ``k`` layers with the largest norms; zeros the rest.
-
-  .. math::
-
-    S = \operatorname{top-}k_l\ \lVert g_l \rVert_2, \qquad
-    \tilde g_l = g_l \ \text{for}\ l \in S, \qquad \tilde g_l = 0 \ \text{otherwise}.
-
-  This is the selection step of :func:`layer_sam` alone. Placed in front of
-  SAM's adversarial optimizer, it perturbs only the selected layers, and is
-  then equal to ``layer_sam(optimizer, rho, k, normalize="selected",
-  unselected="recompute")`` (dynamic mode: no compute is saved)::
-
-    optax.contrib.sam(
-        optimizer,
-        optax.chain(optax_lgm.keep_top_k_layers(k), optax.contrib.normalize(),
-                    optax.sgd(rho)),
-        opaque_mode=True)
-
-  ``optax.contrib.sam`` re-initialises the adversarial optimizer's state
-  after every step unless ``reset_state=False``; pass it to keep this
-  transformation's diagnostics. Leaves that carry no statistic (size-1 and
-  non-float leaves, those outside ``mask``) are never selected and come out as
-  zeros; ``None`` stays ``None``. On a non-finite gradient the state is left
-  as it was.
-
-  With ``axis_name`` (inside ``jax.shard_map``, ``pmap`` or ``vmap``, each
-  device holding the gradient of its own shard of the batch, as for
-  m-sharpness), the layer norms, and so the selection and the state, are
-  those of the gradient averaged over ``axis_name``: every device keeps the
-  same layers, and the state is the same everywhere. The kept values are the
-  device's own. Averaging costs one all-reduce of the gradient.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax_lgm
-    >>> grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([0.1, 0.1]),
-    ...          'c': jnp.array([1.0, 1.0])}
-    >>> tx = optax_lgm.keep_top_k_layers(2)
-    >>> updates, state = tx.update(grads, tx.init(grads))
-    >>> {name: update.tolist() for name, update in updates.items()}
-    {'a': [3.0, 4.0], 'b': [0.0, 0.0], 'c': [1.0, 1.0]}
-
-  Args:
-    k: how many layers to keep; ``None`` for every layer.
-    layers: what a layer is: ``"leaf"``, ``"module"`` or a callable
-      ``(path, leaf) -> label``.
-    layer_axes: leading axes of a leaf that index separate (stacked) layers.
-    mask: a pytree of booleans or a callable returning one; leaves where it
-      is ``False`` are never selected.
-    axis_name: ``None`` (the default: select by the norms of the gradient
-      given), or the name (or tuple of names) of the mapped axis over which
-      the gradient is averaged before its norms are taken.
-
-  Returns:
-    A :class:`optax.GradientTransformation`.
-
-  Raises:
-    ValueError: for ``k < 1`` or ``k`` larger than the number of layers.
-    TypeError: for an ``axis_name`` that is not ``None``, a str or a tuple
-      of str.
-
-  References:
-    Lee et al., `Layer-wise Adaptive Gradient Norm Penalizing Method for
-    Efficient and Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_,
-    2024.
-  """
-  _check_k(k)
-  _layers.check_layers(layers)
-  _layers.check_layer_axes(layer_axes)
-  _check_axis_name(axis_name)
-
-  def layering(tree: Any) -> _layers.Layering:
-    return _layers.make_layering(tree, layers, layer_axes=layer_axes, mask=mask)
-
-  def init_fn(params: optax.Params) -> KeepTopKLayersState:
-    lay = layering(params)
-    _check_k_fits(k, lay.num_layers)
-    n = lay.num_layers
-    return KeepTopKLayersState(
-      grad_norm=jnp.zeros([n], jnp.float32),
-      selected=jnp.zeros([n], jnp.int32),
-      selected_count=jnp.zeros([n], jnp.int32),
-      names=_layers.state_names(params, lay),
-    )
-
-  def update_fn(updates, state, params=None):
-    del params
-    lay = layering(updates)
-    _check_k_fits(k, lay.num_layers)
-    gbar = _pmean_inexact(updates, axis_name)
-    norms = jnp.sqrt(lay.reduce(jnp.square, gbar, dtype=jnp.float32))
-    sel = _top_k(norms, k)
-    out = []
-    for i, (g, ids) in enumerate(zip(lay.flatten(updates), lay.leaf_layers)):
-      if g is None:
-        out.append(None)
-      elif ids is None:
-        out.append(jnp.zeros_like(g))
-      else:
-        out.append(jnp.where(lay.expand(sel, i, jnp.ndim(g)), g, jnp.zeros_like(g)))
-    finite = jnp.isfinite(jnp.sum(norms))
-    picked = sel.astype(jnp.int32)
-    new_state = KeepTopKLayersState(
-      grad_norm=norms,
-      selected=picked,
-      selected_count=jnp.where(
-        sel, optax.safe_increment(state.selected_count), state.selected_count
-      ),
-      names=state.names,
-    )
-    return lay.unflatten(out), optax.tree.where(finite, new_state, state)
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def select_layers(
@@ -824,33 +541,36 @@ def select_layers(
     A sorted tuple of layer indices.
 
   Raises:
-    ValueError: if ``opt_state`` holds no :class:`LayerSamState`, if no step
-      has been taken and ``k`` is ``None``, or for a bad ``k`` or ``by``.
+    ValueError: if ``opt_state`` holds no :class:`LayerSamState`, if it has
+      taken no step (its layer norms are all zero), or for a bad ``k`` or
+      ``by``.
   """
   _common.check_choice("by", by, ("average", "last"))
-  _check_k(k)
-  found = [
-    node
-    for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, LayerSamState)
-    )
-    if isinstance(node, LayerSamState)
-  ]
-  if not found:
-    raise ValueError("opt_state holds no LayerSamState (from optax_lgm.layer_sam).")
-  state = found[0]
+  _selection.check_k(k)
+  state = _find_layer_sam_state(opt_state)
   norms = np.asarray(
     jax.device_get(state.grad_norm_avg if by == "average" else state.grad_norm)
   )
+  if not np.any(norms):
+    raise ValueError(
+      "select_layers needs a state that has taken a step: the layer norms of "
+      "this state are all zero, so there is nothing to rank. Run the first "
+      "step in dynamic mode (selection=None), then select."
+    )
   if k is None:
     k = int(np.sum(jax.device_get(state.selected)))
-    if k == 0:
-      raise ValueError(
-        "select_layers needs k: the state has no step yet (or selected no "
-        "layer at its last step)."
-      )
   if k > norms.shape[0]:
     raise ValueError(f"k={k} is larger than the number of layers ({norms.shape[0]}).")
   # Stable sort: ties go to the lower index, as in the dynamic selection.
   order = np.argsort(-norms, kind="stable")[:k]
   return tuple(sorted(int(i) for i in order))
+
+
+def _find_layer_sam_state(opt_state: Any) -> LayerSamState:
+  """The first :class:`LayerSamState` in ``opt_state``."""
+  for node in jax.tree.leaves(
+    opt_state, is_leaf=lambda x: isinstance(x, LayerSamState)
+  ):
+    if isinstance(node, LayerSamState):
+      return node
+  raise ValueError("opt_state holds no LayerSamState (from optax_lgm.layer_sam).")

@@ -26,7 +26,7 @@ carry no statistic: transformations pass them through unchanged.
 """
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Union
 
 import jax
@@ -99,6 +99,7 @@ def _label(layers: Layers, path: tuple, leaf: Any) -> Hashable | None:
     return path_name(path)
   if layers == "module":
     return path_name(path[:-1]) if len(path) > 1 else path_name(path)
+  assert callable(layers)  # Checked by check_layers.
   return layers(path, leaf)
 
 
@@ -231,11 +232,12 @@ class Layering:
     m2 = jax.ops.segment_sum(m2_s + spread, seg_j, self.num_layers)
     return mean, m2 / sizes
 
-  def expand(self, values: jax.Array, index: int, ndim: int) -> jax.Array:
+  def expand(self, values: Any, index: int, ndim: int) -> Any:
     """Broadcasts per-layer ``values`` to flat leaf ``index`` of rank ``ndim``.
 
     Args:
-      values: an array whose leading axis has length ``num_layers``.
+      values: an array whose leading axis has length ``num_layers`` (a NumPy
+        array gives a NumPy array).
       index: the position of the leaf in :meth:`flatten`'s order.
       ndim: the rank of that leaf.
 
@@ -243,6 +245,10 @@ class Layering:
       ``values[ids]`` with trailing singleton axes, broadcastable to the leaf.
     """
     ids = self.leaf_layers[index]
+    if ids is None:
+      raise ValueError(f"Leaf {index} carries no statistic.")
+    if isinstance(values, np.ndarray):  # Static: index on the host.
+      return values[ids].reshape(ids.shape + (1,) * (ndim - ids.ndim))
     if ids.ndim:
       out = jnp.take(values, jnp.asarray(ids), axis=0)
     elif values.ndim == 1 and values.dtype in (jnp.bool_, jnp.float32):
@@ -262,7 +268,8 @@ class Layering:
     fn: Callable[..., Any],
     tree: Any,
     *rest: Any,
-    per_layer: Sequence[jax.Array] = (),
+    per_layer: Sequence[Any] = (),
+    missing: Callable[..., Any] | None = None,
   ) -> Any:
     """Maps ``fn`` over the leaves that carry a statistic.
 
@@ -271,20 +278,70 @@ class Layering:
         per-layer value is broadcastable to the leaf.
       tree: a tree with the structure of the layering.
       *rest: more trees of the same structure.
-      per_layer: arrays of shape ``[num_layers]``, expanded for each leaf.
+      per_layer: arrays of shape ``[num_layers]``, expanded for each leaf
+        (NumPy arrays stay NumPy arrays: static values).
+      missing: called as ``missing(leaf, *rest_leaves)`` on the leaves that
+        carry no statistic; ``None`` returns ``leaf`` unchanged.
 
     Returns:
-      A tree like ``tree``; leaves without a statistic are returned unchanged.
+      A tree like ``tree``; ``None`` leaves stay ``None``.
     """
     flat = [self.flatten(t) for t in (tree,) + rest]
-    out = []
+    out: list[Any] = []
     for i, (leaves, ids) in enumerate(zip(zip(*flat), self.leaf_layers)):
-      if ids is None:
-        out.append(leaves[0])
-        continue
-      ndim = jnp.ndim(leaves[0])
-      out.append(fn(*leaves, *(self.expand(v, i, ndim) for v in per_layer)))
+      if leaves[0] is None:
+        out.append(None)
+      elif ids is None:
+        out.append(leaves[0] if missing is None else missing(*leaves))
+      else:
+        ndim = jnp.ndim(leaves[0])
+        out.append(fn(*leaves, *(self.expand(v, i, ndim) for v in per_layer)))
     return self.unflatten(out)
+
+  def restrict(self, selected: np.ndarray) -> "Layering":
+    """The same layering where only the leaves of ``selected`` layers count.
+
+    Args:
+      selected: a static boolean array of shape ``[num_layers]``.
+
+    Returns:
+      A :class:`Layering` with the same layers, in which a leaf none of whose
+      slices is selected carries no statistic.
+    """
+    leaf_layers = tuple(
+      None if ids is None or not selected[ids].any() else ids
+      for ids in self.leaf_layers
+    )
+    return dataclasses.replace(self, leaf_layers=leaf_layers)
+
+  def flatten_as(self, tree: Any, what: str) -> list:
+    """:meth:`flatten`, with an error naming both structures on a mismatch."""
+    try:
+      return self.flatten(tree)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+        f"{what} must have the structure of the gradients, "
+        f"{self.treedef}; got {jax.tree.structure(tree, is_leaf=_is_none)}."
+      ) from e
+
+  def check_names(self, names: "LayerNames", what: str = "the state") -> None:
+    """Raises if ``names`` (from a state's ``init``) are not these layers.
+
+    Args:
+      names: the :class:`LayerNames` kept in a state.
+      what: what holds them, for the message.
+
+    Raises:
+      ValueError: naming both lists of layers, when the gradients given to
+        ``update`` do not have the layers of the params given to ``init``.
+    """
+    if isinstance(names, _PlaceholderLayerNames) or names.names == self.names:
+      return
+    raise ValueError(
+      f"The gradients have the layers {self.names} (structure {self.treedef}), "
+      f"but {what} was initialised on params with the layers {names.names}; "
+      "pass update a tree of the structure of the params given to init."
+    )
 
 
 _ONE_PASS_MAX = 8192
@@ -326,6 +383,34 @@ def _sum_and_sum_of_squares(
   return jax.lax.reduce((p1, p2), (zero, zero), _add_pairs, rest)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerSpec:
+  """What a layer is: ``(layers, layer_axes, mask)``, checked once.
+
+  Every factory of the library keeps one and calls it on the tree given to
+  ``init`` or ``update`` to get that tree's :class:`Layering`.
+
+  Attributes:
+    layers: ``"leaf"``, ``"module"``, or a callable ``(path, leaf) -> label``.
+    layer_axes: number of leading axes that index separate layers: an int,
+      a callable ``(path, leaf) -> int`` or a pytree of ints like the params.
+    mask: a pytree of booleans like the params or a callable returning one;
+      leaves where it is ``False`` carry no statistic.
+  """
+
+  layers: Layers = "leaf"
+  layer_axes: LayerAxes = None
+  mask: Mask = None
+
+  def __post_init__(self) -> None:
+    check_layers(self.layers)
+    check_layer_axes(self.layer_axes)
+
+  def __call__(self, tree: Any) -> "Layering":
+    """The :class:`Layering` of ``tree`` (see :func:`make_layering`)."""
+    return _make_layering(tree, self)
+
+
 def make_layering(
   tree: Any,
   layers: Layers = "leaf",
@@ -351,8 +436,12 @@ def make_layering(
     ValueError: for an unknown ``layers``, a ``layer_axes`` larger than a
       leaf's rank, or a mask that does not match the tree.
   """
-  check_layers(layers)
-  check_layer_axes(layer_axes)
+  return LayerSpec(layers, layer_axes, mask)(tree)
+
+
+def _make_layering(tree: Any, spec: LayerSpec) -> Layering:
+  """The work of :func:`make_layering`, for a checked ``spec``."""
+  layers, layer_axes, mask = spec.layers, spec.layer_axes, spec.mask
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
   if mask is None:
     mask_leaves = [True] * len(with_path)
@@ -459,7 +548,7 @@ class _PlaceholderLayerNames(LayerNames):
   """The names in a state built on :func:`optax.tree.map_params`' placeholder.
 
   :func:`optax.tree.map_params` initialises the optimizer on a placeholder
-  without leaves, then maps over that state and the real one together; its
+  that is not an array, then maps over that state and the real one together; its
   result takes its structure from the placeholder's state. There, the names
   are unknown. A subclass is not registered as a pytree node, so this object
   is a *leaf*: ``map_params`` hands it the real state's :class:`LayerNames`
@@ -467,10 +556,16 @@ class _PlaceholderLayerNames(LayerNames):
   """
 
 
-def _is_params_placeholder(tree: Any) -> bool:
-  """Whether ``tree`` is the placeholder of :func:`optax.tree.map_params`."""
-  cls = type(tree)
-  return cls.__name__ == "_ParamsPlaceholder" and cls.__module__.startswith("optax")
+def is_params_placeholder(tree: Any) -> bool:
+  """Whether ``tree`` stands in for params without being them.
+
+  :func:`optax.tree.map_params` initialises the optimizer on such a stand-in:
+  an object that is neither a container (a mapping, a sequence, ``None``) nor
+  an array, and that flattens to no leaves.
+  """
+  if tree is None or isinstance(tree, (Mapping, Sequence)) or hasattr(tree, "shape"):
+    return False
+  return not jax.tree.leaves(tree)
 
 
 def state_names(params: Any, layering: Layering) -> LayerNames:
@@ -484,7 +579,7 @@ def state_names(params: Any, layering: Layering) -> LayerNames:
     ``LayerNames(layering.names)``; on the placeholder of
     :func:`optax.tree.map_params`, a leaf that stands for the real names.
   """
-  if _is_params_placeholder(params):
+  if is_params_placeholder(params):
     return _PlaceholderLayerNames()
   return LayerNames(layering.names)
 

@@ -27,7 +27,7 @@ class ScaleByLgmState(NamedTuple):
     names: the layer names (static), in the order of the arrays above.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # Shadows tuple.count, as in optax.
   alpha: jax.Array
   scale: jax.Array
   mu: Optional[optax.Updates]
@@ -156,17 +156,15 @@ def scale_by_lgm(
   _common.check_number("power", power, lower=0.0)
   _common.check_number("min_scale", min_scale, lower=0.0)
   _common.check_number("max_scale", max_scale, lower=0.0, lower_open=True)
+  _common.check_order("min_scale", min_scale, "max_scale", max_scale)
   _common.check_choice("variance", variance, _VARIANCES)
   _common.check_choice("normalize", normalize, _NORMALIZE)
-  _layers.check_layers(layers)
-  _layers.check_layer_axes(layer_axes)
+  _common.check_float_dtype("stats_dtype", stats_dtype)
+  spec = _layers.LayerSpec(layers, layer_axes, mask)
   stats_dtype = jnp.float32 if stats_dtype is None else stats_dtype
 
-  def layering(tree: Any) -> _layers.Layering:
-    return _layers.make_layering(tree, layers, layer_axes=layer_axes, mask=mask)
-
   def init_fn(params: optax.Params) -> ScaleByLgmState:
-    lay = layering(params)
+    lay = spec(params)
     n = lay.num_layers
     mu = None
     if variance == "temporal":
@@ -181,44 +179,58 @@ def scale_by_lgm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    lay = layering(updates)
+    lay = spec(updates)
+    lay.check_names(state.names)
     first = state.count == 0
-    _, spatial = lay.moments(updates, dtype=stats_dtype)
-    if variance == "temporal":
-      # Deviation from the EMA of the previous steps.
-      dev = lay.map(lambda g, m: g.astype(stats_dtype) - m, updates, state.mu)
-      temporal = lay.reduce(jnp.square, dev, dtype=stats_dtype) / lay.sizes
-      var = jnp.where(first, spatial, temporal)
-    else:
-      var = spatial
+    var = layer_variance(lay, updates, state.mu, first)
     finite = jnp.all(jnp.isfinite(var))
-
-    observed = (var + eps) ** (-power)
-    alpha = jnp.where(first, observed, beta * state.alpha + (1 - beta) * observed)
-    alpha = jnp.where(finite, alpha, state.alpha).astype(stats_dtype)
-    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-    seen = count > 0
-    scale = alpha / _normalizer(alpha, seen, normalize)
-    if min_scale is not None or max_scale is not None:
-      scale = jnp.clip(scale, min_scale, max_scale)
-    scale = jnp.where(seen, scale, 1.0).astype(stats_dtype)
-
-    mu = state.mu
-    if variance == "temporal":
-
-      def new_mu(g, m, is_first):
-        g = g.astype(stats_dtype)
-        return jnp.where(is_first, g, beta * m + (1 - beta) * g)
-
-      mu = lay.map(new_mu, updates, state.mu, per_layer=[first])
-      mu = optax.tree.where(finite, mu, state.mu)
-
+    alpha, count = new_alpha(var, state, first, finite)
+    scale = normalized_scale(alpha, count > 0)
+    mu = new_mu(lay, updates, state.mu, first, finite)
     updates = lay.map(
       lambda g, s: (g.astype(stats_dtype) * s).astype(g.dtype),
       updates,
       per_layer=[scale],
     )
     return updates, ScaleByLgmState(count, alpha, scale, mu, state.names)
+
+  def layer_variance(lay, updates, mu, first):
+    """The spatial variance, or the temporal one after the first step."""
+    _, spatial = lay.moments(updates, dtype=stats_dtype)
+    if variance == "spatial":
+      return spatial
+    lay.flatten_as(mu, "the state's mu")
+    # Deviation from the EMA of the previous steps.
+    dev = lay.map(lambda g, m: g.astype(stats_dtype) - m, updates, mu)
+    temporal = lay.reduce(jnp.square, dev, dtype=stats_dtype) / lay.sizes
+    return jnp.where(first, spatial, temporal)
+
+  def new_alpha(var, state, first, finite):
+    """The EMA of ``(var + eps) ** -power``, seeded at the first step."""
+    observed = (var + eps) ** jnp.negative(power)
+    alpha = jnp.where(first, observed, beta * state.alpha + (1 - beta) * observed)
+    alpha = jnp.where(finite, alpha, state.alpha).astype(stats_dtype)
+    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+    return alpha, count
+
+  def normalized_scale(alpha, seen):
+    """``alpha`` normalised over the layers seen, clipped; 1 for the others."""
+    scale = alpha / _normalizer(alpha, seen, normalize)
+    if min_scale is not None or max_scale is not None:
+      scale = jnp.clip(scale, min_scale, max_scale)
+    return jnp.where(seen, scale, 1.0).astype(stats_dtype)
+
+  def new_mu(lay, updates, mu, first, finite):
+    """With the temporal variance, the per-element EMA of the gradient."""
+    if variance != "temporal":
+      return mu
+
+    def ema(g, m, is_first):
+      g = g.astype(stats_dtype)
+      return jnp.where(is_first, g, beta * m + (1 - beta) * g)
+
+    new = lay.map(ema, updates, mu, per_layer=[first])
+    return optax.tree.where(finite, new, mu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

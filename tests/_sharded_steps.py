@@ -1,9 +1,11 @@
 """Runs the transformations on a simulated 8-device mesh; used by test_sharding.
 
 Run in its own process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-(``tests/test_sharding.py`` does), so the rest of the suite keeps one device.
-Exits non-zero, with the failing check named, when a check fails; prints
-``ok <check>`` for each check that passed.
+(``tests/test_sharding.py`` does, one process per check), so the rest of the
+suite keeps one device: ``python tests/_sharded_steps.py [CHECK ...]`` runs
+the named checks of ``CHECKS`` (every check without a name), prints
+``ok <check>`` for each that passed, and exits non-zero with the failing
+check and its message.
 
 The checks:
 
@@ -26,6 +28,7 @@ The checks:
 """
 
 import contextlib
+import functools
 import sys
 
 import chex
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _layer_sam_reference import layer_sam_step
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,9 +47,9 @@ TRANSFORMS = {
   "scale_by_lgm_temporal": lambda: optax.chain(
     optax_lgm.scale_by_lgm(variance="temporal", layers="module"), optax.sgd(0.1)
   ),
-  "dgs": lambda: optax_lgm.dgs(3.0),
+  "dgs": lambda: optax_lgm.dgs(0.01),
   "dgs_layer_ema": lambda: optax_lgm.dgs(
-    1.0, reduction="layer", importance_decay=0.9, momentum=0.9
+    0.01, reduction="layer", importance_decay=0.9
   ),
   # layers="module": two layers, "hidden" (0) and "out" (1).
   "layer_sam": lambda: optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), 0.1, k=1),
@@ -269,29 +273,15 @@ def np_grad(w, x, y):
 
 
 def np_layer_sam(w, x, y, shards, steps):
-  """layer_sam(sgd(M_LR), M_RHO, k=1) with ``shards`` per-shard perturbations.
+  """``layer_sam(sgd(M_LR), M_RHO, k=1)`` with ``shards`` per-shard perturbations.
 
-  Per step: each shard's gradient; the layer norms of their mean select the
-  layer; each shard perturbs that layer along its own gradient, normalised by
-  its own norm, and takes its gradient there; the selected layer gets the
-  mean of those, the other the mean first-pass gradient; then SGD.
+  The shards of the batch are a whole batch divided by the number of
+  devices, and ``np_grad`` is a mean over examples, so each shard's loss is
+  the mean over its own examples, as on the devices.
   """
-  layers = ("hidden", "out")
-  xs, ys = np.split(x, shards), np.split(y, shards)
+  batches = list(zip(np.split(x, shards), np.split(y, shards)))
   for _ in range(steps):
-    grads = [np_grad(w, a, b) for a, b in zip(xs, ys)]
-    g_mean = jax.tree.map(lambda *g: np.mean(g, axis=0), *grads)
-    norms = [np.sqrt(sum(np.sum(v**2) for v in g_mean[m].values())) for m in layers]
-    top = layers[int(np.argmax(norms))]
-    second = []
-    for g, a, b in zip(grads, xs, ys):
-      norm = np.sqrt(sum(np.sum(v**2) for v in g[top].values()))
-      adv = {m: dict(w[m]) for m in layers}
-      adv[top] = {n: w[top][n] + M_RHO * g[top][n] / (norm + 1e-12) for n in w[top]}
-      second.append(np_grad(adv, a, b)[top])
-    sam = dict(g_mean)
-    sam[top] = jax.tree.map(lambda *g: np.mean(g, axis=0), *second)
-    w = jax.tree.map(lambda p, g: p - M_LR * g, w, sam)
+    w, _, _ = layer_sam_step(w, batches, np_grad, k=1, rho=M_RHO, lr=M_LR)
   return w
 
 
@@ -355,21 +345,37 @@ def check_m_sharpness():
   chex.assert_trees_all_close(got[0], want, rtol=1e-5, atol=1e-6)
 
 
-def main():
-  assert jax.device_count() == 8, jax.devices()
+def check_transform(name):
+  """``name`` on both meshes equals its one-device run."""
   params, x, y = make_problem()
-  for name in TRANSFORMS:
-    tx = TRANSFORMS[name]()
-    want = run(make_step(name, tx), params, tx.init(params), x, y)
-    check(name, want)
+  tx = TRANSFORMS[name]()
+  check(name, run(make_step(name, tx), params, tx.init(params), x, y))
+
+
+CHECKS = {
+  **{name: functools.partial(check_transform, name) for name in TRANSFORMS},
+  **{
+    f"unpinned_layout {name}": functools.partial(check_unpinned_layout, name)
+    for name in ("dgs_layer_ema", "layer_sam")
+  },
+  "m_sharpness": check_m_sharpness,
+}
+"""Every check, by name: ``python tests/_sharded_steps.py NAME`` runs one."""
+
+
+def main(argv):
+  """Runs the checks named in ``argv`` (all without), each failure named."""
+  assert jax.device_count() == 8, jax.devices()
+  for name in argv or list(CHECKS):
+    try:
+      CHECKS[name]()
+    except AssertionError as e:
+      cause = f"\n{e.__cause__}" if e.__cause__ else ""
+      print(f"FAILED {name}: {e}{cause}", file=sys.stderr)
+      return 1
     print(f"ok {name}", flush=True)
-  for name in ("dgs_layer_ema", "layer_sam"):
-    check_unpinned_layout(name)
-    print(f"ok unpinned_layout {name}", flush=True)
-  check_m_sharpness()
-  print("ok m_sharpness", flush=True)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

@@ -75,6 +75,16 @@ REGISTRY = [
     nan_safe=False,
     target=0.65,
   ),
+  # The defaults: weight_decay=0 is a number here and an array when injected.
+  Entry(
+    "lgm_defaults",
+    optax_lgm.lgm,
+    dict(learning_rate=0.05),
+    ("learning_rate", "momentum", "weight_decay"),
+    learning_rate=None,
+    nan_safe=False,
+    target=0.65,
+  ),
   Entry("scale_by_dgs", optax_lgm.scale_by_dgs, {}, ("beta", "sigma"), 3.0),
   Entry(
     "scale_by_dgs_layer",
@@ -92,10 +102,25 @@ REGISTRY = [
     0.02,
   ),
   Entry(
+    "scale_by_dgs_mean",
+    optax_lgm.scale_by_dgs,
+    dict(denominator="mean", reduction="layer"),
+    ("beta", "sigma"),
+    0.02,
+  ),
+  Entry(
     "dgs",
     optax_lgm.dgs,
-    dict(learning_rate=1.0, momentum=0.9),
-    ("learning_rate", "beta"),
+    dict(learning_rate=0.01),
+    ("learning_rate", "momentum", "weight_decay", "beta", "sigma"),
+    learning_rate=None,
+    nan_safe=False,
+  ),
+  Entry(
+    "dgs_paper_sum_no_momentum",
+    optax_lgm.dgs,
+    dict(learning_rate=3.0, momentum=None, denominator="sum", weight_decay=1e-4),
+    ("learning_rate", "weight_decay"),
     learning_rate=None,
     nan_safe=False,
   ),
@@ -275,14 +300,28 @@ def test_dtypes_preserved_and_state_stable(entry, dtype):
   chex.assert_trees_all_equal_shapes(new_state, state)
 
 
+def inner_state(entry: Entry, state: Any) -> Any:
+  """The state of the transformation itself, inside ``build``'s chain."""
+  return state[0] if entry.learning_rate is not None else state
+
+
 @parametrize
 def test_inject_hyperparams(entry):
   plain = build(entry)
   injected = build(entry, inject=True)
+  s1, s2 = plain.init(make_params()), injected.init(make_params())
+  chex.assert_trees_all_equal_structs(
+    inner_state(entry, s2).inner_state, inner_state(entry, s1)
+  )
   _, s1, u1 = run_steps(plain, make_params(), 3, entry)
   _, s2, u2 = run_steps(injected, make_params(), 3, entry)
   chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
-  hyper = s2[0].hyperparams if entry.learning_rate is not None else s2.hyperparams
+  # One structure and the same values: a state saved from one restores into
+  # the other.
+  chex.assert_trees_all_close(
+    inner_state(entry, s2).inner_state, inner_state(entry, s1), rtol=1e-5, atol=1e-6
+  )
+  hyper = inner_state(entry, s2).hyperparams
   assert set(entry.numeric) <= set(hyper), (entry.numeric, hyper.keys())
 
 
@@ -306,17 +345,23 @@ def _nan_grads(params):
   return jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
 
 
-@parametrize
-def test_apply_if_finite_keeps_state(entry):
-  tx = optax.apply_if_finite(build(entry), max_consecutive_errors=3)
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.nan_safe], ids=str)
+def test_nan_step_handed_on_by_apply_if_finite_changes_nothing(entry):
+  # With max_consecutive_errors=0, optax.apply_if_finite hands every
+  # non-finite gradient to the transformation: only the transformation's own
+  # guard keeps its state. The step after it must be the step that would
+  # have come without it.
+  tx = optax.apply_if_finite(build(entry), max_consecutive_errors=0)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra_args(entry)))
   params = make_params()
-  state = tx.init(params)
   grads = jax.grad(loss_fn)(params)
-  _, state = tx.update(grads, state, params, **extra_args(entry))
-  updates, bad_state = tx.update(_nan_grads(params), state, params, **extra_args(entry))
-  chex.assert_trees_all_equal(bad_state.inner_state, state.inner_state)
-  assert int(bad_state.notfinite_count) == 1
-  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+  _, state = step(grads, tx.init(params), params)
+  updates, nan_state = step(_nan_grads(params), state, params)
+  assert not np.isfinite(np.asarray(updates["dense1"]["kernel"])).all()
+  chex.assert_trees_all_equal(nan_state.inner_state, state.inner_state)
+  after_nan, _ = step(grads, nan_state, params)
+  without_nan, _ = step(grads, state, params)
+  chex.assert_trees_all_close(after_nan, without_nan, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("entry", [e for e in REGISTRY if e.nan_safe], ids=str)

@@ -147,7 +147,7 @@ def test_dgs_equals_its_chain():
   params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
   a = optax_lgm.dgs(2.0, momentum=0.9, reduction="layer")
   b = optax.chain(
-    optax_lgm.scale_by_dgs(reduction="layer"),
+    optax_lgm.scale_by_dgs(reduction="layer", denominator="mean"),
     optax.trace(0.9),
     optax.scale_by_learning_rate(2.0),
   )
