@@ -172,7 +172,9 @@ def draw_selection(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
     f"SAM: every layer, every step ({steps})", (x[0] - 0.4, steps * 1.01), va="bottom"
   )
   ax.set_xticks(x, layers)
+  per_step = float(np.sum(mean)) / steps  # k, when every step perturbs k layers.
   ax.set(ylabel="steps perturbed", ylim=(0, steps * 1.12))
+  ax.set_title(f"layer_sam: {per_step:.3g} layers perturbed per step on average")
   _save(fig, path, sha)
   alt = f"Steps in which layer_sam perturbed each layer, {data['args']['dataset']}"
   return alt, (
