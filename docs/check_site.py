@@ -70,6 +70,7 @@ BROWSER_FLAGS = (
   "--headless",
   "--no-sandbox",  # CI runs as root.
   "--disable-gpu",
+  "--disable-dev-shm-usage",  # Containers often have a small /dev/shm.
   "--no-first-run",
   "--no-default-browser-check",
   "--disable-background-networking",
