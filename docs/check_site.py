@@ -297,13 +297,13 @@ def check_site(site: pathlib.Path, chromium: str, jobs: int = 2) -> list[Page]:
   return pages
 
 
-def build(out: pathlib.Path) -> None:
+def build(out: pathlib.Path) -> bool:
   """Builds the site into ``out`` as ``make -C docs html`` does (``-W``)."""
   cmd = [
     sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
     "-d", str(out / ".doctrees"), str(DOCS), str(out),
   ]  # fmt: skip
-  subprocess.run(cmd, check=True)
+  return subprocess.run(cmd).returncode == 0
 
 
 def report(pages: list[Page]) -> str:
@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     site = args.html
     if site is None:
       site = pathlib.Path(tmp) / "html"
-      build(site)
+      if not build(site):
+        print("the build failed (warnings are errors): no page checked")
+        return 1
     pages = check_site(site, chromium, args.jobs)
   print(report(pages))
   return 1 if any(p.problems for p in pages) else 0
