@@ -290,7 +290,7 @@ def layer_sam(
     >>> grads = grad_fn(params, 0)
     >>> updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
     >>> optax_lgm.layer_stats(state)['sam_selected']
-    {'a': np.int32(0), 'b': np.int32(1)}
+    {'a': 0, 'b': 1}
     >>> optax_lgm.select_layers(state)
     (1,)
     >>> updates, state = tx.update(

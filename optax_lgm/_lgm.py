@@ -126,7 +126,7 @@ def scale_by_lgm(
     >>> grads = {'w': jnp.array([0.1, 0.2, 0.3]), 'b': jnp.array([1.0, -1.0])}
     >>> updates, state = tx.update(grads, state, params)
     >>> optax_lgm.layer_stats(state)['lgm_scale']  # doctest: +ELLIPSIS
-    {'b': np.float32(0.2857...), 'w': np.float32(3.4996...)}
+    {'b': 0.2857..., 'w': 3.4996...}
 
   Args:
     beta: decay of the EMA of α (and of μ for the temporal variance), in
