@@ -11,8 +11,13 @@ the test accuracy every ``--eval-every`` steps, and reports
   evaluation time excluded (the clock stops, after ``block_until_ready``,
   while the model is evaluated); the median over seeds, and the number of
   seeds that reached the target;
-* the steps to target, the final accuracy (mean ± std over seeds), the
-  median training time per step after compilation, and the compilations.
+* the steps to target, the final accuracy (the mean of the last three
+  evaluations; mean ± std over seeds), the training time per step
+  (compilation included) and the compilations.
+
+The defaults (batch 16, 400 steps, target 97%) put the target after at
+least 200 SGD steps (220 and 260 steps for two seeds), so that compilation
+does not decide the result.
 
 Contenders: SGD (momentum 0.9), ``optax.contrib.sam`` (opaque mode, the same
 SGD), ``layer_sam`` in dynamic mode, ``layer_sam`` in static mode through
@@ -28,6 +33,7 @@ Run: ``python -m benchmarks.time_to_target [--seeds 3 --json out.json]``.
 import argparse
 import json
 import platform
+import sys
 import time
 from typing import Any
 
@@ -130,7 +136,9 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
   out = {
     "seconds_to_target": None if reached is None else reached["seconds"],
     "steps_to_target": None if reached is None else reached["step"],
-    "final_accuracy": curve[-1]["accuracy"],
+    # Accuracy at batch 16 is noisy from one evaluation to the next (BatchNorm):
+    # the final accuracy is the mean of the last three evaluations.
+    "final_accuracy": float(np.mean([c["accuracy"] for c in curve[-3:]])),
     "train_seconds": clock,
     "compilations": len(traces),
     "curve": curve,
@@ -191,12 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--contenders", default=",".join(CONTENDERS))
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=300, help="steps per run")
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=400, help="steps per run")
+  parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--eval-every", type=int, default=20, help="steps")
   parser.add_argument("--target", type=float, default=0.97, help="test accuracy")
   parser.add_argument("--lr", type=float, default=0.05, help="SGD-based contenders")
-  parser.add_argument("--dgs-lr", type=float, default=100.0, help="dgs")
+  parser.add_argument("--dgs-lr", type=float, default=0.01, help="dgs")
   parser.add_argument("--rho", type=float, default=0.05)
   parser.add_argument("--k", type=int, default=2)
   parser.add_argument("--every", type=int, default=10, help="StaticSelection")
@@ -235,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     f"{jax.devices()[0].device_kind} ({jax.device_count()} device), "
     f"{platform.processor() or platform.machine()}, jax {jax.__version__}"
   )
-  command = "python -m benchmarks.time_to_target " + " ".join(argv or [])
+  argv = sys.argv[1:] if argv is None else argv
+  command = "python -m benchmarks.time_to_target " + " ".join(argv)
   print(
     f"\nResNet-20, digits 32x32 ({len(train_data[0])} train / {len(test_data[0])} "
     f"test), batch {args.batch}, {args.steps} steps, eval every {args.eval_every}, "
