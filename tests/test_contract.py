@@ -375,6 +375,45 @@ def test_nonfinite_gradient_leaves_own_state(entry):
 
 
 @parametrize
+def test_optax_map_params(entry):
+  tx = build(entry)
+  params = make_params()
+  state = tx.init(params)
+  structure = jax.tree.structure(params)
+
+  def is_params(x):
+    return jax.tree.structure(x) == structure
+
+  # Maps over the params-shaped parts only; the layer names survive.
+  doubled = optax.tree.map_params(tx, lambda p: 2 * p + 1, state)
+  assert jax.tree.structure(doubled) == jax.tree.structure(state)
+  for before, after in zip(
+    jax.tree.leaves(state, is_leaf=is_params),
+    jax.tree.leaves(doubled, is_leaf=is_params),
+  ):
+    want = jax.tree.map(lambda p: 2 * p + 1, before) if is_params(before) else before
+    chex.assert_trees_all_equal(after, want)
+  for node in jax.tree.leaves(doubled, is_leaf=lambda x: hasattr(x, "names")):
+    if hasattr(node, "names"):
+      assert type(node.names) is optax_lgm.LayerNames
+      assert node.names.names
+
+  # The pattern of optax's docstring: shardings for the state from the
+  # params' shardings, used as jit's out_shardings.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = optax.tree.map_params(
+    tx,
+    lambda _, s: s,
+    jax.eval_shape(tx.init, params),
+    jax.tree.map(lambda _: replicated, params),
+    transform_non_params=lambda _: replicated,
+  )
+  placed = jax.jit(tx.init, out_shardings=shardings)(params)
+  chex.assert_trees_all_equal(placed, state)
+
+
+@parametrize
 def test_converges(entry):
   tx = build(entry)
   params = make_params()

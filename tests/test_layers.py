@@ -175,60 +175,23 @@ def test_moments_property(shapes, seed):
 # optax.tree.map_params on the states that carry LayerNames.
 # --------------------------------------------------------------------------
 
-MAP_PARAMS_TRANSFORMS = {
-  "lgm": lambda: optax_lgm.lgm(0.1),
-  "scale_by_lgm_temporal": lambda: optax_lgm.scale_by_lgm(variance="temporal"),
-  "dgs": lambda: optax_lgm.dgs(0.1, importance_decay=0.9, momentum=0.9),
-  "layer_sam": lambda: optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), k=1),
-  "keep_top_k_layers": lambda: optax_lgm.keep_top_k_layers(1),
-  "sam_keep_top_k_layers": lambda: optax.contrib.sam(
+def test_optax_map_params_keeps_names_inside_optax_sam():
+  # The names of keep_top_k_layers survive inside optax.contrib.sam's state
+  # (the contract suite checks map_params on every transformation alone).
+  tx = optax.contrib.sam(
     optax.sgd(0.1),
     optax.chain(
       optax_lgm.keep_top_k_layers(1), optax.contrib.normalize(), optax.sgd(0.05)
     ),
     opaque_mode=True,
     reset_state=False,
-  ),
-}
-
-
-@pytest.mark.parametrize("name", sorted(MAP_PARAMS_TRANSFORMS))
-def test_optax_map_params(name):
-  tx = MAP_PARAMS_TRANSFORMS[name]()
+  )
   params = dense_tree()
   state = tx.init(params)
-  is_params = lambda x: jax.tree.structure(x) == jax.tree.structure(params)  # noqa: E731
-
-  # Maps over the params-shaped parts only; the layer names survive.
   doubled = optax.tree.map_params(tx, lambda p: 2 * p + 1, state)
   assert jax.tree.structure(doubled) == jax.tree.structure(state)
   assert optax_lgm.layer_stats(doubled).keys() == optax_lgm.layer_stats(state).keys()
-  for before, after in zip(
-    jax.tree.leaves(state, is_leaf=is_params),
-    jax.tree.leaves(doubled, is_leaf=is_params),
-  ):
-    want = jax.tree.map(lambda p: 2 * p + 1, before) if is_params(before) else before
-    chex.assert_trees_all_equal(after, want)
-  for node in jax.tree.leaves(doubled, is_leaf=lambda x: hasattr(x, "names")):
-    if hasattr(node, "names"):
-      assert type(node.names) is _layers.LayerNames
-      assert node.names.names
-
-  # The pattern of optax's docstring: shardings for the state from the
-  # params' shardings, used as jit's out_shardings.
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  param_shardings = jax.tree.map(lambda _: replicated, params)
-  shardings = optax.tree.map_params(
-    tx,
-    lambda _, s: s,
-    jax.eval_shape(tx.init, params),
-    param_shardings,
-    transform_non_params=lambda _: replicated,
-  )
-  placed = jax.jit(tx.init, out_shardings=shardings)(params)
-  assert jax.tree.structure(placed) == jax.tree.structure(state)
-  chex.assert_trees_all_equal(placed, state)
+  chex.assert_trees_all_equal(doubled.adv_state, state.adv_state)
 
 
 def test_optax_tree_get_per_layer_field():
