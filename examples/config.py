@@ -10,7 +10,9 @@ status 2.
 
 import argparse
 import dataclasses
+import logging
 import sys
+import types
 import typing
 from collections.abc import Sequence
 
@@ -144,15 +146,20 @@ def check(config: Config) -> None:
 
 def _argument_type(hint):
   """The ``argparse`` type of a field: its type, without ``None``."""
-  args = [a for a in typing.get_args(hint) if a is not type(None)]
-  return args[0] if args else hint
+  if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+    return hint
+  (kind,) = [a for a in typing.get_args(hint) if a is not type(None)]
+  return kind
 
 
-def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namespace:
+def parse(
+  argv: Sequence[str] | None = None, description: str = "", **parser_kwargs
+) -> argparse.Namespace:
   """Parses the command line: one flag per `Config` field, plus the others.
 
   Args:
     argv: the arguments (default: ``sys.argv[1:]``).
+    description: what the program does, for ``--help``.
     **parser_kwargs: passed to ``argparse.ArgumentParser``.
 
   Returns:
@@ -160,8 +167,12 @@ def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namesp
     ``distributed`` settings. A bad value exits with status 2 and one line.
   """
   parser = argparse.ArgumentParser(
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **parser_kwargs
+    description=description,
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    **parser_kwargs,
   )
+  # TFDS's image decoder warns on every run that OpenCV is missing; PIL decodes.
+  logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
 
   def error(message: str) -> typing.NoReturn:  # One line, no usage block.
     parser.exit(2, f"{parser.prog}: error: {message}\n")

@@ -38,19 +38,20 @@ def initialize(
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
+def make_mesh(spec: str = "auto", batch_size: int | None = None) -> jax.sharding.Mesh:
   """Builds the one-axis ``"data"`` mesh of data-parallel training.
 
   Args:
     spec: ``"auto"`` for all devices (``jax.devices()``: those of every host),
       or ``"data=N"`` for the first ``N`` of them.
+    batch_size: if given, checked to be a multiple of the number of devices.
 
   Returns:
     A mesh with the one axis ``"data"``.
 
   Raises:
-    UsageError: (a ValueError) if ``spec`` is neither form, or asks for more
-      devices than there are.
+    UsageError: (a ValueError) if ``spec`` is neither form, asks for more
+      devices than there are, or ``batch_size`` does not split over them.
 
   Examples:
     >>> make_mesh("data=1").devices.shape
@@ -68,6 +69,11 @@ def make_mesh(spec: str = "auto") -> jax.sharding.Mesh:
       raise UsageError(
         f"mesh={spec!r} asks for {size} devices; there are {len(devices)}"
       )
+  if batch_size is not None and batch_size % size:
+    raise UsageError(
+      f"batch_size={batch_size} is not a multiple of the {size} devices of "
+      f"mesh={spec!r}; change --batch_size or --mesh"
+    )
   return jax.make_mesh(
     (size,), ("data",), (jax.sharding.AxisType.Auto,), devices=devices[:size]
   )

@@ -1,5 +1,16 @@
 """What `examples.train` records in ``metrics.json``, and its training clock.
 
+``metrics.json`` holds ``config``, ``devices`` (the size of the ``"data"``
+axis and the number of processes), ``history`` (per epoch: ``epoch``,
+``step``, ``train_loss``, ``test_accuracy``, ``images_per_s`` and the
+``layer_stats`` of the optimizer state), ``curve`` (``step``,
+``test_accuracy``, ``seconds``: the training time so far), ``train_seconds``,
+``time_to_target`` and ``steps_to_target`` (``None`` until reached),
+``skipped_steps`` (non-finite steps skipped), ``layer_sam_static``
+(compilations, selection and selection changes of static ``layer_sam``),
+``stopped`` (why the run stopped early, if it did), ``final_test_accuracy``
+and ``robustness``.
+
 Training time follows AlgoPerf's rule: it runs from the first step,
 compilation included, and stops during evaluations. ``time_to_target`` is the
 training time at the first evaluation at or above the target accuracy.
@@ -13,12 +24,38 @@ from typing import Any
 
 import numpy as np
 
+import optax_lgm
+
 
 def to_json(value: Any) -> Any:
-  """Turns NumPy scalars and arrays (as in `optax_lgm.layer_stats`) into JSON."""
+  """Turns NumPy scalars and arrays into JSON values."""
   if isinstance(value, dict):
     return {str(k): to_json(v) for k, v in value.items()}
   return np.asarray(value).tolist()
+
+
+def layer_stats(opt_state: Any) -> dict[str, Any]:
+  """`optax_lgm.layer_stats` of ``opt_state``; ``{}`` for optimizers without any."""
+  try:
+    return to_json(optax_lgm.layer_stats(opt_state))
+  except ValueError:  # sgd, adam, lars and sam keep no per-layer statistics.
+    return {}
+
+
+def metrics_summary(results: dict[str, Any]) -> str:
+  """One line per epoch, then the robustness accuracies, as the CLI prints them."""
+  lines = [
+    f"epoch {e['epoch']}: step {e['step']} loss {e['train_loss']:.4f} "
+    f"test acc {e['test_accuracy']:.4f} {e['images_per_s']:.0f} images/s"
+    for e in results["history"]
+  ]
+  if results["time_to_target"] is not None:
+    lines.append(
+      f"time to {results['config']['target_accuracy']:g}: "
+      f"{results['time_to_target']:.1f} s (step {results['steps_to_target']})"
+    )
+  lines += [f"{name}: {value:.4f}" for name, value in results["robustness"].items()]
+  return "\n".join(lines)
 
 
 class Metrics:

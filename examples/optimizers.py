@@ -29,10 +29,15 @@ DEFAULT_LEARNING_RATES = {
   "lars": 2.0,
   "sam": 0.05,
   "lgm": 0.05,
-  "dgs": 100.0,
+  "dgs": 5e-4,
   "layer_sam": 0.05,
 }
-"""Learning rates checked to train the digits CNN above 90% in a few epochs."""
+"""Learning rates checked to train the digits CNN above 90% in a few epochs.
+
+``dgs`` (its mean denominator and momentum 0.9): 5e-4 reached 0.94 test
+accuracy at epoch 4 and oscillated between 0.88 and 0.95 after; 1e-3 and
+above diverged (batch 64, seed 0).
+"""
 
 SAM_RHO = 0.05
 """Perturbation radius of ``sam`` and ``layer_sam``."""
@@ -101,3 +106,10 @@ cached_optimizer = functools.cache(make_optimizer)
 transformation: runs that share it (several seeds, a run and its resumption)
 share the compiled step.
 """
+
+
+def nonfinite_steps(opt_state: Any) -> tuple[int, int]:
+  """Steps skipped by ``apply_if_finite`` (``skip_nonfinite``): in a row, in all."""
+  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+    return 0, 0
+  return int(opt_state.notfinite_count[...]), int(opt_state.total_notfinite[...])

@@ -21,7 +21,6 @@ host state of `optax_lgm.StaticSelection` is checkpointed.
 
 import functools
 import itertools
-import logging
 import os
 import pathlib
 import sys
@@ -36,8 +35,8 @@ from flax import nnx
 import optax_lgm
 from examples import checkpointing, distributed, input_pipeline, models, robustness
 from examples.config import RESUME_KEYS, Config, UsageError, check, parse
-from examples.metrics import Metrics, to_json
-from examples.optimizers import cached_optimizer
+from examples.metrics import Metrics, layer_stats, metrics_summary
+from examples.optimizers import cached_optimizer, nonfinite_steps
 
 
 class NonFiniteError(RuntimeError):
@@ -88,39 +87,18 @@ def _load_dataset(name: str, data_dir: str | None):
   return load(train_source), load(test_source), meta
 
 
-def _skipped(optimizer: nnx.Optimizer) -> tuple[int, int]:
-  """Steps skipped by ``apply_if_finite``: in a row now, and in all."""
-  state = optimizer.opt_state
-  if not isinstance(state, optax.ApplyIfFiniteState):
-    return 0, 0
-  return int(state.notfinite_count[...]), int(state.total_notfinite[...])
-
-
 def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   """Trains a model as ``config`` says and evaluates it.
 
   Returns:
-    What ``workdir/metrics.json`` holds: ``config``, ``devices``, ``history``
-    (per epoch: ``epoch``, ``step``, ``train_loss``, ``test_accuracy``,
-    ``images_per_s``, ``layer_stats``), ``curve`` (``step``,
-    ``test_accuracy``, ``seconds``: training time so far), ``train_seconds``,
-    ``time_to_target`` and ``steps_to_target`` (``None`` if not reached),
-    ``skipped_steps``, ``layer_sam_static`` (compilations and selection
-    changes; static layer_sam only), ``final_test_accuracy`` and
-    ``robustness``. Training time runs from the first step, compilation
-    included, evaluation excluded (AlgoPerf's rule).
+    What ``workdir/metrics.json`` holds (see `examples.metrics`).
 
   Raises:
     UsageError: settings that cannot work (message says what to change).
     NonFiniteError: after ``config.skip_nonfinite`` non-finite steps in a row.
   """
   check(config)
-  mesh = distributed.make_mesh(config.mesh)
-  if config.batch_size % mesh.devices.size:
-    raise UsageError(
-      f"batch_size={config.batch_size} is not a multiple of the {mesh.devices.size} "
-      f"devices of mesh={config.mesh!r}; change --batch_size or --mesh"
-    )
+  mesh = distributed.make_mesh(config.mesh, config.batch_size)
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -134,15 +112,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   total_steps = min(config.epochs * steps_per_epoch, config.max_steps or np.inf)
 
   rngs = nnx.Rngs(jax.random.key(config.seed, impl="rbg"))
-  model = models.create_model(
-    config.model,
-    meta.num_classes,
-    meta.input_shape,
-    meta.mean,
-    meta.std,
-    rngs,
-    dtype=jnp.dtype(config.dtype),
-  )
+  data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
+  model = models.create_model(config.model, *data, rngs, dtype=jnp.dtype(config.dtype))
   tx = cached_optimizer(
     config.optimizer,
     config.learning_rate,
@@ -169,7 +140,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   def write() -> None:
     if isinstance(step_fn, optax_lgm.StaticSelection):
       results["layer_sam_static"] = step_fn.log()
-    results["skipped_steps"] = _skipped(optimizer)[1]
+    results["skipped_steps"] = nonfinite_steps(optimizer.opt_state)[1]
     if is_main:
       metrics.write(workdir / "metrics.json")
 
@@ -203,7 +174,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       progress = checkpoints.restore(model, optimizer, config, RESUME_KEYS)
     if progress:
       step, epoch_losses = progress["step"], progress["epoch_losses"]
-      metrics.data = results = progress["metrics"]
+      metrics.data = results = {**progress["metrics"], "config": metrics.data["config"]}
       if isinstance(step_fn, optax_lgm.StaticSelection):
         step_fn.load_state_dict(progress["static_selection"])
     if config.resume and is_main:
@@ -236,7 +207,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
         losses.append(step_fn(model, optimizer, batch["image"], batch["label"]))
         step += 1
         bar.update(1)
-        if config.skip_nonfinite and _skipped(optimizer)[0] >= config.skip_nonfinite:
+        if nonfinite_steps(optimizer.opt_state)[0] >= config.skip_nonfinite > 0:
           results["stopped"] = (
             f"stopped at step {step}: {config.skip_nonfinite} steps in a row had a "
             "non-finite gradient; lower --learning_rate or check the data"
@@ -252,19 +223,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       if not finished:  # Stopped by max_steps: save before the partial entry.
         save(losses)
       acc = evaluate()
-      train_loss = float(np.nanmean(jax.device_get(losses)))
-      results["history"].append(
-        {
-          "epoch": epoch + 1,
-          "step": step,
-          "train_loss": train_loss,
-          "test_accuracy": acc,
-          "images_per_s": (step - epoch * steps_per_epoch - skip)
-          * config.batch_size
-          / (results["train_seconds"] - seconds_before),
-          "layer_stats": to_json(optax_lgm.layer_stats(optimizer.opt_state)),
-        }
-      )
+      train_loss = float(np.nanmean(jax.device_get(losses)))  # Skipped: NaN.
+      images = (step - epoch * steps_per_epoch - skip) * config.batch_size
+      results["history"].append({
+        "epoch": epoch + 1, "step": step, "train_loss": train_loss,
+        "test_accuracy": acc,
+        "images_per_s": images / (results["train_seconds"] - seconds_before),
+        "layer_stats": layer_stats(optimizer.opt_state),
+      })  # fmt: skip
       bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{acc:.3f}")
       if finished:
         save([])
@@ -278,14 +244,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   )
   results["robustness"] = {}
   if config.robustness:
+    settings = {k: getattr(config, k) for k in ("eps_list", "sigmas", "pgd_steps")}
+    key = jax.random.key(config.seed + 1)
     results["robustness"] = robustness.evaluate_robustness(
-      model,
-      test["image"],
-      test["label"],
-      key=jax.random.key(config.seed + 1),
-      eps_list=config.eps_list,
-      sigmas=config.sigmas,
-      pgd_steps=config.pgd_steps,
+      model, test["image"], test["label"], key=key, **settings
     )
   write()
   return results
@@ -293,11 +255,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
   """Command line: trains one run and prints its metrics; returns its results."""
-  args = parse(
-    argv, description=__doc__.splitlines()[0], prog="python -m examples.train"
-  )
-  # TFDS's decoder warns about OpenCV on every run; PIL decodes these images.
-  logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
+  args = parse(argv, __doc__.splitlines()[0], prog="python -m examples.train")
   try:
     if args.distributed:
       distributed.initialize(*args.cluster)
@@ -305,14 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
   except (UsageError, NonFiniteError) as error:  # One line, no traceback.
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2 if isinstance(error, UsageError) else 1)
-  for entry in results["history"]:
-    print(
-      f"epoch {entry['epoch']}: step {entry['step']} loss {entry['train_loss']:.4f} "
-      f"test acc {entry['test_accuracy']:.4f} {entry['images_per_s']:.0f} images/s"
-    )
-  for name, value in results["robustness"].items():
-    print(f"{name}: {value:.4f}")
-  print(f"metrics: {os.path.join(args.workdir, 'metrics.json')}")
+  print(metrics_summary(results), f"metrics: {args.workdir}/metrics.json", sep="\n")
   return results
 
 
