@@ -31,7 +31,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
-"""The optimizers of ``examples.train`` (checked against its own list below)."""
+"""The optimizers of the trainer (checked against its own list below)."""
 
 STEPS = 4
 """Steps of each run: ``layer_sam``'s selection moves on step 4 of this run."""
@@ -68,9 +68,9 @@ def data_dir(tmp_path_factory):
 
 
 def test_optimizers_are_the_trainers():
-  from examples import train
+  from examples import optimizers
 
-  assert tuple(train.OPTIMIZERS) == OPTIMIZERS
+  assert tuple(optimizers.OPTIMIZERS) == OPTIMIZERS
 
 
 def _free_port() -> int:
