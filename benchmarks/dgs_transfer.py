@@ -5,9 +5,10 @@ Trains the models of ``examples/`` (the CNN, ResNet-20 and Transformer of
 ``optax_lgm.dgs(lr)`` for a few epochs, at each learning rate of a grid, and
 prints the test accuracy of each (model, learning rate) and the number of
 parameters of each model. ``--denominator sum`` runs the paper's equation
-instead of the ready optimizer's mean.
+instead of the ready optimizer's mean; ``--momentum -1`` runs without
+momentum.
 
-Run: ``python -m benchmarks.dgs_transfer [--lrs 0.003,0.01,0.03 --epochs 8]``.
+Run: ``python -m benchmarks.dgs_transfer [--lrs 0.0001,0.0003 --epochs 20]``.
 """
 
 import argparse
@@ -81,12 +82,16 @@ def train(name, tx, train_split, test_split, meta, *, epochs, batch, seed):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--lrs", default="0.003,0.01,0.03")
+  parser.add_argument("--lrs", default="0.0003")
   parser.add_argument("--models", default=",".join(MODELS))
-  parser.add_argument("--epochs", type=int, default=8)
+  parser.add_argument("--epochs", type=int, default=20)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--denominator", default="mean", choices=("mean", "sum", "sqrt"))
+  parser.add_argument("--denominator", default="mean", choices=("mean", "sum"))
+  parser.add_argument(
+    "--reduction", default="global", choices=("global", "layer", "element")
+  )
+  parser.add_argument("--momentum", type=float, default=0.9, help="<0: none")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   train_src, test_src, meta = input_pipeline.get_datasets("digits")
@@ -97,7 +102,12 @@ def main():
   start = time.perf_counter()
   for name in args.models.split(","):
     for lr in lrs:
-      tx = optax_lgm.dgs(lr, denominator=args.denominator)
+      tx = optax_lgm.dgs(
+        lr,
+        None if args.momentum < 0 else args.momentum,
+        denominator=args.denominator,
+        reduction=args.reduction,
+      )
       acc, n = train(
         name, tx, train_split, test_split, meta,
         epochs=args.epochs, batch=args.batch, seed=args.seed,
@@ -105,7 +115,8 @@ def main():
       rows.append(dict(model=name, params=n, lr=lr, accuracy=acc))
       print(f"{name:12s} {n:8d} params  lr={lr:g}  test accuracy {acc:.4f}", flush=True)
   print(
-    f"\ndgs(lr, denominator={args.denominator!r}), momentum 0.9, digits, "
+    f"\ndgs(lr, {args.momentum}, denominator={args.denominator!r}, "
+    f"reduction={args.reduction!r}), digits, "
     f"{args.epochs} epochs, batch {args.batch}, seed {args.seed}, "
     f"{time.perf_counter() - start:.0f} s, {jax.devices()[0].platform}"
   )

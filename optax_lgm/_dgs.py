@@ -10,7 +10,7 @@ import optax
 from optax_lgm import _common, _layers
 
 _REDUCTIONS = ("global", "layer", "element")
-_DENOMINATORS = ("sum", "mean", "sqrt")
+_DENOMINATORS = ("sum", "mean")
 
 
 class ScaleByDgsState(NamedTuple):
@@ -82,9 +82,9 @@ def scale_by_dgs(
 
   * ``"global"`` (the paper's equation): every parameter of the model, so one
     scalar divides the whole tree and the direction of the gradient is kept.
-    The update is :math:`\beta g / \|g\|_1`: its size falls like the number
-    of parameters, so the learning rate that works depends on the model's
-    size (about :math:`0.1\sqrt n` with SGD, for ``n`` parameters).
+    The update is :math:`\beta g / \|g\|_1`: each entry shrinks as the
+    number of parameters grows, so the learning rate that works depends on
+    the model's size.
   * ``"layer"``: the parameters of :math:`i`'s layer (see ``layers``); each
     layer's update has an L1 norm of :math:`\beta`.
   * ``"element"``: just :math:`\gamma_i I_i`, which is what the paper's code
@@ -210,8 +210,6 @@ def scale_by_dgs(
       total = jnp.sum(sums)
       if denominator == "mean":
         total = total / max(float(np.sum(sizes)), 1.0)
-      if denominator == "sqrt":
-        total = total / max(float(np.sum(sizes)), 1.0) ** 0.5
       return lay.map(lambda g: scale(g, total), updates)
     if denominator == "mean":
       sums = sums / jnp.asarray(np.maximum(sizes, 1.0), stats_dtype)
@@ -240,8 +238,8 @@ def dgs(
   r"""SGD with momentum on dynamically scaled gradients.
 
   The chain :func:`scale_by_dgs` → weight decay → momentum → learning rate,
-  with the same positional arguments and defaults as :func:`lgm` and
-  :func:`optax.sgd`:
+  with the positional arguments of :func:`lgm` and :func:`optax.sgd` and the
+  defaults of :func:`lgm`:
 
   .. math::
 
@@ -256,9 +254,9 @@ def dgs(
   ``dgs(lr, denominator="sum")`` is the equation, and ``dgs(lr)`` equals
   ``dgs(lr * n, denominator="sum")``; but with the mean, each entry's update
   has a mean magnitude of :math:`\beta` whatever the size of the model, and
-  one learning rate trains models of very different sizes: the default
-  ``learning_rate`` to start from is ``1e-2``. The measurement is on the
-  results page of the documentation.
+  one learning rate trains models of very different sizes and serves every
+  ``reduction``: start from ``learning_rate=3e-4``. The measurement is on
+  the results page of the documentation ("DGS: one learning rate").
 
   Examples:
     >>> import jax
