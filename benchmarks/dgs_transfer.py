@@ -18,11 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import optax_lgm
-from examples import input_pipeline, models
+from examples import input_pipeline, models, robustness
+from examples.train import train_step
 
 MODELS = ("mlp", "cnn", "resnet20", "transformer")
 
@@ -52,31 +52,20 @@ def num_params(model) -> int:
 
 
 def train(name, tx, train_split, test_split, meta, *, epochs, batch, seed):
-  """Final test accuracy after ``epochs`` epochs (0 if the loss diverged)."""
+  """Final test accuracy after ``epochs`` epochs (0 if the loss diverged).
+
+  The step is the example trainer's own (``examples.train.train_step``).
+  """
   model = make_model(name, meta, seed)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    def loss(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-
-    value, grads = nnx.value_and_grad(loss)(model)
-    optimizer.update(model, grads)
-    return value
-
-  @nnx.jit
-  def accuracy(model, x, y):
-    return jnp.mean(jnp.argmax(model(x), -1) == y)
-
   for epoch in range(epochs):
     model.train()
     for b in input_pipeline.iterate(train_split, batch, seed=seed, epoch=epoch):
-      loss = step(model, optimizer, b["image"], b["label"])
+      loss = train_step(model, optimizer, b["image"], b["label"])
     if not np.isfinite(float(loss)):
       return 0.0, num_params(model)
   model.eval()
-  acc = float(accuracy(model, test_split["image"], test_split["label"]))
+  acc = robustness.accuracy(model, test_split["image"], test_split["label"])
   return acc, num_params(model)
 
 

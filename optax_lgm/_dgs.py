@@ -30,13 +30,8 @@ def _gamma_leaves(gamma: Any, lay: _layers.Layering) -> list:
   """``gamma`` as one entry per flat leaf (a scalar is shared by all)."""
   if isinstance(gamma, (int, float)) or (hasattr(gamma, "ndim") and gamma.ndim == 0):
     return [gamma] * len(lay.leaf_layers)
-  try:
-    leaves = lay.flatten(gamma)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-      "gamma must be a scalar or a pytree with the structure of the params "
-      f"({lay.treedef}), got gamma={gamma!r}."
-    ) from e
+  # Not a scalar: a pytree like the params.
+  leaves = _layers.flatten_like(lay.treedef, gamma, "gamma", "the params")
   for leaf in leaves:
     _check_gamma(leaf)
   return leaves

@@ -27,11 +27,7 @@ class KeepTopKLayersState(NamedTuple):
 
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name."""
-    return {
-      "top_k_grad_norm": self.grad_norm,
-      "top_k_selected": self.selected,
-      "top_k_selected_count": self.selected_count,
-    }
+    return _layers.prefixed(self, "top_k_", ("grad_norm", "selected", "selected_count"))
 
 
 def keep_top_k_layers(

@@ -45,30 +45,17 @@ documentation counts them on a ResNet-20)::
       selection = optax_lgm.select_layers(opt_state)  # A tuple of ints.
     params, opt_state = train_step(params, opt_state, batch, selection)
 
-With Flax NNX, split the model so that the second pass runs on a functional
-copy whose BatchNorm statistics are thrown away (``nnx.as_pure`` gives it
-fresh copies of the statistics, which it may update inside ``jax.grad``)::
-
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit(static_argnames='selection')
-  def train_step(model, optimizer, x, y, selection=None):
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    rest = nnx.as_pure(rest)
-
-    def grad_fn(params, _):  # Second pass: running statistics untouched.
-      return jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest), x, y))(params)
-
-    grads = nnx.grad(loss)(model, x, y)  # First pass: updates the statistics.
-    optimizer.update(model, grads, grad_fn=grad_fn, selection=selection)
+:class:`optax_lgm.StaticSelection` runs this loop for a step that takes
+``selection=`` (with Flax NNX as well: its docstring has the step, whose
+second pass runs on a functional copy of the model so that BatchNorm's
+running statistics are left alone).
 
 XLA:CPU and BatchNorm. XLA shares the two forward passes only if they are
 still identical when its common-subexpression pass runs. On XLA:CPU (jax
 0.10) the earlier ``reshape-mover`` pass rewrites the BatchNorm arithmetic of
 the two passes differently (their users differ), so the second forward pass
 is computed again (the results page measures the cost on a ResNet-20).
-Disabling that pass
-restores the sharing: ``jax.jit(train_step, compiler_options={
+Disabling that pass restores the sharing: ``jax.jit(train_step, compiler_options={
 'xla_disable_hlo_passes': 'reshape-mover'})``, or
 ``XLA_FLAGS=--xla_disable_hlo_passes=reshape-mover`` for ``nnx.jit``.
 Networks without BatchNorm share the forward pass without it.
@@ -121,12 +108,8 @@ class LayerSamState(NamedTuple):
 
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name."""
-    return {
-      "sam_grad_norm": self.grad_norm,
-      "sam_grad_norm_avg": self.grad_norm_avg,
-      "sam_selected": self.selected,
-      "sam_selected_count": self.selected_count,
-    }
+    fields = ("grad_norm", "grad_norm_avg", "selected", "selected_count")
+    return _layers.prefixed(self, "sam_", fields)
 
 
 def _check_update_arguments(

@@ -103,14 +103,24 @@ def _label(layers: Layers, path: tuple, leaf: Any) -> Hashable | None:
   return layers(path, leaf)
 
 
-def _flatten_like(treedef, tree: Any, what: str) -> list:
-  """Flattens ``tree`` (a mask or layer_axes tree) up to params' structure."""
+def flatten_like(treedef: Any, tree: Any, what: str, like: str) -> list:
+  """Flattens ``tree`` up to ``treedef``; on a mismatch names both structures.
+
+  Args:
+    treedef: the structure expected.
+    tree: the tree to flatten.
+    what: the tree's name, for the message.
+    like: what has the structure ``treedef``, for the message.
+
+  Returns:
+    The subtrees of ``tree`` at the leaves of ``treedef``.
+  """
   try:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
     raise ValueError(
-      f"{what} must be a pytree with the structure of the params "
-      f"({treedef}), got {what}={tree!r}."
+      f"{what} must have the structure of {like}, {treedef}; got "
+      f"{jax.tree.structure(tree, is_leaf=_is_none)}."
     ) from e
 
 
@@ -316,13 +326,7 @@ class Layering:
 
   def flatten_as(self, tree: Any, what: str) -> list:
     """:meth:`flatten`, with an error naming both structures on a mismatch."""
-    try:
-      return self.flatten(tree)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-        f"{what} must have the structure of the gradients, "
-        f"{self.treedef}; got {jax.tree.structure(tree, is_leaf=_is_none)}."
-      ) from e
+    return flatten_like(self.treedef, tree, what, "the gradients")
 
   def check_names(self, names: "LayerNames", what: str = "the state") -> None:
     """Raises if ``names`` (from a state's ``init``) are not these layers.
@@ -447,11 +451,11 @@ def _make_layering(tree: Any, spec: LayerSpec) -> Layering:
     mask_leaves = [True] * len(with_path)
   else:
     mask_tree = mask(tree) if callable(mask) else mask
-    mask_leaves = _flatten_like(treedef, mask_tree, "mask")
+    mask_leaves = flatten_like(treedef, mask_tree, "mask", "the params")
   if layer_axes is None or isinstance(layer_axes, int) or callable(layer_axes):
     axes_leaves = [layer_axes] * len(with_path)
   else:
-    axes_leaves = _flatten_like(treedef, layer_axes, "layer_axes")
+    axes_leaves = flatten_like(treedef, layer_axes, "layer_axes", "the params")
 
   index: dict[Hashable, int] = {}
   names: list[str] = []
@@ -582,6 +586,11 @@ def state_names(params: Any, layering: Layering) -> LayerNames:
   if is_params_placeholder(params):
     return _PlaceholderLayerNames()
   return LayerNames(layering.names)
+
+
+def prefixed(state: Any, prefix: str, fields: Sequence[str]) -> dict[str, Any]:
+  """``{prefix + field: state.field}``: a state's per-layer arrays to log."""
+  return {prefix + field: getattr(state, field) for field in fields}
 
 
 def top_k_mask(values: jax.Array, k: int | None) -> jax.Array:

@@ -40,6 +40,11 @@ class Entry:
     return self.name
 
 
+def ready(*args, **kwargs) -> Entry:
+  """An entry for an optimizer with its own learning rate (no SGD after it)."""
+  return Entry(*args, learning_rate=None, **kwargs)
+
+
 REGISTRY = [
   Entry(
     "scale_by_lgm",
@@ -66,22 +71,20 @@ REGISTRY = [
     ("beta", "eps", "power", "max_scale"),
     target=0.65,
   ),
-  Entry(
+  ready(
     "lgm",
     optax_lgm.lgm,
     dict(learning_rate=0.05, weight_decay=1e-4),
     ("learning_rate", "beta", "weight_decay"),
-    learning_rate=None,
     nan_safe=False,
     target=0.65,
   ),
   # The defaults: weight_decay=0 is a number here and an array when injected.
-  Entry(
+  ready(
     "lgm_defaults",
     optax_lgm.lgm,
     dict(learning_rate=0.05),
     ("learning_rate", "momentum", "weight_decay"),
-    learning_rate=None,
     nan_safe=False,
     target=0.65,
   ),
@@ -108,31 +111,28 @@ REGISTRY = [
     ("beta", "sigma"),
     0.02,
   ),
-  Entry(
+  ready(
     "dgs",
     optax_lgm.dgs,
     dict(learning_rate=0.01),
     ("learning_rate", "momentum", "weight_decay", "beta", "sigma"),
-    learning_rate=None,
     nan_safe=False,
   ),
-  Entry(
+  ready(
     "dgs_paper_sum_no_momentum",
     optax_lgm.dgs,
     dict(learning_rate=3.0, momentum=None, denominator="sum", weight_decay=1e-4),
     ("learning_rate", "weight_decay"),
-    learning_rate=None,
     nan_safe=False,
   ),
-  Entry(
+  ready(
     "layer_sam",
     optax_lgm.layer_sam,
     dict(optimizer=optax.sgd(0.1, momentum=0.9), rho=0.05, k=2),
     ("rho", "k", "eta", "eps", "norm_decay"),
-    learning_rate=None,
     needs_grad_fn=True,
   ),
-  Entry(
+  ready(
     "layer_sam_leaf_recompute_adaptive_global",
     optax_lgm.layer_sam,
     dict(
@@ -145,10 +145,9 @@ REGISTRY = [
       adaptive=True,
     ),
     ("rho", "k", "eta"),
-    learning_rate=None,
     needs_grad_fn=True,
   ),
-  Entry(
+  ready(
     "layer_sam_every_layer_rho_schedule",
     optax_lgm.layer_sam,
     dict(
@@ -157,7 +156,6 @@ REGISTRY = [
       k=None,
     ),
     ("rho",),
-    learning_rate=None,
     needs_grad_fn=True,
   ),
   Entry(
