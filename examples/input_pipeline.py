@@ -29,7 +29,7 @@ so that adversarial perturbations and noise act on pixels.
 TFDS data dir (``data_dir``, else ``$TFDS_DATA_DIR``, else
 ``~/tensorflow_datasets``) the first time it is asked for, in well under a
 second. ``fashion_mnist`` is TFDS's dataset of that name, prepared on first
-use (about a minute) from the four original idx files found in ``manual_dir``
+use (30 s on 2 cores) from the four original idx files found in ``manual_dir``
 (default `FASHION_MNIST_DIR`, where ``apt-get install dataset-fashion-mnist``
 puts them), with no download; see `FashionMnistFromFiles`. The other datasets
 must already be prepared there in the ``array_record`` format; see
@@ -365,7 +365,7 @@ def get_datasets(
 
   ``digits`` is prepared on first use (offline, under a second).
   ``fashion_mnist``, if not prepared yet, is prepared from the idx files in
-  ``manual_dir`` (offline, about a minute; `FashionMnistFromFiles`), or, when
+  ``manual_dir`` (offline, 30 s on 2 cores; `FashionMnistFromFiles`), or, when
   they are missing and ``download=True``, downloaded by TFDS's own builder.
   Other datasets are only downloaded when ``download=True``; otherwise they
   must already be prepared in the ``array_record`` format under ``data_dir``.
