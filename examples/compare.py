@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from examples import train  # noqa: E402
+from examples.config import UsageError, quiet  # noqa: E402
 from examples.optimizers import DEFAULT_LEARNING_RATES, OPTIMIZERS  # noqa: E402
 
 PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png")
@@ -204,20 +205,27 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Command line: runs the comparison; returns what results.json holds, plus plots."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dataset", default="digits")
-  parser.add_argument("--model", default="cnn")
-  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--eval_every", type=int, default=5, help="steps; 0: per epoch")
-  parser.add_argument("--target", type=float, default=0.95)
-  parser.add_argument("--pgd_steps", type=int, default=5)
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--out", default="results")
-  parser.add_argument("--no_progress", action="store_true")
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  add = parser.add_argument
+  add("--dataset", default="digits", help="a dataset of examples.input_pipeline")
+  add("--model", default="cnn", help="a model of examples.models")
+  add("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names")
+  add("--seeds", type=int, default=3, help="runs per optimizer (seeds 0, 1, ...)")
+  add("--epochs", type=int, default=10, help="passes over the training set")
+  add("--batch_size", type=int, default=64, help="examples per step")
+  add(
+    "--eval_every", type=int, default=5, help="steps between evaluations; 0: per epoch"
+  )
+  add("--target", type=float, default=0.95, help="test accuracy of the time to target")
+  add("--pgd_steps", type=int, default=5, help="steps of PGD in the robustness table")
+  add("--data_dir", default=None, help="the TFDS data dir (default: TFDS's)")
+  add("--out", default="results", help="where results.json and the plots go")
+  add("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
+  quiet()
 
   optimizers = [name for name in args.optimizers.split(",") if name]
   for name in optimizers:
@@ -247,9 +255,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           progress=not args.no_progress,
           checkpoints=False,  # The workdirs are thrown away.
         )
-        runs[name].append(
-          train.train_and_evaluate(config, os.path.join(workdirs, f"{name}_{seed}"))
-        )
+        workdir = os.path.join(workdirs, f"{name}_{seed}")
+        try:
+          runs[name].append(train.train_and_evaluate(config, workdir))
+        except UsageError as error:  # One line, no traceback.
+          parser.exit(2, f"error: {error}\n")
   elapsed = time.perf_counter() - start
 
   summary = summarize(runs, args.target)

@@ -144,6 +144,11 @@ def check(config: Config) -> None:
     raise UsageError(f"max_steps={config.max_steps} must be at least 1")
 
 
+def quiet() -> None:
+  """Silences TFDS's warning, on every run, that OpenCV is missing (PIL decodes)."""
+  logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
+
+
 def _argument_type(hint):
   """The ``argparse`` type of a field: its type, without ``None``."""
   if typing.get_origin(hint) not in (typing.Union, types.UnionType):
@@ -171,8 +176,7 @@ def parse(
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     **parser_kwargs,
   )
-  # TFDS's image decoder warns on every run that OpenCV is missing; PIL decodes.
-  logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
+  quiet()
 
   def error(message: str) -> typing.NoReturn:  # One line, no usage block.
     parser.exit(2, f"{parser.prog}: error: {message}\n")

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from examples import compare, input_pipeline, train
 from examples import config as config_lib
-from examples import input_pipeline, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,11 @@ def test_a_run_prints_no_warning(data_dir, tmp_path):
   assert result.returncode == 0, result.stderr
   assert result.stderr.strip() == "", result.stderr
   assert "epoch 1: step 1 " in result.stdout
+
+
+def test_compare_user_error_prints_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    compare.main(["--dataset=nope", "--seeds=1", f"--out={tmp_path}", "--no_progress"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "nope" in err, err
