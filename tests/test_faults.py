@@ -229,8 +229,15 @@ def test_killed_run_resumes_to_the_same_end(kinds, seed, reference, tmp_path):
     assert happened[kinds.index("write")] == "killed in a write", happened
 
 
-DAMAGES = ("truncate_array_file", "delete_model", "delete_progress", "empty_metadata")
+DAMAGES = ("delete_model", "delete_progress", "truncate_array_file")
 """Ways `_damage` breaks a checkpoint."""
+
+TRUNCATED_ISSUE = (
+  "a truncated array file is reported in one line and the run goes on from "
+  "the checkpoint before, but orbax's other reads of that checkpoint, left "
+  "pending, at times print 'Exception ignored in: <coroutine ...>' and a "
+  "traceback as they are collected (not strict: it comes and goes)"
+)
 
 
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
@@ -242,8 +249,6 @@ def _damage(checkpoint: pathlib.Path, how: str) -> None:
     shutil.rmtree(checkpoint / "model")
   elif how == "delete_progress":
     shutil.rmtree(checkpoint / "progress")
-  elif how == "empty_metadata":
-    (checkpoint / "_CHECKPOINT_METADATA").write_text("")
   else:
     raise ValueError(f"unknown damage how={how!r}")
 

@@ -5,8 +5,9 @@ devices each (XLA:CPU then runs the collectives over Gloo), train on a
 4-device ``"data"`` axis that spans both, as two hosts would; a third run,
 one process on one device, is the reference. For every optimizer of the
 trainer, the runs must end with the same parameters and optimizer state
-(``rtol=1e-5``) and the same training loss. The compiler settings are the
-trainer's own: the test adds nothing to ``XLA_FLAGS`` but the device count.
+(each leaf within 1e-4 of its largest entry) and the same training loss.
+The compiler settings are the trainer's own: the test adds nothing to
+``XLA_FLAGS`` but the device count.
 
 Each case starts three Python processes (one to two minutes on two busy
 cores), so by default only ``layer_sam`` (both selection modes: the
@@ -180,4 +181,10 @@ def test_two_processes_train_as_one(case, data_dir, tmp_path):
   assert step_one == step_two == STEPS
   assert actual.keys() == expected.keys()
   for key, value in expected.items():
-    np.testing.assert_allclose(actual[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    # Each leaf within 1e-4 of its largest entry: 4 devices sum the gradient
+    # in another order than one, and Adam's g / sqrt(v) makes that rounding
+    # 1.8e-5 of conv2's largest weight after 4 steps, even in one process
+    # without Gloo. The known issue is 7e-3 (weights) and 2.3e-2 (momentum).
+    error = np.max(np.abs(actual[key] - value), initial=0.0)
+    scale = np.max(np.abs(value), initial=0.0)
+    assert error <= 1e-4 * scale + 1e-7, (key, error, scale)
