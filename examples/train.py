@@ -60,10 +60,11 @@ def train_step(model, optimizer, images, labels, selection=None):
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   rest = nnx.as_pure(rest)  # The second pass leaves BatchNorm statistics alone.
 
-  def grad_fn(params, _):
-    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), images, labels))(
-      params
-    )
+  def grad_fn(params, _):  # The gradient at SAM's perturbed parameters.
+    def perturbed_loss(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), images, labels)
+
+    return jax.grad(perturbed_loss)(params)
 
   statistics = nnx.as_pure(nnx.state(model, nnx.BatchStat))
   loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
