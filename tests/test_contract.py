@@ -104,13 +104,6 @@ REGISTRY = [
     ("beta", "sigma", "gamma"),
     0.02,
   ),
-  Entry(
-    "scale_by_dgs_mean",
-    optax_lgm.scale_by_dgs,
-    dict(denominator="mean", reduction="layer"),
-    ("beta", "sigma"),
-    0.02,
-  ),
   ready(
     "dgs",
     optax_lgm.dgs,

@@ -26,7 +26,9 @@ def grad_sequence(steps=4, seed=0):
   ]
 
 
-def dgs_reference(grads_seq, *, beta, sigma, gamma, reduction, importance_decay):
+def dgs_reference(
+  grads_seq, *, beta, sigma, gamma, reduction, importance_decay, denominator="sum"
+):
   """Plain NumPy (float64) DGS, step by step."""
   importance = None
   outputs = []
@@ -40,11 +42,16 @@ def dgs_reference(grads_seq, *, beta, sigma, gamma, reduction, importance_decay)
       d = importance_decay
       importance = {k: d * importance[k] + (1 - d) * np.abs(g[k]) for k in g}
     weighted = {k: gamma[k] * importance[k] for k in g}
+    mean = denominator == "mean"
     if reduction == "global":
-      total = sigma + sum(np.sum(w) for w in weighted.values())
-      denom = {k: total for k in g}
+      total = sum(np.sum(w) for w in weighted.values())
+      if mean:
+        total /= sum(w.size for w in weighted.values())
+      denom = {k: sigma + total for k in g}
     elif reduction == "layer":
-      denom = {k: sigma + np.sum(weighted[k]) for k in g}
+      denom = {
+        k: sigma + (np.mean(weighted[k]) if mean else np.sum(weighted[k])) for k in g
+      }
     else:
       denom = {k: sigma + weighted[k] for k in g}
     outputs.append({k: beta * g[k] / denom[k] for k in g})
@@ -69,7 +76,8 @@ def run_dgs(grads_seq, **kwargs):
 @pytest.mark.parametrize("reduction", ["global", "layer", "element"])
 @pytest.mark.parametrize("importance_decay", [None, 0.9])
 @pytest.mark.parametrize("tree_gamma", [False, True])
-def test_matches_numpy_reference(reduction, importance_decay, tree_gamma):
+@pytest.mark.parametrize("denominator", ["sum", "mean"])
+def test_matches_numpy_reference(reduction, importance_decay, tree_gamma, denominator):
   grads_seq = grad_sequence()
   if tree_gamma:
     rng = np.random.default_rng(1)
@@ -80,7 +88,11 @@ def test_matches_numpy_reference(reduction, importance_decay, tree_gamma):
     jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), gamma) if tree_gamma else 0.7
   )
   kwargs = dict(
-    beta=2.0, sigma=1e-3, reduction=reduction, importance_decay=importance_decay
+    beta=2.0,
+    sigma=1e-3,
+    reduction=reduction,
+    importance_decay=importance_decay,
+    denominator=denominator,
   )
   got = run_dgs(grads_seq, gamma=tx_gamma, **kwargs)
   want = dgs_reference(grads_seq, gamma=gamma, **kwargs)
