@@ -19,6 +19,7 @@ its slice and build the global batch with
 ``metrics.json``; orbax coordinates the checkpoint writes.
 """
 
+import os
 from collections.abc import Mapping
 
 import jax
@@ -28,13 +29,31 @@ from jax.sharding import PartitionSpec as P
 
 from examples.config import UsageError
 
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+"""The XLA flag that turns off XLA:CPU's YNN fusions (see `initialize`)."""
+
 
 def initialize(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
   process_id: int | None = None,
 ) -> None:
-  """Joins the other hosts (``jax.distributed.initialize``), before any JAX work."""
+  """Joins the other hosts (``jax.distributed.initialize``), before any JAX work.
+
+  On XLA:CPU, collectives between processes go through Gloo, and with XLA's
+  YNN fusions on, ``layer_sam``'s dynamic step then computes some gradients
+  a few percent off the one-process values (jax 0.10.2; see the sharding
+  guide). So unless ``XLA_FLAGS`` already sets
+  ``--xla_cpu_experimental_ynn_fusion_type``, the YNN fusions are turned off
+  here, and one line says so. The flag only affects XLA:CPU.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {YNN_OFF}".strip()
+    print(
+      f"XLA:CPU with Gloo collectives: YNN fusions off (XLA_FLAGS+={YNN_OFF}) "
+      "for exact multi-process results; see docs/guides/sharding.rst"
+    )
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
