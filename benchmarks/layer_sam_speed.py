@@ -184,7 +184,7 @@ def train_selection(task: Task, args, data, mask=None) -> dict[str, Any]:
     every=args.reselect_every,
   )
   params, stats, state = task.params, task.stats, tx.init(task.params)
-  names = optax_lgm.layer_names(params, args.layers)
+  names = optax_lgm.layer_names(params, args.layers, mask=mask)
   start = time.perf_counter()
   for _, (x, y) in zip(range(args.train_steps), batches(*data, args.batch, seed=1)):
     params, stats, state, loss = step(params, stats, state, x, y)
