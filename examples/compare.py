@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   )
   add("--target", type=float, default=0.95, help="test accuracy of the time to target")
   add("--pgd_steps", type=int, default=5, help="steps of PGD in the robustness table")
+  add(
+    "--robustness_examples",
+    type=int,
+    default=None,
+    help="evaluate robustness on the first N test images (default: all)",
+  )
   add("--data_dir", default=None, help="the TFDS data dir (default: TFDS's)")
   add("--out", default="results", help="where results.json and the plots go")
   add("--no_progress", action="store_true", help="no progress bars")
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           eval_every=args.eval_every,
           target_accuracy=args.target,
           pgd_steps=args.pgd_steps,
+          robustness_examples=args.robustness_examples,
           progress=not args.no_progress,
           checkpoints=False,  # The workdirs are thrown away.
         )

@@ -86,6 +86,9 @@ class Config:
     (0.04, 0.06, 0.08, 0.09, 0.10), "Gaussian noise levels, on the pixel scale"
   )
   pgd_steps: int = _field(5, "steps of PGD")
+  robustness_examples: int | None = _field(
+    None, "evaluate robustness on the first N test images (default: all of them)"
+  )
   progress: bool = _field(True, "show a progress bar")
   max_steps: int | None = _field(
     None, "stop after this many steps in all, with a checkpoint (default: all epochs)"
@@ -142,6 +145,10 @@ def check(config: Config) -> None:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
   if config.max_steps is not None and config.max_steps < 1:
     raise UsageError(f"max_steps={config.max_steps} must be at least 1")
+  if config.robustness_examples is not None and config.robustness_examples < 1:
+    raise UsageError(
+      f"robustness_examples={config.robustness_examples} must be at least 1"
+    )
 
 
 def quiet() -> None:

@@ -247,8 +247,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   if config.robustness:
     settings = {k: getattr(config, k) for k in ("eps_list", "sigmas", "pgd_steps")}
     key = jax.random.key(config.seed + 1)
+    n = config.robustness_examples
     results["robustness"] = robustness.evaluate_robustness(
-      model, test["image"], test["label"], key=key, **settings
+      model, test["image"][:n], test["label"][:n], key=key, **settings
     )
   write()
   return results
