@@ -66,6 +66,7 @@ def test_flags_fill_the_config():
     (["--batch_size=5000"], "exceeds the 1437 training examples"),
     (["--model=mlp"], "invalid choice: 'mlp'"),
     (["--dataset=nope"], "nope"),
+    (["--robustness_examples=0"], "robustness_examples=0 must be at least 1"),
   ],
 )
 def test_user_errors_print_one_line_and_exit_2(
