@@ -363,7 +363,7 @@ def defaults(args) -> None:
   data = cifar_shaped_digits()
   task = Task(data[0])
   ks = [int(k) for k in args.ks.split(",")]
-  configs = [(layers, k, None) for layers in ("leaf", "module") for k in ks]
+  configs = [(layers, k, "") for layers in ("leaf", "module") for k in ks]
   configs += [("module", k, args.budget) for k in ks]
   identity = optax.identity()
   full = optax_lgm.layer_sam(identity, rho=args.rho, k=None, unselected="recompute")
@@ -373,7 +373,7 @@ def defaults(args) -> None:
       rho=args.rho,
       k=k,
       layers=layers,
-      mask=None if budget is None else budget_mask(budget),
+      mask=budget_mask(budget) if budget else None,
     )
     for layers, k, budget in configs
   }
@@ -442,7 +442,7 @@ def defaults(args) -> None:
   for layers, k, budget in configs:
     recs = records[(layers, k, budget)]
     names = optax_lgm.layer_names(
-      task.params, layers, mask=None if budget is None else budget_mask(budget)
+      task.params, layers, mask=budget_mask(budget) if budget else None
     )
     sels = [tuple(np.flatnonzero(r["selected"]).tolist()) for r in recs]
     common = collections.Counter(sels).most_common(1)[0][0]
@@ -463,7 +463,7 @@ def defaults(args) -> None:
       common=[names[j] for j in common],
       gflops=gf,
     )
-    rows[f"{layers}/{k}" + ("" if budget is None else f"/{budget}")] = row
+    rows[f"{layers}/{k}" + (f"/{budget}" if budget else "")] = row
     print(
       f"| {layers} | {k} | {budget or 'all'} | {row['captured']:.3f} | "
       f"{row['cosine']:.4f} | "
