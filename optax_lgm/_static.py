@@ -54,8 +54,10 @@ class StaticSelection:
   * **Step 0** runs in dynamic mode (``selection=None``): the top-:math:`k`
     layers are chosen in the graph, and the state records every layer's
     gradient norm.
-  * **Re-selection.** Before step :math:`t = 1` and before every step
-    :math:`t` that is a multiple of ``every``, the running norms :math:`a_l`
+  * **Re-selection.** Before step :math:`t = 1` (or, if no step has been
+    finite yet, as ``optax.apply_if_finite`` skips non-finite ones, before
+    the step after the first finite one) and before every step :math:`t`
+    that is a multiple of ``every``, the running norms :math:`a_l`
     of the state (``grad_norm_avg``, see :func:`~optax_lgm.select_layers`)
     give the candidate :math:`T`, the :math:`k` layers with the largest
     :math:`a_l`. A selection :math:`S` is scored by the squared gradient norm
@@ -212,7 +214,7 @@ class StaticSelection:
       self._used.append(self.selection)
     outputs = self.step_fn(*args, selection=self.selection, **kwargs)
     self.step += 1
-    if self.step == 1 or self.step % self.every == 0:
+    if self.selection is None or self.step % self.every == 0:
       self._reselect(outputs, args, kwargs)
     return outputs
 
@@ -237,6 +239,10 @@ class StaticSelection:
       jax.device_get(state.grad_norm_avg if self.by == "average" else state.grad_norm),
       dtype=np.float64,
     )
+    if not np.any(norms > 0):
+      # No finite step yet (the first was skipped, e.g. by apply_if_finite):
+      # stay in dynamic mode and try again after the next step.
+      return
     candidate = select_layers(state, self.k, by=self.by)
     if candidate not in self._used and len(self._used) >= self.max_compilations:
       compiled = [s for s in self._used if s is not None]

@@ -286,3 +286,18 @@ def test_missing_state_and_selection_argument_are_reported():
     helper(jnp.zeros(3), selection=(0,))
   with pytest.raises(TypeError, match="step_fn"):
     optax_lgm.StaticSelection(None)
+
+
+def test_a_skipped_first_step_keeps_dynamic_mode_until_a_finite_step():
+  tx = optax.apply_if_finite(_tx(), max_consecutive_errors=5)
+  helper = optax_lgm.StaticSelection(_make_step(tx), every=4)
+  params, opt_state = PARAMS, tx.init(PARAMS)
+  used = []
+  for t in range(6):
+    used.append(helper.selection)
+    weights = jnp.full((4,), jnp.nan) if t == 0 else _weights(t)
+    params, opt_state = helper(params, opt_state, weights)
+  # Step 0 was not finite, so step 1 still runs dynamically; it selects.
+  assert used[:2] == [None, None]
+  assert used[2] is not None and helper.changes[0] == (2, used[2])
+  chex.assert_tree_all_finite(params)
