@@ -522,7 +522,12 @@ def load_split(source: Sequence[Mapping[str, Any]], *, batch_size: int = 1024) -
     ``{'image': float32 [N, H, W, C] on [0, 1], 'label': int32 [N]}`` with all
     ``N = len(source)`` examples.
   """
-  batches = list(iterate(source, batch_size, shuffle=False, drop_remainder=False))
+  # Read in chunks directly (not through `iterate`, which the training loop
+  # uses and tests may replace).
+  n = len(source)
+  batches = [
+    _read(source, np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)
+  ]
   return {key: np.concatenate([b[key] for b in batches]) for key in ("image", "label")}
 
 
