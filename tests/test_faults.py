@@ -32,10 +32,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from _checkpoints import read_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -133,23 +132,6 @@ def _kill(command: list[str], kind: str, rng: random.Random, length: float) -> s
   return "finished first"
 
 
-def _read_checkpoint(workdir: pathlib.Path) -> tuple[int, dict[str, np.ndarray]]:
-  """The latest checkpoint's model and optimizer arrays, as NumPy, by path."""
-  folder = workdir / "checkpoints"
-  step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-  arrays = {}
-  for item in ("model", "optimizer"):
-    checkpointer = ocp.PyTreeCheckpointer()
-    path = folder / str(step) / item
-    tree = checkpointer.metadata(path).item_metadata.tree
-    as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
-    restore_args = jax.tree.map(lambda _, a=as_numpy: a, tree)
-    restored = checkpointer.restore(path, restore_args=restore_args)
-    for key, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
-      arrays[item + jax.tree_util.keystr(key)] = np.asarray(value)
-  return step, arrays
-
-
 def _without_timings(value):
   """``value`` (JSON) without the entries that measure wall-clock time."""
   if isinstance(value, dict):
@@ -165,7 +147,7 @@ def _without_timings(value):
 
 def _outcome(workdir: pathlib.Path):
   """What a finished run leaves: its step, arrays and metrics."""
-  step, arrays = _read_checkpoint(workdir)
+  step, arrays = read_checkpoint(workdir)
   metrics = json.loads((workdir / "metrics.json").read_text())
   metrics = _without_timings(metrics)
   metrics["config"].pop("resume", None)

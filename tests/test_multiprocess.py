@@ -24,10 +24,9 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from _checkpoints import read_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,26 +107,6 @@ def _run_all(commands: list[list[str]], env: dict) -> list[str]:
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output[-3000:]
   return outputs
-
-
-def read_checkpoint(workdir: pathlib.Path) -> tuple[int, dict[str, np.ndarray]]:
-  """The latest checkpoint's model and optimizer arrays, as NumPy, by path.
-
-  Read as plain arrays, whatever devices wrote them.
-  """
-  folder = workdir / "checkpoints"
-  step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-  arrays = {}
-  for item in ("model", "optimizer"):
-    checkpointer = ocp.PyTreeCheckpointer()
-    path = folder / str(step) / item
-    tree = checkpointer.metadata(path).item_metadata.tree
-    as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
-    restore_args = jax.tree.map(lambda _, a=as_numpy: a, tree)
-    restored = checkpointer.restore(path, restore_args=restore_args)
-    for key, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
-      arrays[item + jax.tree_util.keystr(key)] = np.asarray(value)
-  return step, arrays
 
 
 def _case(name: str):
