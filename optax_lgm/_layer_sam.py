@@ -530,7 +530,9 @@ def select_layers(
   """
   _common.check_choice("by", by, ("average", "last"))
   _selection.check_k(k)
-  state = _find_layer_sam_state(opt_state)
+  state = find_layer_sam_state(opt_state)
+  if state is None:
+    raise ValueError("opt_state holds no LayerSamState (from optax_lgm.layer_sam).")
   norms = np.asarray(
     jax.device_get(state.grad_norm_avg if by == "average" else state.grad_norm)
   )
@@ -549,11 +551,9 @@ def select_layers(
   return tuple(sorted(int(i) for i in order))
 
 
-def _find_layer_sam_state(opt_state: Any) -> LayerSamState:
-  """The first :class:`LayerSamState` in ``opt_state``."""
-  for node in jax.tree.leaves(
-    opt_state, is_leaf=lambda x: isinstance(x, LayerSamState)
-  ):
+def find_layer_sam_state(tree: Any) -> Optional[LayerSamState]:
+  """The first :class:`LayerSamState` in ``tree`` (a pytree), or ``None``."""
+  for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LayerSamState)):
     if isinstance(node, LayerSamState):
       return node
-  raise ValueError("opt_state holds no LayerSamState (from optax_lgm.layer_sam).")
+  return None

@@ -15,20 +15,20 @@ import jax
 import numpy as np
 
 from optax_lgm import _common
-from optax_lgm._layer_sam import LayerSamState, select_layers
+from optax_lgm._layer_sam import LayerSamState, find_layer_sam_state, select_layers
 
 Selection = Optional[tuple[int, ...]]
 
 
 def _find_layer_sam_state(tree: Any) -> Optional[LayerSamState]:
-  """The first :class:`LayerSamState` in ``tree``, or ``None``."""
-  if isinstance(tree, LayerSamState):
-    return tree
+  """The first :class:`LayerSamState` in ``tree``, or ``None``.
+
+  Looks into the ``opt_state`` of an ``nnx.Optimizer`` (at the top or among
+  the leaves) as well as into the pytree itself.
+  """
   opt_state = getattr(tree, "opt_state", None)  # An nnx.Optimizer.
-  if opt_state is not None:
-    found = _find_layer_sam_state(opt_state)
-    if found is not None:
-      return found
+  if opt_state is not None and (found := find_layer_sam_state(opt_state)) is not None:
+    return found
   try:
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LayerSamState))
   except TypeError:  # Objects that are not pytrees hold no state.
@@ -37,8 +37,7 @@ def _find_layer_sam_state(tree: Any) -> Optional[LayerSamState]:
     if isinstance(leaf, LayerSamState):
       return leaf
     if getattr(leaf, "opt_state", None) is not None:
-      found = _find_layer_sam_state(leaf.opt_state)
-      if found is not None:
+      if (found := find_layer_sam_state(leaf.opt_state)) is not None:
         return found
   return None
 
