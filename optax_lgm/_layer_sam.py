@@ -75,12 +75,14 @@ from optax_lgm._keep_top_k import keep_top_k_layers as keep_top_k_layers
 
 _NORMALIZE = ("selected", "global")
 _UNSELECTED = ("reuse", "recompute")
+_SCHEDULES = ("every", "random", "adaptive")
+_SKIPPED = ("plain", "orthogonal")
 _MaskedNode = getattr(optax, "MaskedNode", None)
 GradFn = Callable[[optax.Params, int], optax.Updates]
 
 
 class LayerSamState(NamedTuple):
-  """State of :func:`layer_sam`.
+  r"""State of :func:`layer_sam`.
 
   Attributes:
     count: number of finite steps taken (drives a ``rho`` schedule), int32.
@@ -89,10 +91,24 @@ class LayerSamState(NamedTuple):
     grad_norm_avg: an exponential moving average (decay ``norm_decay``,
       seeded with the first observation) of ``grad_norm``; what
       :func:`select_layers` ranks.
-    selected: 1 for the layers perturbed at the last finite step, else 0,
-      int32, shape ``[num_layers]``.
+    selected: 1 for the layers selected at the last finite step, else 0,
+      int32, shape ``[num_layers]``; they were perturbed if that step was (see
+      ``perturbed``).
     selected_count: how many steps each layer has been perturbed (the paper's
       Figure 5), int32, shape ``[num_layers]``.
+    perturbed: 1 if the last finite step ran the second pass (the
+      ``schedule`` chose it), else 0, int32.
+    perturbed_count: how many steps have run the second pass, int32.
+    sq_norm_avg: the running mean :math:`\mu` of the squared norm of the
+      first-pass gradient (AE-SAM's statistic; kept with every schedule),
+      float32.
+    sq_norm_var: its running variance :math:`\sigma^2`, float32.
+    key: the PRNG key of ``schedule="random"`` (a raw ``uint32[2]`` key, split
+      at each finite step; kept with every schedule).
+    orthogonal: with ``skipped="orthogonal"``, LookSAM's stored component
+      :math:`g_v` of the last SAM gradient orthogonal to its first-pass
+      gradient (shaped like the params, in their dtypes); else an
+      ``optax.EmptyState``.
     inner_state: the state of the wrapped optimizer.
     names: the layer names (static), in the order of the arrays above and of
       the indices of ``selection``.
@@ -103,13 +119,27 @@ class LayerSamState(NamedTuple):
   grad_norm_avg: jax.Array
   selected: jax.Array
   selected_count: jax.Array
+  perturbed: jax.Array
+  perturbed_count: jax.Array
+  sq_norm_avg: jax.Array
+  sq_norm_var: jax.Array
+  key: jax.Array
+  orthogonal: optax.Updates
   inner_state: optax.OptState
   names: _layers.LayerNames
 
   def diagnostics(self) -> dict[str, jax.Array]:
-    """Per-layer arrays to log, by statistic name."""
+    """Per-layer arrays to log, by statistic name.
+
+    ``sam_perturbed_steps`` is the number of steps that ran the second pass,
+    the same for every layer; ``sam_selected_count`` is each layer's own.
+    """
     fields = ("grad_norm", "grad_norm_avg", "selected", "selected_count")
-    return _layers.prefixed(self, "sam_", fields)
+    stats = _layers.prefixed(self, "sam_", fields)
+    stats["sam_perturbed_steps"] = jnp.broadcast_to(
+      self.perturbed_count, jnp.shape(self.selected)
+    )
+    return stats
 
 
 def _check_update_arguments(
@@ -169,6 +199,14 @@ def layer_sam(
   layer_axes: _layers.LayerAxes = None,
   mask: _layers.Mask = None,
   axis_name: _sharding.AxisName = None,
+  schedule: str = "every",
+  every: jax.typing.ArrayLike = 1,
+  probability: jax.typing.ArrayLike = 0.5,
+  seed: jax.typing.ArrayLike = 0,
+  threshold: optax.ScalarOrSchedule = 0.0,
+  threshold_decay: jax.typing.ArrayLike = 0.9,
+  skipped: str = "plain",
+  orthogonal_scale: jax.typing.ArrayLike = 0.7,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimisation that perturbs only the top-k layers.
 
@@ -259,6 +297,55 @@ def layer_sam(
   included) is left as it was; the returned updates are then not finite,
   which :func:`optax.apply_if_finite` detects and skips.
 
+  **Fewer SAM steps** (LookSAM, RST, AE-SAM). ``schedule`` decides at each
+  step :math:`t` (the count of finite steps) whether the second pass runs:
+
+  * ``"every"``: when :math:`t \bmod` ``every`` :math:`= 0` (LookSAM's and
+    init2winit's :math:`k`). The default ``every=1`` perturbs every step.
+  * ``"random"``: with probability ``probability`` (RST), drawn from a PRNG
+    key kept in the state (from ``seed``, split at each finite step), so a
+    run is reproducible and a resumed run draws what the uninterrupted one
+    would have.
+  * ``"adaptive"`` (AE-SAM): with :math:`s_t = \lVert g_t \rVert^2` (over
+    the layers that take part) and :math:`\delta` = ``threshold_decay``,
+
+    .. math::
+
+      \mu_t = \delta \mu_{t-1} + (1 - \delta) s_t, \qquad
+      \sigma_t^2 = \delta \sigma_{t-1}^2 + (1 - \delta) (s_t - \mu_t)^2,
+
+    the step is perturbed when :math:`s_t \ge \mu_t + c_t \sigma_t`, with
+    :math:`c_t` = ``threshold`` (a number or a schedule of :math:`t`). Our
+    reading of Jiang et al. (2023): :math:`\delta = 0.9` and :math:`c_t`
+    rising linearly from :math:`\lambda_1 = -1` to :math:`\lambda_2 = 1` over
+    the :math:`T` steps of the run, i.e. ``threshold=optax.linear_schedule(
+    -1.0, 1.0, T)``; the paper leaves :math:`\mu_0, \sigma_0` unstated, and
+    here the averages are seeded with the first step (:math:`\mu = s`,
+    :math:`\sigma = 0`: the first step is perturbed). As :math:`T` is not
+    known here, the default is the constant :math:`c = 0`, the middle of
+    that schedule.
+
+  A step that is not perturbed hands on (``skipped``) the first-pass
+  gradient :math:`g` (``"plain"``, an SGD step), or (``"orthogonal"``,
+  LookSAM) reuses the component of the last SAM gradient orthogonal to its
+  first-pass gradient: at a perturbed step
+  :math:`g_v = \tilde g - \frac{\langle g, \tilde g \rangle}{\lVert g
+  \rVert^2} g` is stored, and a skipped step hands on
+  :math:`g + \alpha \lVert g \rVert\, g_v / (\lVert g_v \rVert +
+  \varepsilon)`, :math:`\alpha` = ``orthogonal_scale`` (norms and inner
+  products over the leaves that carry a statistic; the others receive
+  :math:`g`).
+
+  The second pass runs inside :func:`jax.lax.cond`: one compilation serves
+  the perturbed and the skipped steps, and a skipped step costs about an SGD
+  step. The decision reads only the state and the first-pass norms of the
+  global gradient, the same on every device and process, so every device
+  takes the same branch. A literal ``every=1`` with ``schedule="every"``
+  (the default) builds no conditional: the step is that of SAM at every
+  step. Inside the conditional XLA cannot share the second forward pass with
+  the first, so a static ``selection`` saves less per perturbed step than
+  without a schedule (the unused gradient work is still pruned).
+
   Examples:
     >>> import jax
     >>> import jax.numpy as jnp
@@ -278,6 +365,17 @@ def layer_sam(
     (1,)
     >>> updates, state = tx.update(
     ...     grads, state, params, grad_fn=grad_fn, selection=(1,))
+
+    SAM every other step, reusing LookSAM's orthogonal component in between:
+
+    >>> tx = optax_lgm.layer_sam(
+    ...     optax.sgd(0.1), k=None, unselected="recompute", every=2,
+    ...     skipped="orthogonal")
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    >>> int(state.perturbed_count)
+    2
 
   Args:
     optimizer: the optimizer that receives the SAM gradient (e.g.
@@ -305,6 +403,22 @@ def layer_sam(
       whose devices each see their own gradient: per-device (m-sharpness)
       perturbations, with the selection and the gradient handed on averaged
       over that axis.
+    schedule: which steps run the second pass: ``"every"`` (every ``every``
+      steps), ``"random"`` (with probability ``probability``) or
+      ``"adaptive"`` (AE-SAM's rule).
+    every: the period of ``schedule="every"``, an int ``>= 1``.
+    probability: the probability of a perturbed step with
+      ``schedule="random"``, in ``[0, 1]``.
+    seed: the seed of the PRNG key of ``schedule="random"``, an int.
+    threshold: :math:`c_t` of ``schedule="adaptive"``, a number or a
+      schedule of the step count.
+    threshold_decay: :math:`\delta` of ``schedule="adaptive"``, the decay of
+      the running mean and variance of the squared gradient norm, in
+      ``[0, 1]``.
+    skipped: what a step that is not perturbed hands on: ``"plain"`` (the
+      first-pass gradient) or ``"orthogonal"`` (LookSAM's reuse).
+    orthogonal_scale: LookSAM's :math:`\alpha` (0.7 in its experiments, as we
+      read them), ``>= 0``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -313,13 +427,15 @@ def layer_sam(
 
   Raises:
     ValueError: for ``k < 1``, ``k`` larger than the number of layers,
-      ``rho < 0``, an unknown ``normalize`` / ``unselected`` / ``layers``, and
+      ``rho < 0``, an unknown ``normalize`` / ``unselected`` / ``layers`` /
+      ``schedule`` / ``skipped``, ``every < 1``, a ``probability`` or
+      ``threshold_decay`` outside ``[0, 1]``, ``orthogonal_scale < 0``, and
       (in ``update``) a missing ``grad_fn`` or ``params``, a ``selection``
       that is empty, repeats a layer or holds an index out of range, trees
       of other structures than the gradients, or a call from inside
       :func:`optax.partition`.
     TypeError: for an ``axis_name`` that is not ``None``, a str or a tuple
-      of str.
+      of str, and an ``every`` or ``seed`` that is not an int.
 
   References:
     Lee et al., `Layer-wise Adaptive Gradient Norm Penalizing Method for
@@ -332,6 +448,16 @@ def layer_sam(
     Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, 2021.
+
+    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.02714>`_ (LookSAM), 2022.
+
+    Zhao et al., `Randomized Sharpness-Aware Training for Boosting
+    Computational Efficiency in Deep Learning
+    <https://arxiv.org/abs/2203.09962>`_ (RST), 2022.
+
+    Jiang et al., `An Adaptive Policy to Employ Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2304.14647>`_ (AE-SAM), 2023.
   """
   _selection.check_k(k)
   if not callable(rho):
@@ -343,6 +469,19 @@ def layer_sam(
   _common.check_choice("unselected", unselected, _UNSELECTED)
   _common.check_choice("adaptive", adaptive, (False, True))
   _sharding.check_axis_name(axis_name)
+  _common.check_choice("schedule", schedule, _SCHEDULES)
+  _common.check_choice("skipped", skipped, _SKIPPED)
+  _check_int("every", every, lower=1)
+  _check_int("seed", seed)
+  _common.check_number("probability", probability, lower=0.0, upper=1.0)
+  if not callable(threshold):
+    _common.check_number("threshold", threshold)
+  _common.check_number("threshold_decay", threshold_decay, lower=0.0, upper=1.0)
+  _common.check_number("orthogonal_scale", orthogonal_scale, lower=0.0)
+  # A literal every=1 perturbs every step: no conditional, today's graph. An
+  # injected every (an array) takes the conditional whatever its value.
+  always = schedule == "every" and not isinstance(every, (jax.Array, np.ndarray))
+  always = always and every == 1
   spec = _layers.LayerSpec(layers, layer_axes, mask)
   inner = optax.with_extra_args_support(optimizer)
   f32 = jnp.float32
@@ -357,6 +496,14 @@ def layer_sam(
       grad_norm_avg=jnp.zeros([n], f32),
       selected=jnp.zeros([n], jnp.int32),
       selected_count=jnp.zeros([n], jnp.int32),
+      perturbed=jnp.zeros([], jnp.int32),
+      perturbed_count=jnp.zeros([], jnp.int32),
+      sq_norm_avg=jnp.zeros([], f32),
+      sq_norm_var=jnp.zeros([], f32),
+      key=jax.random.PRNGKey(seed),
+      orthogonal=(
+        optax.tree.zeros_like(params) if skipped == "orthogonal" else optax.EmptyState()
+      ),
       inner_state=inner.init(params),
       names=_layers.state_names(params, lay),
     )
@@ -389,20 +536,97 @@ def layer_sam(
       sel = _selection.static_mask(selection, lay)
       lay_sel = lay.restrict(sel)
 
-    coef = perturbation_coefficients(lay, updates, params, sq, sel, state.count)
-    adv = perturb(lay_sel, params, updates, coef)
-    adv = _sharding.vary_like(adv, updates, axis_name)
-    g2 = grad_fn(adv, 0)
-    lay.flatten_as(g2, "grad_fn's output")
-    sam_grads = merge(lay_sel, gbar, g2, sel)
+    def sam_step():
+      coef = perturbation_coefficients(lay, updates, params, sq, sel, state.count)
+      adv = perturb(lay_sel, params, updates, coef)
+      adv = _sharding.vary_like(adv, updates, axis_name)
+      g2 = grad_fn(adv, 0)
+      lay.flatten_as(g2, "grad_fn's output")
+      sam_grads = merge(lay_sel, gbar, g2, sel)
+      return sam_grads, store_orthogonal(lay, gbar, sam_grads, sq, state.orthogonal)
+
+    def plain_step():
+      return reuse_orthogonal(lay, gbar, sq, state.orthogonal), state.orthogonal
+
+    total_sq = jnp.sum(sq)
+    moments = sq_norm_moments(state, total_sq)
+    key, draw = jax.random.split(state.key)
+    if always:
+      take = jnp.ones([], bool)
+      sam_grads, orthogonal = sam_step()
+    else:
+      take = perturb_now(state, total_sq, moments, draw)
+      sam_grads, orthogonal = jax.lax.cond(take, sam_step, plain_step)
 
     out_sq = lay.reduce(jnp.square, sam_grads, dtype=f32)
-    finite = jnp.isfinite(jnp.sum(sq)) & jnp.isfinite(jnp.sum(out_sq))
+    finite = jnp.isfinite(total_sq) & jnp.isfinite(jnp.sum(out_sq))
     new_updates, inner_state = inner.update(
       sam_grads, state.inner_state, params, **extra_args
     )
-    new_state = next_state(state, norms, sel, inner_state)
+    new_state = next_state(
+      state, norms, sel, take, moments, key, orthogonal, inner_state
+    )
     return new_updates, optax.tree.where(finite, new_state, state)
+
+  def sq_norm_moments(state, total_sq):
+    """AE-SAM's running mean and variance of the squared gradient norm.
+
+    Seeded with the first step (mean ``s``, variance 0), as the other running
+    averages of this library.
+    """
+    first = state.count == 0
+    d = jnp.asarray(threshold_decay, f32)
+    mean = jnp.where(first, total_sq, d * state.sq_norm_avg + (1 - d) * total_sq)
+    var = d * state.sq_norm_var + (1 - d) * jnp.square(total_sq - mean)
+    return mean.astype(f32), jnp.where(first, 0.0, var).astype(f32)
+
+  def perturb_now(state, total_sq, moments, draw):
+    """Whether this step runs the second pass: a replicated scalar boolean.
+
+    It derives from the state (replicated) and the norm of the global
+    first-pass gradient only, so every device takes the same branch.
+    """
+    if schedule == "every":
+      return state.count % jnp.asarray(every, jnp.int32) == 0
+    if schedule == "random":
+      return jax.random.bernoulli(draw, jnp.asarray(probability, f32))
+    mean, var = moments
+    c = threshold(state.count) if callable(threshold) else threshold
+    return total_sq >= mean + jnp.asarray(c, f32) * jnp.sqrt(var)
+
+  def store_orthogonal(lay, gbar, sam_grads, sq, stored):
+    """LookSAM's ``g_v``: the SAM gradient's component orthogonal to ``g``."""
+    if skipped != "orthogonal":
+      return stored
+    products = lay.map(lambda g, s: g.astype(f32) * s.astype(f32), gbar, sam_grads)
+    dot = jnp.sum(lay.reduce(lambda x: x, products, dtype=f32))
+    total = jnp.sum(sq)
+    proj = jnp.where(total > 0, dot / jnp.where(total > 0, total, 1.0), 0.0)
+
+    def component(g, s, old):
+      v = s.astype(f32) - proj * g.astype(f32)
+      return v.astype(old.dtype)
+
+    return lay.map(
+      component,
+      gbar,
+      sam_grads,
+      stored,
+      missing=lambda g, s, old: jnp.zeros_like(old),
+    )
+
+  def reuse_orthogonal(lay, gbar, sq, stored):
+    """``g + alpha |g| g_v / |g_v|`` (LookSAM), or ``g`` with ``"plain"``."""
+    if skipped != "orthogonal":
+      return gbar
+    v_norm = jnp.sqrt(jnp.sum(lay.reduce(jnp.square, stored, dtype=f32)))
+    scale = jnp.asarray(orthogonal_scale, f32) * jnp.sqrt(jnp.sum(sq))
+    scale = scale / (v_norm + eps)
+
+    def reuse(g, v):
+      return (g.astype(f32) + scale * v.astype(f32)).astype(g.dtype)
+
+    return lay.map(reuse, gbar, stored)
 
   def perturbation_coefficients(lay, updates, params, sq, sel, count):
     """Per layer, rho over the norm of the perturbation where selected, else 0.
@@ -464,8 +688,8 @@ def layer_sam(
       per_layer=[sel],
     )
 
-  def next_state(state, norms, sel, inner_state):
-    """Norms, their running average, the selection and its counts."""
+  def next_state(state, norms, sel, take, moments, key, orthogonal, inner_state):
+    """Norms, their running averages, the selection and the counts."""
     first = state.count == 0
     avg = jnp.where(
       first, norms, norm_decay * state.grad_norm_avg + (1 - norm_decay) * norms
@@ -477,13 +701,34 @@ def layer_sam(
       grad_norm_avg=avg,
       selected=sel.astype(jnp.int32),
       selected_count=jnp.where(
-        sel, optax.safe_increment(state.selected_count), state.selected_count
+        sel & take, optax.safe_increment(state.selected_count), state.selected_count
       ),
+      perturbed=take.astype(jnp.int32),
+      perturbed_count=jnp.where(
+        take, optax.safe_increment(state.perturbed_count), state.perturbed_count
+      ),
+      sq_norm_avg=moments[0],
+      sq_norm_var=moments[1],
+      key=key,
+      orthogonal=orthogonal,
       inner_state=inner_state,
       names=state.names,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_int(name: str, value: Any, *, lower: Optional[int] = None) -> None:
+  """Raises for a Python value that is not an int (or is below ``lower``).
+
+  Arrays (an injected hyperparameter) are not checked.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {name}={value!r}.")
+  if lower is not None and value < lower:
+    raise ValueError(f"{name} must be an int >= {lower}, got {name}={value!r}.")
 
 
 def select_layers(

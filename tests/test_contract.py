@@ -151,6 +151,43 @@ REGISTRY = [
     ("rho",),
     needs_grad_fn=True,
   ),
+  # Perturbation schedules: the second pass under lax.cond. LookSAM's reuse
+  # adds a stale direction of norm 0.7 |g| at skipped steps, hence the target.
+  ready(
+    "layer_sam_every_3_orthogonal",
+    optax_lgm.layer_sam,
+    dict(optimizer=optax.sgd(0.1, momentum=0.9), k=1, every=3, skipped="orthogonal"),
+    ("rho", "every", "orthogonal_scale"),
+    needs_grad_fn=True,
+    target=0.35,
+  ),
+  ready(
+    "layer_sam_random",
+    optax_lgm.layer_sam,
+    dict(
+      optimizer=optax.sgd(0.1, momentum=0.9),
+      k=None,
+      unselected="recompute",
+      schedule="random",
+      probability=0.5,
+      seed=3,
+    ),
+    ("rho", "probability", "seed"),
+    needs_grad_fn=True,
+  ),
+  ready(
+    "layer_sam_adaptive_schedule",
+    optax_lgm.layer_sam,
+    dict(
+      optimizer=optax.sgd(0.1, momentum=0.9),
+      k=2,
+      schedule="adaptive",
+      threshold=optax.linear_schedule(-1.0, 1.0, 150),
+      skipped="orthogonal",
+    ),
+    ("rho", "threshold_decay", "orthogonal_scale"),
+    needs_grad_fn=True,
+  ),
   Entry(
     "keep_top_k_layers",
     optax_lgm.keep_top_k_layers,

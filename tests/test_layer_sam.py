@@ -360,6 +360,7 @@ def test_diagnostics_by_layer_name():
     "sam_grad_norm_avg",
     "sam_selected",
     "sam_selected_count",
+    "sam_perturbed_steps",
   }
   assert set(stats["sam_grad_norm"]) == {"a", "b", "c", "d"}
   assert sum(stats["sam_selected"].values()) == 2
