@@ -16,6 +16,7 @@ import types
 import typing
 from collections.abc import Sequence
 
+from examples.input_pipeline import DATASETS
 from examples.models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
@@ -38,11 +39,13 @@ def _field(default, help_text: str, **kwargs):
 class Config:
   """Settings of one training run; the help text of each field is its flag's."""
 
-  dataset: str = _field("digits", "a dataset of examples.input_pipeline")
+  dataset: str = _field("digits", "the dataset", choices=DATASETS)
   model: str = _field("cnn", "the model", choices=MODELS)
   optimizer: str = _field("sgd", "the optimizer", choices=OPTIMIZERS)
   learning_rate: float | None = _field(
-    None, "learning rate (default: the optimizer's, see DEFAULT_LEARNING_RATES)"
+    None,
+    "learning rate (default: the optimizer's, from DEFAULT_LEARNING_RATES in "
+    "examples/optimizers.py; recorded in metrics.json)",
   )
   epochs: int = _field(5, "passes over the training set")
   batch_size: int = _field(64, "examples per step (per micro-batch with grad_accum)")
@@ -125,7 +128,7 @@ RESUME_KEYS = (
 
 def check(config: Config) -> None:
   """Raises `UsageError` if ``config`` cannot work (before anything is built)."""
-  for name in ("model", "optimizer", "dtype", "layer_sam_mode"):
+  for name in ("dataset", "model", "optimizer", "dtype", "layer_sam_mode"):
     choices = next(f for f in dataclasses.fields(Config) if f.name == name)
     choices = choices.metadata["choices"]
     if getattr(config, name) not in choices:
@@ -164,6 +167,15 @@ def _argument_type(hint):
   return kind
 
 
+def _help(help_text: str, default) -> str:
+  """``help_text`` with its default, unless the text already says it."""
+  if "(default:" in help_text:
+    return help_text
+  if isinstance(default, tuple):
+    default = " ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in default)
+  return f"{help_text} (default: {default})"
+
+
 def parse(
   argv: Sequence[str] | None = None, description: str = "", **parser_kwargs
 ) -> argparse.Namespace:
@@ -178,11 +190,10 @@ def parse(
     A namespace with ``config`` (a `Config`), ``workdir``, and the
     ``distributed`` settings. A bad value exits with status 2 and one line.
   """
-  parser = argparse.ArgumentParser(
-    description=description,
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    **parser_kwargs,
-  )
+  # The defaults are written into each help text by `_help` (argparse's
+  # ArgumentDefaultsHelpFormatter repeats those a text states, and gives
+  # --no_name the default of --name).
+  parser = argparse.ArgumentParser(description=description, **parser_kwargs)
   quiet()
 
   def error(message: str) -> typing.NoReturn:  # One line, no usage block.
@@ -194,25 +205,36 @@ def parse(
     kind = _argument_type(hints[field.name])
     flag, help_text = f"--{field.name}", field.metadata["help"]
     if kind is bool:  # --name and --no_name.
+      off = f"on; --no_{field.name} turns it off" if field.default else "off"
       group = parser.add_mutually_exclusive_group()
       group.add_argument(
-        flag, action="store_true", default=field.default, help=help_text
-      )
+        flag, action="store_true", default=field.default,
+        help=f"{help_text} (default: {off})",
+      )  # fmt: skip
       group.add_argument(
-        f"--no_{field.name}", dest=field.name, action="store_false", help="the opposite"
-      )
+        f"--no_{field.name}", dest=field.name, action="store_false",
+        help=argparse.SUPPRESS,
+      )  # fmt: skip
     elif typing.get_origin(kind) is tuple:
       item = typing.get_args(kind)[0]
       parser.add_argument(
-        flag, default=field.default, type=item, nargs="+", help=help_text
+        flag,
+        default=field.default,
+        type=item,
+        nargs="+",
+        help=_help(help_text, field.default),
       )
     else:
+      choices = field.metadata.get("choices")
+      if choices:
+        help_text = f"{help_text}, one of: {', '.join(choices)}"
       parser.add_argument(
         flag,
         default=field.default,
         type=kind,
-        help=help_text,
-        choices=field.metadata.get("choices"),
+        help=_help(help_text, field.default),
+        choices=choices,
+        metavar=field.name.upper() if choices else None,
       )
   parser.add_argument(
     "--workdir", default=None, help="output directory (default: workdir/OPTIMIZER)"
@@ -221,7 +243,7 @@ def parse(
   group.add_argument(
     "--distributed",
     action="store_true",
-    help="call jax.distributed.initialize() first (one process per host)",
+    help="call jax.distributed.initialize() first (one process per host; default: off)",
   )
   group.add_argument(
     "--coordinator_address",
@@ -229,14 +251,26 @@ def parse(
     help="with --distributed: HOST:PORT of process 0 (default: found by JAX)",
   )
   group.add_argument(
-    "--num_processes", type=int, default=None, help="with --distributed"
+    "--num_processes",
+    type=int,
+    default=None,
+    help="with --distributed: how many processes (default: found by JAX)",
   )
-  group.add_argument("--process_id", type=int, default=None, help="with --distributed")
+  group.add_argument(
+    "--process_id",
+    type=int,
+    default=None,
+    help="with --distributed: this process's index (default: found by JAX)",
+  )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   names = [f.name for f in dataclasses.fields(Config)]
   values = {name: getattr(args, name) for name in names}
   for name in ("eps_list", "sigmas"):
     values[name] = tuple(values[name])
+  if values["learning_rate"] is None:  # Recorded as the rate the run uses.
+    from examples.optimizers import DEFAULT_LEARNING_RATES  # noqa: PLC0415 A cycle.
+
+    values["learning_rate"] = DEFAULT_LEARNING_RATES[values["optimizer"]]
   cluster = (args.coordinator_address, args.num_processes, args.process_id)
   if not args.distributed and any(value is not None for value in cluster):
     error("--coordinator_address, --num_processes and --process_id need --distributed")

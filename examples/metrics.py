@@ -1,6 +1,8 @@
 """What `examples.train` records in ``metrics.json``, and its training clock.
 
-``metrics.json`` holds ``config``, ``devices`` (the size of the ``"data"``
+``metrics.json`` holds ``config`` (the settings as given), ``learning_rate``
+(the rate actually used: ``config``'s, or the optimizer's default where that
+is ``None``), ``devices`` (the size of the ``"data"``
 axis and the number of processes), ``history`` (per epoch: ``epoch``,
 ``step``, ``train_loss``, ``test_accuracy``, ``images_per_s`` and the
 ``layer_stats`` of the optimizer state), ``curve`` (``step``,
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 import optax_lgm
+from examples.optimizers import DEFAULT_LEARNING_RATES
 
 
 def to_json(value: Any) -> Any:
@@ -32,6 +35,17 @@ def to_json(value: Any) -> Any:
   if isinstance(value, dict):
     return {str(k): to_json(v) for k, v in value.items()}
   return np.asarray(value).tolist()
+
+
+def learning_rate_used(config: Any) -> float | None:
+  """``config.learning_rate``, or the optimizer's default where it is ``None``.
+
+  The default is `examples.optimizers.DEFAULT_LEARNING_RATES`, as in
+  `examples.optimizers.make_optimizer`.
+  """
+  if config.learning_rate is not None:
+    return config.learning_rate
+  return DEFAULT_LEARNING_RATES.get(config.optimizer)
 
 
 def layer_stats(opt_state: Any) -> dict[str, Any]:
@@ -71,6 +85,7 @@ class Metrics:
     self.target_accuracy = target_accuracy
     self.data: dict[str, Any] = {
       "config": dataclasses.asdict(config),
+      "learning_rate": learning_rate_used(config),
       **extra,
       "history": [],
       "curve": [],

@@ -4,6 +4,7 @@ Numeric hyperparameters may be arrays or tracers (``optax.inject_hyperparams``),
 so they are checked only when given as plain Python numbers.
 """
 
+import inspect
 from typing import Any, Optional
 
 import jax
@@ -55,8 +56,7 @@ def check_float_dtype(name: str, dtype: Any) -> None:
     is_float = False
   if not is_float:
     raise TypeError(
-      f"{name} must be a floating-point dtype (e.g. jnp.float32), "
-      f"got {name}={dtype!r}."
+      f"{name} must be a floating-point dtype (e.g. jnp.float32), got {name}={dtype!r}."
     )
 
 
@@ -68,6 +68,60 @@ def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
       f"{low_name} must not exceed {high_name}, got {low_name}={low!r} and "
       f"{high_name}={high!r}."
     )
+
+
+def check_optimizer(name: str, optimizer: Any) -> None:
+  """Raises a ``TypeError`` unless ``optimizer`` is a gradient transformation.
+
+  Names the likely slip: the factory (``optax.sgd``) or a learning rate
+  given where the transformation (``optax.sgd(0.05)``) belongs.
+  """
+  if isinstance(optimizer, optax.GradientTransformation) or (
+    hasattr(optimizer, "init") and hasattr(optimizer, "update")
+  ):
+    return
+  example = "optax.sgd(0.05, momentum=0.9)"
+  if callable(optimizer):
+    factory = getattr(optimizer, "__qualname__", repr(optimizer))
+    slip = (
+      f"the function {factory} itself: call it, e.g. {example} "
+      "(optax.sgd(lr), not optax.sgd)"
+    )
+  else:
+    slip = (
+      f"{name}={optimizer!r}: the learning rate goes inside the optimizer, "
+      f"e.g. optax.sgd({optimizer!r}, momentum=0.9)"
+    )
+  raise TypeError(
+    f"{name} must be an optax.GradientTransformation such as {example}, got {slip}."
+  )
+
+
+def check_grad_fn(grad_fn: Any) -> None:
+  """Raises a ``TypeError`` unless ``grad_fn`` can be called as ``(params, i)``.
+
+  The signature is that of :func:`optax.contrib.sam`'s opaque mode:
+  ``grad_fn(params, i) -> grads``. Callables without a signature that
+  :mod:`inspect` can read are not checked.
+  """
+  expected = (
+    "grad_fn must be a function grad_fn(params, i) -> grads (optax.contrib.sam's "
+    "opaque-mode signature; e.g. jax.grad(lambda p, _: loss(p, batch)))"
+  )
+  if not callable(grad_fn):
+    raise TypeError(f"{expected}, got grad_fn={grad_fn!r}.")
+  try:
+    signature = inspect.signature(grad_fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(None, 0)
+  except TypeError as e:
+    name = getattr(grad_fn, "__name__", type(grad_fn).__name__)
+    raise TypeError(
+      f"{expected}, got {name}{signature}, which cannot be called as "
+      f"grad_fn(params, i): {e}."
+    ) from None
 
 
 def add_decayed_weights(

@@ -20,10 +20,13 @@ class ScaleByDgsState(NamedTuple):
     count: number of finite steps seen (int32 scalar).
     importance: with ``importance_decay``, the EMA of ``|g|`` (a tree like the
       params, in ``stats_dtype``); otherwise ``None``.
+    names: the layer names and leaf shapes of the params given to ``init``
+      (static), against which ``update`` checks the gradients.
   """
 
   count: jax.Array  # type: ignore[assignment]  # Shadows tuple.count, as in optax.
   importance: Optional[optax.Updates]
+  names: _layers.LayerNames = _layers.LayerNames()
 
 
 def _gamma_leaves(gamma: Any, lay: _layers.Layering) -> list:
@@ -157,16 +160,19 @@ def scale_by_dgs(
   stats_dtype = jnp.float32 if stats_dtype is None else stats_dtype
 
   def init_fn(params: optax.Params) -> ScaleByDgsState:
+    lay = spec(params)
     if not _layers.is_params_placeholder(params):
-      _gamma_leaves(gamma, spec(params))
+      _gamma_leaves(gamma, lay)
     importance = None
     if importance_decay is not None:
       importance = optax.tree.zeros_like(params, dtype=stats_dtype)
-    return ScaleByDgsState(count=jnp.zeros([], jnp.int32), importance=importance)
+    names = _layers.state_names(params, lay)
+    return ScaleByDgsState(jnp.zeros([], jnp.int32), importance, names)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     lay = spec(updates)
+    lay.check_names(state.names, updates)
     abs_g = lay.map(lambda g: jnp.abs(g.astype(stats_dtype)), updates)
     finite = jnp.all(jnp.isfinite(lay.reduce(lambda a: a, abs_g, dtype=stats_dtype)))
     importance = _importance(lay, abs_g, state)
@@ -178,7 +184,7 @@ def scale_by_dgs(
       importance = optax.tree.where(finite, importance, state.importance)
     else:
       importance = None
-    return new_updates, ScaleByDgsState(count=count, importance=importance)
+    return new_updates, ScaleByDgsState(count, importance, state.names)
 
   def _importance(lay, abs_g, state):
     """This step's ``|g|``, or its EMA with ``importance_decay``."""

@@ -122,7 +122,7 @@ def keep_top_k_layers(
   def update_fn(updates, state, params=None):
     del params
     lay = spec(updates)
-    lay.check_names(state.names)
+    lay.check_names(state.names, updates)
     _selection.check_k_fits(k, lay.num_layers)
     gbar = _sharding.pmean_inexact(updates, axis_name)
     norms = jnp.sqrt(lay.reduce(jnp.square, gbar, dtype=jnp.float32))

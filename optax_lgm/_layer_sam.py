@@ -152,6 +152,7 @@ def _check_update_arguments(
       "gradients (as in optax.contrib.sam's opaque mode): "
       "tx.update(grads, state, params, grad_fn=grad_fn)."
     )
+  _common.check_grad_fn(grad_fn)
   if params is None:
     raise ValueError(
       "layer_sam's update needs params (the weights to perturb): "
@@ -246,7 +247,8 @@ def layer_sam(
     XLA prunes the rest of the second pass; the saving needs
     ``unselected="reuse"``. Pass ``selection`` as a static argument of
     ``jax.jit`` and re-select every few hundred steps with
-    :func:`select_layers` (see the module docstring for the loop).
+    :func:`select_layers`, or let :class:`optax_lgm.StaticSelection` do it
+    (the loop is on the "Partial-layer SAM" page of the documentation).
 
   On a device mesh under ``jax.jit``, the gradients are global whatever the
   sharding, and so is the perturbation. Inside ``jax.shard_map`` (or
@@ -482,6 +484,7 @@ def layer_sam(
   # injected every (an array) takes the conditional whatever its value.
   always = schedule == "every" and not isinstance(every, (jax.Array, np.ndarray))
   always = always and every == 1
+  _common.check_optimizer("optimizer", optimizer)
   spec = _layers.LayerSpec(layers, layer_axes, mask)
   inner = optax.with_extra_args_support(optimizer)
   f32 = jnp.float32
@@ -519,7 +522,7 @@ def layer_sam(
   ) -> tuple[optax.Updates, LayerSamState]:
     grad_fn = _check_update_arguments(updates, params, grad_fn)
     lay = spec(updates)
-    lay.check_names(state.names)
+    lay.check_names(state.names, updates)
     lay.flatten_as(params, "params")
     _selection.check_k_fits(k, lay.num_layers)
 

@@ -328,18 +328,27 @@ class Layering:
     """:meth:`flatten`, with an error naming both structures on a mismatch."""
     return flatten_like(self.treedef, tree, what, "the gradients")
 
-  def check_names(self, names: "LayerNames", what: str = "the state") -> None:
-    """Raises if ``names`` (from a state's ``init``) are not these layers.
+  def check_names(
+    self, names: "LayerNames", updates: Any = None, what: str = "the state"
+  ) -> None:
+    """Raises if ``updates`` are not shaped like the params given to ``init``.
+
+    Runs at trace time on static shapes, so it costs nothing under ``jit``.
 
     Args:
       names: the :class:`LayerNames` kept in a state.
+      updates: the tree given to ``update`` (``None``: check the layers only).
       what: what holds them, for the message.
 
     Raises:
-      ValueError: naming both lists of layers, when the gradients given to
-        ``update`` do not have the layers of the params given to ``init``.
+      ValueError: naming the first leaf whose path or shape differs from the
+        params given to ``init``, or both lists of layers.
     """
-    if isinstance(names, _PlaceholderLayerNames) or names.names == self.names:
+    if isinstance(names, _PlaceholderLayerNames):
+      return
+    if updates is not None and names.leaves:
+      check_like_init(names.leaves, updates)
+    if names.names == self.names:
       return
     raise ValueError(
       f"The gradients have the layers {self.names} (structure {self.treedef}), "
@@ -539,10 +548,16 @@ class LayerNames:
   """Static (non-array) layer names carried inside an optimizer state.
 
   It has no array leaves, so ``jit``, ``apply_if_finite`` and checkpointing see
-  only the arrays next to it; the names travel in the tree structure.
+  only the arrays next to it; the names travel in the tree structure. With
+  the names it keeps the path and shape of each leaf of the params given to
+  ``init``, so that ``update`` can say which leaf of the gradients differs.
   """
 
   names: tuple[str, ...] = ()
+  leaves: tuple[tuple[str, tuple[int, ...] | None], ...] = ()
+  """The path and shape of every leaf of the params given to ``init``
+  (``None`` for a ``None`` leaf), against which ``update`` checks its
+  gradients; empty: not checked."""
 
   def __len__(self) -> int:
     return len(self.names)
@@ -580,12 +595,63 @@ def state_names(params: Any, layering: Layering) -> LayerNames:
     layering: its :class:`Layering`.
 
   Returns:
-    ``LayerNames(layering.names)``; on the placeholder of
-    :func:`optax.tree.map_params`, a leaf that stands for the real names.
+    ``LayerNames`` with the layer names and the leaves' paths and shapes;
+    on the placeholder of :func:`optax.tree.map_params`, a leaf that stands
+    for the real names.
   """
   if is_params_placeholder(params):
     return _PlaceholderLayerNames()
-  return LayerNames(layering.names)
+  return LayerNames(layering.names, leaf_shapes(params))
+
+
+def leaf_shapes(tree: Any) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+  """``(path name, shape)`` of every leaf of ``tree``; ``None`` leaves kept."""
+  with_path, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+  return tuple(
+    (path_name(path), None if leaf is None else tuple(np.shape(leaf)))
+    for path, leaf in with_path
+  )
+
+
+def _some(names: list[str], most: int = 3) -> str:
+  """``names`` for a message: the first ``most`` of them, and how many more."""
+  shown = ", ".join(repr(name) for name in names[:most])
+  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_like_init(
+  expected: tuple[tuple[str, tuple[int, ...] | None], ...], updates: Any
+) -> None:
+  """Raises a ``ValueError`` naming the first leaf that differs from ``init``'s.
+
+  Args:
+    expected: :func:`leaf_shapes` of the params given to ``init``.
+    updates: the gradients given to ``update``.
+  """
+  got = leaf_shapes(updates)
+  if got == expected:
+    return
+  fix = "pass update gradients of the tree and shapes of the params given to init"
+  want, have = dict(expected), dict(got)
+  missing = [name for name in want if name not in have]
+  extra = [name for name in have if name not in want]
+  if missing or extra:
+    differences = []
+    if missing:
+      differences.append(f"lack the leaves {_some(missing)} of init's params")
+    if extra:
+      differences.append(f"have leaves {_some(extra)} that init's params do not")
+    raise ValueError(
+      f"The gradients {' and '.join(differences)} ({len(got)} leaves, init had "
+      f"{len(expected)}); {fix}."
+    )
+  for name, shape in got:
+    if shape != want[name]:
+      raise ValueError(
+        f"The gradients' leaf {name!r} has shape {shape}, but the params given "
+        f"to init had shape {want[name]} there; {fix}."
+      )
+  raise ValueError(f"The gradients' leaves are in another order than init's; {fix}.")
 
 
 def prefixed(state: Any, prefix: str, fields: Sequence[str]) -> dict[str, Any]:

@@ -178,7 +178,7 @@ def scale_by_lgm(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     lay = spec(updates)
-    lay.check_names(state.names)
+    lay.check_names(state.names, updates)
     first = state.count == 0
     var = layer_variance(lay, updates, state.mu, first)
     finite = jnp.all(jnp.isfinite(var))

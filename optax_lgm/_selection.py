@@ -67,6 +67,13 @@ def _index(item: Any, selection: Any, names: tuple[str, ...]) -> int:
         f"the layers are {names}."
       )
     return names.index(item)
+  if isinstance(item, jax.core.Tracer):
+    raise ValueError(
+      f"selection is traced ({type(item).__name__} in place of a layer index): "
+      "make it a static argument of the jitted step, "
+      "nnx.jit(step, static_argnames='selection') or "
+      "jax.jit(step, static_argnames='selection')."
+    )
   if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
     raise ValueError(
       f"selection must hold layer indices (ints) or names (str), got "
@@ -99,8 +106,9 @@ def static_mask(selection: Any, layering: _layers.Layering) -> np.ndarray:
   ):
     raise ValueError(
       "selection must be None (dynamic mode) or a tuple of layer indices or "
-      "names, hashable so that it can be a static argument of jax.jit "
-      "(jax.jit(step, static_argnames='selection')), got "
+      "names, hashable so that it can be a static argument of the jitted step "
+      "(jax.jit(step, static_argnames='selection'), or nnx.jit with the same "
+      "static_argnames='selection'), got "
       f"selection={selection!r} of type {type(selection).__name__}."
     )
   if len(selection) == 0 and layering.num_layers:

@@ -51,9 +51,60 @@ def test_flags_fill_the_config():
     ["--optimizer=lgm", "--no_robustness", "--sigmas", "0.1", "0.2", "--grad_accum=4"]
   )
   assert args.config == train.Config(
-    optimizer="lgm", robustness=False, sigmas=(0.1, 0.2), grad_accum=4
+    optimizer="lgm",
+    learning_rate=0.05,  # The optimizer's default, recorded as such.
+    robustness=False,
+    sigmas=(0.1, 0.2),
+    grad_accum=4,
   )
   assert args.workdir == "workdir/lgm"
+
+
+def _help_text(capsys) -> str:
+  with pytest.raises(SystemExit):
+    train.main(["--help"])
+  return capsys.readouterr().out
+
+
+def test_help_is_clean_and_lists_the_datasets(capsys):
+  text = _help_text(capsys)
+  flat = " ".join(text.split())
+  assert "(default: None)" not in flat
+  assert "the opposite" not in flat
+  for line in text.splitlines():  # At most one default per flag.
+    assert line.count("(default:") <= 1, line
+  assert flat.count("(default: ") >= len(dataclasses.fields(train.Config))
+  for name in input_pipeline.DATASETS:
+    assert name in flat.split("options:")[1].split("--model")[0], name
+  assert "(default: on; --no_robustness turns it off)" in flat
+  assert "--resume go on from the latest checkpoint" in flat
+
+
+def test_unknown_dataset_is_one_line_naming_the_choices(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    config_lib.parse(["--dataset=minst"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "'minst'" in err and "fashion_mnist" in err
+
+
+@pytest.mark.parametrize(
+  ("argv", "optimizer", "rate"),
+  [([], "sgd", 0.05), (["--optimizer=dgs"], "dgs", 3e-4),
+   (["--optimizer=dgs", "--learning_rate=1e-3"], "dgs", 1e-3)],
+)  # fmt: skip
+def test_the_learning_rate_used_is_recorded(argv, optimizer, rate):
+  from examples.metrics import Metrics
+  from examples.optimizers import DEFAULT_LEARNING_RATES
+
+  config = config_lib.parse(argv).config
+  assert (config.optimizer, config.learning_rate) == (optimizer, rate)
+  assert Metrics(config, 0.9).data["learning_rate"] == rate
+  # A Config built in code, with the default left out, records it too.
+  default = train.Config(optimizer=optimizer)
+  recorded = Metrics(default, 0.9).data
+  assert recorded["learning_rate"] == DEFAULT_LEARNING_RATES[optimizer]
+  assert recorded["config"]["learning_rate"] is None  # As given: resumes compare it.
 
 
 @pytest.mark.parametrize(
