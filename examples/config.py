@@ -23,6 +23,12 @@ OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
 """Names of the optimizers of `examples.train.make_optimizer`."""
 
 
+SAM_SCHEDULES = ("every", "random", "adaptive")
+"""Perturbation schedules of ``sam`` and ``layer_sam`` (``layer_sam(schedule=)``)."""
+
+SAM_SKIPPED = ("plain", "orthogonal")
+"""What ``sam`` and ``layer_sam`` hand on at steps without the second pass."""
+
 DTYPES = ("float32", "bfloat16")
 """Computation dtypes; parameters and optimizer states stay float32."""
 
@@ -76,6 +82,27 @@ class Config:
     choices=("static", "dynamic"),
   )
   reselect_every: int = _field(10, "static layer_sam: steps between re-selections")
+  sam_schedule: str = _field(
+    "every",
+    "sam and layer_sam: which steps run the second pass: 'every' (every sam_every "
+    "steps), 'random' (with probability sam_probability) or 'adaptive' (AE-SAM: "
+    "when the squared gradient norm is high against its running mean, the "
+    "threshold rising from -1 to 1 standard deviations over the run)",
+    choices=SAM_SCHEDULES,
+  )
+  sam_every: int = _field(
+    1, "sam_schedule=every: run the second pass every this many steps (1: every step)"
+  )
+  sam_probability: float = _field(
+    0.5, "sam_schedule=random: the probability that a step runs the second pass"
+  )
+  sam_skipped: str = _field(
+    "plain",
+    "sam and layer_sam, steps without the second pass: 'plain' (the gradient) or "
+    "'orthogonal' (LookSAM: add the stored component of the last SAM gradient "
+    "orthogonal to its gradient)",
+    choices=SAM_SKIPPED,
+  )
   skip_nonfinite: int = _field(
     0,
     "skip steps whose gradient is not finite (optax.apply_if_finite) and stop after "
@@ -122,13 +149,18 @@ RESUME_KEYS = (
   "layer_sam_mode",
   "reselect_every",
   "skip_nonfinite",
+  "sam_schedule",
+  "sam_every",
+  "sam_probability",
+  "sam_skipped",
 )
 """Settings that a resumed run must share with the run of its checkpoint."""
 
 
 def check(config: Config) -> None:
   """Raises `UsageError` if ``config`` cannot work (before anything is built)."""
-  for name in ("dataset", "model", "optimizer", "dtype", "layer_sam_mode"):
+  choice_fields = ("dataset", "model", "optimizer", "dtype", "layer_sam_mode")
+  for name in choice_fields + ("sam_schedule", "sam_skipped"):
     choices = next(f for f in dataclasses.fields(Config) if f.name == name)
     choices = choices.metadata["choices"]
     if getattr(config, name) not in choices:
@@ -140,12 +172,14 @@ def check(config: Config) -> None:
       f"learning_rate={config.learning_rate} must be positive (or left out for "
       "the optimizer's default)"
     )
-  for name in ("epochs", "batch_size", "grad_accum", "reselect_every"):
+  for name in ("epochs", "batch_size", "grad_accum", "reselect_every", "sam_every"):
     if getattr(config, name) < 1:
       raise UsageError(f"{name}={getattr(config, name)} must be at least 1")
   for name in ("eval_every", "checkpoint_every", "skip_nonfinite", "pgd_steps"):
     if getattr(config, name) < 0:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
+  if not 0 <= config.sam_probability <= 1:
+    raise UsageError(f"sam_probability={config.sam_probability} must lie in [0, 1]")
   if config.max_steps is not None and config.max_steps < 1:
     raise UsageError(f"max_steps={config.max_steps} must be at least 1")
   if config.robustness_examples is not None and config.robustness_examples < 1:

@@ -11,6 +11,17 @@ its own gradient, and ``MultiSteps`` wraps the base optimizer, so what is
 accumulated is the gradient at each batch's perturbed point. (Wrapping the
 whole of SAM instead would perturb at the mean gradient so far and take the
 second-pass gradient of the last batch only.)
+
+The perturbation schedule (``sam_schedule``, ``sam_every``,
+``sam_probability``, ``sam_skipped``: ``layer_sam``'s ``schedule``, ``every``,
+``probability`` and ``skipped``) applies to ``layer_sam`` and to ``sam``. With
+the default (every step perturbed) ``sam`` is ``optax.contrib.sam``; with
+another schedule it is ``layer_sam`` with every layer selected and
+``unselected="recompute"``, which is ``optax.contrib.sam`` at every step (the
+tests check it; it holds for models without size-1 leaves, which layer_sam
+does not perturb: none of `examples.models` has one), with the second pass
+under the schedule's ``lax.cond``. ``"adaptive"`` uses AE-SAM's threshold,
+rising linearly from -1 to 1 over ``total_steps``.
 """
 
 import functools
@@ -50,6 +61,11 @@ def make_optimizer(
   *,
   grad_accum: int = 1,
   skip_nonfinite: int = 0,
+  sam_schedule: str = "every",
+  sam_every: int = 1,
+  sam_probability: float = 0.5,
+  sam_skipped: str = "plain",
+  total_steps: int | None = None,
 ) -> optax.GradientTransformation:
   """Builds an optimizer of `OPTIMIZERS` by name.
 
@@ -64,6 +80,15 @@ def make_optimizer(
       wraps their base optimizer.
     skip_nonfinite: if positive, skip updates whose gradient is not finite
       (``optax.apply_if_finite`` with this ``max_consecutive_errors``).
+    sam_schedule: ``sam`` and ``layer_sam``: which steps run the second pass
+      (``layer_sam``'s ``schedule``: ``"every"``, ``"random"``,
+      ``"adaptive"``).
+    sam_every: the ``every`` of ``sam_schedule="every"``.
+    sam_probability: the ``probability`` of ``sam_schedule="random"``.
+    sam_skipped: what a step without the second pass hands on (``"plain"``
+      or LookSAM's ``"orthogonal"``).
+    total_steps: the length of the run, over which ``"adaptive"``'s
+      threshold rises from -1 to 1 (``None``: a constant threshold of 0).
 
   Returns:
     The optax transformation; ``sam`` and ``layer_sam`` need ``grad_fn=``.
@@ -77,13 +102,26 @@ def make_optimizer(
 
   if grad_accum == 1:
     accumulate = lambda tx: tx  # noqa: E731 The same state as without.
-  if name == "sam":
+  schedule = dict(
+    schedule=sam_schedule,
+    every=sam_every,
+    probability=sam_probability,
+    skipped=sam_skipped,
+    threshold=(optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0),
+  )
+  every_step = sam_schedule == "every" and sam_every == 1
+  if name == "sam" and every_step:
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(SAM_RHO))
     base = accumulate(optax.sgd(lr, momentum=0.9))
     tx = optax.contrib.sam(base, adversary, opaque_mode=True)
+  elif name == "sam":  # SAM under a schedule: layer_sam with every layer.
+    base = accumulate(optax.sgd(lr, momentum=0.9))
+    tx = optax_lgm.layer_sam(
+      base, SAM_RHO, k=None, unselected="recompute", layer_axes=layer_axes, **schedule
+    )
   elif name == "layer_sam":
     base = accumulate(optax.sgd(lr, momentum=0.9))
-    tx = optax_lgm.layer_sam(base, rho=SAM_RHO, k=2, layer_axes=layer_axes)
+    tx = optax_lgm.layer_sam(base, rho=SAM_RHO, k=2, layer_axes=layer_axes, **schedule)
   else:
     tx = accumulate(
       {

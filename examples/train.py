@@ -121,6 +121,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     model.layer_axes,
     grad_accum=config.grad_accum,
     skip_nonfinite=config.skip_nonfinite,
+    sam_schedule=config.sam_schedule,
+    sam_every=config.sam_every,
+    sam_probability=config.sam_probability,
+    sam_skipped=config.sam_skipped,
+    total_steps=int(total_steps),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   nnx.update(model, distributed.replicate(nnx.state(model), mesh))
