@@ -7,6 +7,7 @@ the suite keeps one device.
 """
 
 import functools
+import json
 import os
 import pathlib
 import re
@@ -543,3 +544,34 @@ if __name__ == "__main__":
   if sys.argv[1:] != ["mesh"]:
     sys.exit(f"usage: {sys.argv[0]} mesh")
   _mesh_check()
+
+
+# --------------------------------------------------------------------------
+# The benchmark runs (tiny; no timings checked).
+# --------------------------------------------------------------------------
+
+
+def test_benchmark_runs_tiny(tmp_path):
+  out = tmp_path / "sam_schedule.json"
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.sam_schedule", "--models", "cnn"]
+    + ["--batch", "4", "--reps", "1", "--json", str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for label in ("| SGD |", "| SAM |", "| SAM every=2 |", "| SAM every=5 |"):
+    assert label in proc.stdout, proc.stdout
+  result = json.loads(out.read_text())["results"]["cnn"]
+  assert result["ratio_to_sgd"]["SGD"] == 1.0
+  assert set(result["per_step_s"]) == {
+    "SGD",
+    "SAM",
+    "SAM every=2",
+    "every=2, perturbed step",
+    "every=2, skipped step",
+    "SAM every=5",
+  }
+  assert all(isinstance(t["met"], bool) for t in result["targets"].values())
