@@ -346,7 +346,10 @@ def layer_sam(
   (the default) builds no conditional: the step is that of SAM at every
   step. Inside the conditional XLA cannot share the second forward pass with
   the first, so a static ``selection`` saves less per perturbed step than
-  without a schedule (the unused gradient work is still pruned).
+  without a schedule (the unused gradient work is still pruned). On XLA:CPU
+  the convolutions inside the conditional lose their fast kernels, so there
+  a perturbed step of a convolutional network costs several SAM steps (the
+  "Partial-layer SAM" page of the documentation).
 
   Examples:
     >>> import jax
@@ -482,8 +485,11 @@ def layer_sam(
   _common.check_number("orthogonal_scale", orthogonal_scale, lower=0.0)
   # A literal every=1 perturbs every step: no conditional, today's graph. An
   # injected every (an array) takes the conditional whatever its value.
-  always = schedule == "every" and not isinstance(every, (jax.Array, np.ndarray))
-  always = always and every == 1
+  always = (
+    schedule == "every"
+    and not isinstance(every, (jax.Array, np.ndarray))
+    and bool(every == 1)
+  )
   _common.check_optimizer("optimizer", optimizer)
   spec = _layers.LayerSpec(layers, layer_axes, mask)
   inner = optax.with_extra_args_support(optimizer)
