@@ -92,6 +92,14 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
       "steps_to_target": reached,
       "time_to_target": seconds,
       "images_per_s": throughput,
+      "compile_seconds": [r["compile"]["critical_seconds"] for r in results],
+      "background_compile_seconds": [
+        r["compile"]["background_seconds"] for r in results
+      ],
+      "compilations": [r["compile"]["compilations"] for r in results],
+      "selection_changes": [
+        len(r.get("layer_sam_static", {}).get("selection_changes", [])) for r in results
+      ],
       "robustness": {k: [r["robustness"][k] for r in results] for k in robust_keys},
     }
   return summary
@@ -108,6 +116,9 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
     f"steps to {target:g} (runs)",
     f"seconds to {target:g} (median)",
     "images/s",
+    "compile s (critical / background)",
+    "compilations",
+    "selection changes",
     *robust_keys,
   ]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -120,6 +131,10 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
       f"{_mean_std(reached)} ({len(reached)}/{num_seeds})",
       _median(s["time_to_target"]),
       f"{np.mean(s['images_per_s']):.0f} ± {np.std(s['images_per_s']):.0f}",
+      f"{np.median(s['compile_seconds']):.1f} / "
+      f"{np.median(s['background_compile_seconds']):.1f}",
+      f"{np.median(s['compilations']):g}",
+      f"{np.median(s['selection_changes']):g}",
       *(_mean_std(s["robustness"][k]) for k in robust_keys),
     ]
     lines.append("| " + " | ".join(row) + " |")

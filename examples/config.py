@@ -103,6 +103,30 @@ class Config:
     "orthogonal to its gradient)",
     choices=SAM_SKIPPED,
   )
+  layer_sam_start: str = _field(
+    "output",
+    "static layer_sam's first selection: 'output' (the model's two layers nearest "
+    "the output, a step that costs about SGD's) or 'dynamic' (step 0 in dynamic "
+    "mode)",
+    choices=("output", "dynamic"),
+  )
+  layer_sam_compile: str = _field(
+    "background",
+    "static layer_sam: compile new selections in a 'background' thread while the "
+    "current one trains, or in the 'foreground' (then every decision depends on "
+    "the optimizer state alone, with --layer_sam_payoff 0)",
+    choices=("background", "foreground"),
+  )
+  layer_sam_payoff: float = _field(
+    4.0,
+    "static layer_sam: compile a new selection only if the steps left take this "
+    "many times its expected compile time on the critical path (0: always)",
+  )
+  compilation_cache: str = _field(
+    "~/.cache/optax_lgm/jax",
+    "JAX's persistent compilation cache, so that reruns and resumes load their "
+    "programs instead of compiling them ('': off)",
+  )
   skip_nonfinite: int = _field(
     0,
     "skip steps whose gradient is not finite (optax.apply_if_finite) and stop after "
@@ -148,6 +172,7 @@ RESUME_KEYS = (
   "seed",
   "layer_sam_mode",
   "reselect_every",
+  "layer_sam_start",
   "skip_nonfinite",
   "sam_schedule",
   "sam_every",
@@ -159,8 +184,17 @@ RESUME_KEYS = (
 
 def check(config: Config) -> None:
   """Raises `UsageError` if ``config`` cannot work (before anything is built)."""
-  choice_fields = ("dataset", "model", "optimizer", "dtype", "layer_sam_mode")
-  for name in choice_fields + ("sam_schedule", "sam_skipped"):
+  for name in (
+    "dataset",
+    "model",
+    "optimizer",
+    "dtype",
+    "layer_sam_mode",
+    "layer_sam_start",
+    "layer_sam_compile",
+    "sam_schedule",
+    "sam_skipped",
+  ):
     choices = next(f for f in dataclasses.fields(Config) if f.name == name)
     choices = choices.metadata["choices"]
     if getattr(config, name) not in choices:
@@ -175,7 +209,13 @@ def check(config: Config) -> None:
   for name in ("epochs", "batch_size", "grad_accum", "reselect_every", "sam_every"):
     if getattr(config, name) < 1:
       raise UsageError(f"{name}={getattr(config, name)} must be at least 1")
-  for name in ("eval_every", "checkpoint_every", "skip_nonfinite", "pgd_steps"):
+  for name in (
+    "eval_every",
+    "checkpoint_every",
+    "skip_nonfinite",
+    "pgd_steps",
+    "layer_sam_payoff",
+  ):
     if getattr(config, name) < 0:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
   if not 0 <= config.sam_probability <= 1:

@@ -8,8 +8,10 @@ axis and the number of processes), ``history`` (per epoch: ``epoch``,
 ``layer_stats`` of the optimizer state), ``curve`` (``step``,
 ``test_accuracy``, ``seconds``: the training time so far), ``train_seconds``,
 ``time_to_target`` and ``steps_to_target`` (``None`` until reached),
-``skipped_steps`` (non-finite steps skipped), ``layer_sam_static``
-(compilations, selection and selection changes of static ``layer_sam``),
+``skipped_steps`` (non-finite steps skipped), ``compile`` (programs
+compiled for the training step, the compile seconds on the critical path and
+in the background), ``layer_sam_static`` (compilations, selection, selection
+changes and compile seconds of static ``layer_sam``),
 ``stopped`` (why the run stopped early, if it did), ``final_test_accuracy``
 and ``robustness``.
 

@@ -141,6 +141,15 @@ class CNN(nnx.Module):
     x = x.reshape(x.shape[0], -1)
     return self.head(nnx.relu(self.dense(x)))
 
+  @property
+  def output_layers(self) -> tuple[str, ...]:
+    """The two layers nearest the output, as ``layer_sam`` names them.
+
+    A static step that perturbs only these costs about an SGD step: the start
+    selection of `optax_lgm.StaticSelection` in `examples.train`.
+    """
+    return ("dense", "head")
+
 
 def _conv3x3(
   in_features: int, out_features: int, strides: int, *, dtype, rngs: nnx.Rngs
@@ -296,6 +305,15 @@ class ResNet(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.head(x.mean(axis=(1, 2)))
+
+  @property
+  def output_layers(self) -> tuple[str, ...]:
+    """The two layers nearest the output, as ``layer_sam`` names them.
+
+    A static step that perturbs only these costs about an SGD step: the start
+    selection of `optax_lgm.StaticSelection` in `examples.train`.
+    """
+    return (f"blocks/{len(self.blocks) - 1}/bn2", "head")
 
 
 def resnet20(
@@ -481,6 +499,15 @@ class TransformerClassifier(nnx.Module):
       for block in self.blocks:
         x = block(x)
     return self.head(self.norm(x).mean(axis=1))
+
+  @property
+  def output_layers(self) -> tuple[str, ...]:
+    """The two layers nearest the output, as ``layer_sam`` names them.
+
+    A static step that perturbs only these costs about an SGD step: the start
+    selection of `optax_lgm.StaticSelection` in `examples.train`.
+    """
+    return ("norm", "head")
 
   @property
   def layer_axes(self) -> Callable[[tuple, Any], int] | None:

@@ -24,6 +24,7 @@ import itertools
 import os
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 import optax_lgm
 from examples import checkpointing, distributed, input_pipeline, models, robustness
@@ -77,6 +79,21 @@ def train_step(model, optimizer, images, labels, selection=None):
   return loss
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Keeps every compiled program in JAX's persistent cache at ``path``.
+
+  Programs of any compile time are kept (the CPU's take seconds, below JAX's
+  default threshold), so a rerun or a resumed run loads them. ``''``: off.
+  """
+  if not path:
+    return
+  path = os.path.expanduser(path)
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # Takes the new directory from now on.
+
+
 @functools.lru_cache(maxsize=1)
 def _load_dataset(name: str, data_dir: str | None):
   """The decoded train and test splits (the last one read stays in memory)."""
@@ -99,6 +116,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     NonFiniteError: after ``config.skip_nonfinite`` non-finite steps in a row.
   """
   check(config)
+  enable_compilation_cache(config.compilation_cache)
   mesh = distributed.make_mesh(config.mesh, config.batch_size)
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +150,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   nnx.update(optimizer, distributed.replicate(nnx.state(optimizer), mesh))
   step_fn = train_step
   if config.optimizer == "layer_sam" and config.layer_sam_mode == "static":
-    step_fn = optax_lgm.StaticSelection(train_step, every=config.reselect_every)
+    step_fn = optax_lgm.StaticSelection(
+      train_step,
+      every=config.reselect_every,
+      start=model.output_layers if config.layer_sam_start == "output" else None,
+      background=config.layer_sam_compile == "background",
+      payoff=config.layer_sam_payoff,
+      total_steps=int(total_steps),
+    )
 
   metrics = Metrics(
     config,
@@ -146,6 +171,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   def write() -> None:
     if isinstance(step_fn, optax_lgm.StaticSelection):
       results["layer_sam_static"] = step_fn.log()
+      results["compile"] = {
+        "compilations": step_fn.compilations,
+        "critical_seconds": step_fn.log()["compile_seconds_critical"],
+        "background_seconds": step_fn.log()["compile_seconds_background"],
+      }
     results["skipped_steps"] = nonfinite_steps(optimizer.opt_state)[1]
     if is_main:
       metrics.write(workdir / "metrics.json")
@@ -183,6 +213,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       metrics.data = results = {**progress["metrics"], "config": metrics.data["config"]}
       if isinstance(step_fn, optax_lgm.StaticSelection):
         step_fn.load_state_dict(progress["static_selection"])
+    # Compilation: StaticSelection keeps its own record (write() copies it);
+    # for the others, this process's first step call compiles (or loads) it.
+    compile_record = results.setdefault(
+      "compile", {"compilations": 0, "critical_seconds": 0.0, "background_seconds": 0.0}
+    )
+    compiled = isinstance(step_fn, optax_lgm.StaticSelection)
     if config.resume and is_main:
       print(
         f"resuming {workdir} from step {step}"
@@ -210,7 +246,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       metrics.start_clock()
       for batch in itertools.islice(batches, skip, skip + total_steps - step):
         batch = distributed.shard_batch(batch, mesh)
+        began = time.perf_counter()
         losses.append(step_fn(model, optimizer, batch["image"], batch["label"]))
+        if not compiled:  # This process's first call compiles (or loads) it.
+          compiled = True
+          compile_record["critical_seconds"] += time.perf_counter() - began
+          compile_record["compilations"] += 1
         step += 1
         bar.update(1)
         if nonfinite_steps(optimizer.opt_state)[0] >= config.skip_nonfinite > 0:
@@ -244,6 +285,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     bar.close()
   finally:
     checkpoints.close()  # Waits for the checkpoints being written.
+    if isinstance(step_fn, optax_lgm.StaticSelection):
+      step_fn.close()
 
   results["final_test_accuracy"] = (
     results["history"][-1]["test_accuracy"] if results["history"] else accuracy()

@@ -257,7 +257,7 @@ class StaticSelection:
     compile_fn: Optional[CompileFn] = None,
     total_steps: Optional[int] = None,
     horizon: int = 1000,
-    payoff: float = 2.0,
+    payoff: float = 4.0,
   ):
     if not callable(step_fn):
       raise TypeError(f"step_fn must be callable, got step_fn={step_fn!r}.")
@@ -529,6 +529,13 @@ class StaticSelection:
       return
     count = self._streak[1] + 1 if self._streak[0] == candidate else 1
     self._streak = (candidate, count)
+    if leaving_start and candidate not in self._programs:
+      # A selection compiled for an earlier candidate beats the start too.
+      compiled = [s for s in self._programs if s not in (None, current)]
+      best = max(compiled, key=lambda s: self.score(s, norms), default=None)
+      if best is not None and self.score(best, norms) > self.score(current, norms):
+        self._want = best
+        return
     if candidate not in self._programs:
       compiling = self.compiling
       if compiling is not None and compiling != candidate:

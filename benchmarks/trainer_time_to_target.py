@@ -1,0 +1,205 @@
+"""Time to target through the trainer, as a user runs it: one fresh process a run.
+
+Each run is ``python -m examples.train`` in a new process (so every run
+compiles its programs, as a user's first run does), with the trainer's
+defaults for each optimizer (``layer_sam``: static through
+``optax_lgm.StaticSelection``, the paper's top-k over all layers, no budget),
+batch 32, an evaluation every 20 steps, no robustness and no checkpoints. The
+contenders run interleaved (seed by seed, the order rotating), at three run
+lengths set by the learning rate: ``short`` (the default rate, SGD reaches
+the target in about 100 steps), ``medium`` (0.3x: about 300) and ``long``
+(0.1x: about 1,000). Time to target is the trainer's (AlgoPerf's rule:
+compilation in, evaluation out); a run that misses the target counts as
+infinite in a median.
+
+``--cache`` also checks JAX's persistent compilation cache: one run of each
+contender twice in a fresh cache directory, and the compile seconds of each.
+
+Run: ``python -m benchmarks.trainer_time_to_target [--models cnn,resnet20]
+[--lengths short,medium,long] [--seeds 3] [--out results.json] [--cache]``.
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from examples.optimizers import DEFAULT_LEARNING_RATES
+
+LENGTHS = {"short": (1.0, 5), "medium": (0.3, 12), "long": (0.1, 30)}
+"""Run length: (factor of the default learning rate, epochs of digits)."""
+
+
+def run(
+  optimizer: str, model: str, seed: int, length: str, workdir: str, *flags: str
+) -> dict[str, Any]:
+  """One training run in a new process; what its ``metrics.json`` holds."""
+  factor, epochs = LENGTHS[length]
+  command = [
+    sys.executable, "-m", "examples.train", "--optimizer", optimizer,
+    "--model", model, "--seed", str(seed), "--epochs", str(epochs),
+    "--learning_rate", f"{DEFAULT_LEARNING_RATES[optimizer] * factor:g}",
+    "--batch_size", "32", "--eval_every", "20", "--target_accuracy", "0.95",
+    "--no_robustness", "--no_checkpoints", "--no_progress", "--workdir", workdir,
+    *flags,
+  ]  # fmt: skip
+  subprocess.run(command, check=True, capture_output=True, text=True)
+  return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+
+
+def median(values: list[float | None]) -> float:
+  """The median, a miss (``None``) counting as infinite."""
+  return float(np.median([math.inf if v is None else v for v in values]))
+
+
+def summarize(runs: list[dict[str, Any]], optimizers: list[str]) -> dict[str, Any]:
+  """Per contender: median time to target, final accuracy, compilation."""
+  summary = {}
+  for name in optimizers:
+    mine = [r for r in runs if r["optimizer"] == name]
+    summary[name] = {
+      "time_to_target": [r["time_to_target"] for r in mine],
+      "median_time_to_target": median([r["time_to_target"] for r in mine]),
+      "steps_to_target": [r["steps_to_target"] for r in mine],
+      "final_test_accuracy": [r["final_test_accuracy"] for r in mine],
+      "compile_critical_s": [r["compile"]["critical_seconds"] for r in mine],
+      "compile_background_s": [r["compile"]["background_seconds"] for r in mine],
+      "compilations": [r["compile"]["compilations"] for r in mine],
+      "selection_changes": [
+        r.get("layer_sam_static", {}).get("selection_changes", []) for r in mine
+      ],
+    }
+  return summary
+
+
+def table(results: dict[str, Any]) -> str:
+  """A markdown table of every model and length."""
+  header = (
+    "| model | length | optimizer | time to 0.95 (median s) | x SAM | steps to 0.95 "
+    "| final acc | compile s critical / background | compilations | changes |"
+  )
+  lines = [header, "|" + "---|" * 10]
+  for key, summary in results["summaries"].items():
+    model, length = key.split("/")
+    sam = summary.get("sam", {}).get("median_time_to_target")
+    for name, s in summary.items():
+      ratio = s["median_time_to_target"] / sam if sam else math.nan
+      acc = s["final_test_accuracy"]
+      steps = [x for x in s["steps_to_target"] if x is not None]
+      lines.append(
+        f"| {model} | {length} | {name} | {s['median_time_to_target']:.1f} | "
+        f"{ratio:.2f} | {np.median(steps) if steps else math.inf:.0f} | "
+        f"{np.mean(acc):.4f} ± {np.std(acc):.4f} | "
+        f"{np.median(s['compile_critical_s']):.1f} / "
+        f"{np.median(s['compile_background_s']):.1f} | "
+        f"{np.median(s['compilations']):g} | "
+        f"{np.median([len(c) for c in s['selection_changes']]):g} |"
+      )
+  return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+  """The issue's targets, each with the figure that decides it."""
+  lines = []
+  for key, summary in results["summaries"].items():
+    if "sam" not in summary or "layer_sam" not in summary:
+      continue
+    sam, mine = summary["sam"], summary["layer_sam"]
+    ratio = mine["median_time_to_target"] / sam["median_time_to_target"]
+    acc, sam_acc = np.mean(mine["final_test_accuracy"]), sam["final_test_accuracy"]
+    within = min(sam_acc) <= acc <= max(sam_acc) or acc >= max(sam_acc)
+    lines.append(
+      f"{key}: layer_sam / SAM time to target {ratio:.2f} "
+      f"({'meets' if ratio <= 0.85 else 'misses'} <= 0.85); final accuracy "
+      f"{acc:.4f} against SAM's {min(sam_acc):.4f}..{max(sam_acc):.4f} "
+      f"({'within or above' if within else 'below'} SAM's seed spread)"
+    )
+  return lines
+
+
+def cache_check(model: str, optimizers: list[str]) -> dict[str, Any]:
+  """Each contender twice in a fresh persistent cache: compile seconds."""
+  found = {}
+  with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as work:
+    for name in optimizers:
+      seconds = []
+      for attempt in range(2):
+        workdir = os.path.join(work, f"{name}_{attempt}")
+        result = run(name, model, 0, "short", workdir, "--compilation_cache", cache)
+        seconds.append(result["compile"]["critical_seconds"])
+      found[name] = {"first_s": seconds[0], "rerun_s": seconds[1]}
+    found["cache_files"] = len(os.listdir(cache))
+  return found
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the measurement and prints the table and the targets."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="cnn,resnet20")
+  parser.add_argument("--lengths", default="short,medium,long")
+  parser.add_argument("--optimizers", default="sgd,sam,layer_sam")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--cache", action="store_true", help="check the cache too")
+  parser.add_argument("--out", help="write the results as JSON")
+  args = parser.parse_args(argv)
+  optimizers = args.optimizers.split(",")
+  began = time.perf_counter()
+  results: dict[str, Any] = {"runs": [], "summaries": {}}
+  with tempfile.TemporaryDirectory() as work:
+    for model in args.models.split(","):
+      for length in args.lengths.split(","):
+        runs = []
+        for seed in range(args.seeds):
+          shift = seed % len(optimizers)
+          for name in optimizers[shift:] + optimizers[:shift]:  # Interleaved.
+            workdir = os.path.join(work, f"{model}_{length}_{name}_{seed}")
+            metrics = run(name, model, seed, length, workdir, "--compilation_cache", "")
+            entry = {
+              "model": model,
+              "length": length,
+              "optimizer": name,
+              "seed": seed,
+              **{
+                k: metrics.get(k)
+                for k in (
+                  "time_to_target",
+                  "steps_to_target",
+                  "final_test_accuracy",
+                  "compile",
+                  "layer_sam_static",
+                  "train_seconds",
+                )
+              },
+            }
+            runs.append(entry)
+            print(
+              f"{model} {length} {name} seed {seed}: {entry['time_to_target']} s "
+              f"(step {entry['steps_to_target']})",
+              file=sys.stderr,
+              flush=True,
+            )
+        results["runs"] += runs
+        results["summaries"][f"{model}/{length}"] = summarize(runs, optimizers)
+    if args.cache:
+      results["cache"] = cache_check(args.models.split(",")[-1], optimizers)
+  results["wall_seconds"] = time.perf_counter() - began
+  print(table(results))
+  print("\n".join(targets(results)))
+  if "cache" in results:
+    print("persistent cache (compile seconds, first run / rerun):", results["cache"])
+  print(f"wall-clock: {results['wall_seconds']:.0f} s")
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+  return results
+
+
+if __name__ == "__main__":
+  main()
