@@ -74,7 +74,7 @@ def summarize(runs: list[dict[str, Any]], optimizers: list[str]) -> dict[str, An
       "compile_background_s": [r["compile"]["background_seconds"] for r in mine],
       "compilations": [r["compile"]["compilations"] for r in mine],
       "selection_changes": [
-        r.get("layer_sam_static", {}).get("selection_changes", []) for r in mine
+        (r.get("layer_sam_static") or {}).get("selection_changes", []) for r in mine
       ],
     }
   return summary

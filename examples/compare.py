@@ -98,7 +98,8 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
       ],
       "compilations": [r["compile"]["compilations"] for r in results],
       "selection_changes": [
-        len(r.get("layer_sam_static", {}).get("selection_changes", [])) for r in results
+        len((r.get("layer_sam_static") or {}).get("selection_changes", []))
+        for r in results
       ],
       "robustness": {k: [r["robustness"][k] for r in results] for k in robust_keys},
     }
