@@ -221,6 +221,7 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Command line: runs the comparison; returns what results.json holds, plus plots."""
+  train.share_forward_passes()
   parser = argparse.ArgumentParser(
     description=__doc__.splitlines()[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -374,7 +374,7 @@ class StaticSelection:
 
   def _begin(self, args: tuple, kwargs: dict) -> None:
     self._started = True
-    self._window = {"time": time.perf_counter(), "steps": 0, "compile": 0.0}
+    self._window = {"time": time.perf_counter(), "steps": 0}
     if self.start is not None and self.step == 0 and self.selection is None:
       names = tuple(self._state(None, args, kwargs).names.names)
       self.selection = tuple(sorted({_layer_index(s, names) for s in self.start}))
@@ -388,14 +388,15 @@ class StaticSelection:
     first = selection not in self._here
     began = time.perf_counter()
     outputs = self.step_fn(*args, selection=selection, **kwargs)
-    if first:  # Compiled on the critical path.
+    self.step += 1
+    if first:  # Compiled on the critical path; the clock of steps restarts.
       seconds = time.perf_counter() - began
       self._here.add(selection)
       if not self._programs.get(selection):
         self._programs[selection] = seconds
       self._critical_seconds += seconds
-      self._window["compile"] += seconds
-    self.step += 1
+      self._window = {"time": time.perf_counter(), "steps": 0}
+      return outputs
     self._window["steps"] += 1
     self._window.setdefault("selections", set()).add(selection)
     if self._pending is not None:
@@ -574,12 +575,12 @@ class StaticSelection:
 
   def _close_window(self) -> None:
     now = time.perf_counter()
-    window, self._window = self._window, {"time": now, "steps": 0, "compile": 0.0}
+    window, self._window = self._window, {"time": now, "steps": 0}
     if self._pending is not None:
       self._window["background"] = True
     steps = window.get("steps", 0)
     selections = window.get("selections", set())
-    if not steps or len(selections) != 1 or window["compile"]:
+    if not steps or len(selections) != 1:
       return  # Only windows of one program, compiled before, time its steps.
     (selection,) = selections
     seconds = now - window["time"]
@@ -663,7 +664,7 @@ class StaticSelection:
       float, seconds
     )
     self._started = True
-    self._window = {"time": time.perf_counter(), "steps": 0, "compile": 0.0}
+    self._window = {"time": time.perf_counter(), "steps": 0}
     if not self.background:
       self._queued = None
 
@@ -676,6 +677,9 @@ class StaticSelection:
       "selection_changes": state["changes"],
       "compile_seconds_critical": self._critical_seconds + self._excess_seconds,
       "compile_seconds_background": self._background_seconds,
+      "step_seconds": {
+        str(None if s is None else list(s)): t for s, t in self._step_seconds.items()
+      },
     }
 
 
