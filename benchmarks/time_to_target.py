@@ -21,11 +21,13 @@ does not decide the result.
 
 Contenders: SGD (momentum 0.9), ``optax.contrib.sam`` (opaque mode, the same
 SGD), ``layer_sam`` in dynamic mode, ``layer_sam`` in static mode through
-``optax_lgm.StaticSelection``, the same with a selection budget (candidates
+``optax_lgm.StaticSelection`` (starting from `OUTPUT_LAYERS`, compiling new
+selections in the background), the same with a selection budget (candidates
 restricted by ``mask`` to the output-side layers named by ``--budget``),
 ``lgm`` and ``dgs``. The seeds run one after another, each through every
 contender in a new random order, so that a slow spell of a shared machine
-does not fall on one contender.
+does not fall on one contender. Every step is compiled with XLA's
+``reshape-mover`` pass off, as the trainer's command line does on a CPU host.
 
 Run: ``python -m benchmarks.time_to_target [--seeds 3 --json out.json]``.
 """
@@ -45,12 +47,16 @@ from flax import nnx
 
 import optax_lgm
 from benchmarks.layer_sam_speed import (
+  SHARE_FORWARD,
   Task,
   batches,
   budget_mask,
   cifar_shaped_digits,
   make_step,
 )
+
+OUTPUT_LAYERS = ("blocks/8/bn2", "head")
+"""The start of the static contender: the ResNet-20's two output-side layers."""
 
 CONTENDERS = (
   "sgd",
@@ -99,11 +105,17 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
       task, tx, sam=name == "sam" or name.startswith("layer_sam"), traces=traces
     ),
     static_argnames="selection",
+    compiler_options=SHARE_FORWARD,  # As the trainer does on a CPU host.
   )
   helper = None
   if name in ("layer_sam static", "layer_sam budget"):
     helper = optax_lgm.StaticSelection(
-      step, every=args.every, margin=args.margin, max_compilations=args.max_compilations
+      step,
+      every=args.every,
+      margin=args.margin,
+      max_compilations=args.max_compilations,
+      start=OUTPUT_LAYERS if name == "layer_sam static" else None,
+      total_steps=args.steps,
     )
     step = helper
 

@@ -145,7 +145,9 @@ class StaticSelection:
   machine, two runs of one seed can switch at different steps; with
   ``background=False`` and ``payoff=0`` every decision depends on the
   optimizer state alone, and a run resumed with :meth:`load_state_dict`
-  equals an uninterrupted one bit for bit.
+  equals an uninterrupted one bit for bit. With several JAX processes
+  (``jax.process_count() > 1``) that mode is taken whatever the arguments
+  say, so that every process switches at the same step.
 
   The state is found after each re-selection step in what the step returned
   (a functional ``(params, opt_state)`` loop) or else in its arguments (an
@@ -374,6 +376,10 @@ class StaticSelection:
 
   def _begin(self, args: tuple, kwargs: dict) -> None:
     self._started = True
+    if jax.process_count() > 1:
+      # Every process must switch at the same step, and only the optimizer
+      # state is the same everywhere: no timing may decide.
+      self.background, self.payoff = False, 0.0
     self._window = {"time": time.perf_counter(), "steps": 0}
     if self.start is not None and self.step == 0 and self.selection is None:
       names = tuple(self._state(None, args, kwargs).names.names)

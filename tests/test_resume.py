@@ -78,6 +78,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(
   optimizer, model, epochs, stop, total, data_dir, tmp_path
 ):
   def run(workdir, **kwargs):
+    if optimizer == "layer_sam":  # Decisions from the optimizer state alone.
+      kwargs.update(layer_sam_compile="foreground", layer_sam_payoff=0.0)
     config = _config(
       data_dir, optimizer=optimizer, model=model, epochs=epochs, **kwargs
     )
