@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               },
             }
             runs.append(entry)
+            if args.out:  # Every run is kept, even if the benchmark stops early.
+              partial = {**results, "runs": results["runs"] + runs}
+              pathlib.Path(args.out).write_text(json.dumps(partial, indent=1))
             print(
               f"{model} {length} {name} seed {seed}: {entry['time_to_target']} s "
               f"(step {entry['steps_to_target']})",
