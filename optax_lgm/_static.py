@@ -360,10 +360,10 @@ class StaticSelection:
       if not self._started:
         self._begin(args, kwargs)
       self._collect()
+      self._switch_if_ready()
       if self._queued is not None:  # The abstract arguments of this very call.
         self._compile_ahead(self._queued, args, kwargs)
         self._queued = None
-      self._switch_if_ready()
       outputs = self._run(args, kwargs)
       if self.step % self.every == 0 or (self.selection is None and self._want is None):
         self._reselect(outputs, args, kwargs)
@@ -374,12 +374,15 @@ class StaticSelection:
       raise
     return outputs
 
-  def _begin(self, args: tuple, kwargs: dict) -> None:
-    self._started = True
+  def _same_in_every_process(self) -> None:
     if jax.process_count() > 1:
       # Every process must switch at the same step, and only the optimizer
       # state is the same everywhere: no timing may decide.
-      self.background, self.payoff = False, 0.0
+      self.background, self.payoff, self._queued = False, 0.0, None
+
+  def _begin(self, args: tuple, kwargs: dict) -> None:
+    self._started = True
+    self._same_in_every_process()
     self._window = {"time": time.perf_counter(), "steps": 0}
     if self.start is not None and self.step == 0 and self.selection is None:
       names = tuple(self._state(None, args, kwargs).names.names)
@@ -671,6 +674,7 @@ class StaticSelection:
     )
     self._started = True
     self._window = {"time": time.perf_counter(), "steps": 0}
+    self._same_in_every_process()
     if not self.background:
       self._queued = None
 

@@ -474,6 +474,7 @@ def test_resume_with_a_compile_in_flight_equals_an_uninterrupted_run():
     for t in range(start, stop):
       if t == release_at:
         gate.release.set()
+      if t >= release_at:  # From here on, each compile is ready by the next step.
         helper.wait()
       params, opt_state = helper(params, opt_state, _weights(t))
     return params, opt_state
