@@ -263,13 +263,13 @@ class StaticSelection:
   ):
     if not callable(step_fn):
       raise TypeError(f"step_fn must be callable, got step_fn={step_fn!r}.")
-    for name, value, lower in (
+    for name, count, lower in (
       ("every", every, 1),
       ("max_compilations", max_compilations, 2),
       ("patience", patience, 1),
       ("horizon", horizon, 1),
     ):
-      _check_int(name, value, lower)
+      _check_int(name, count, lower)
     if total_steps is not None:
       _check_int("total_steps", total_steps, 0)
     for name, value in (("margin", margin), ("payoff", payoff)):
