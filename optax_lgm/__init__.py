@@ -15,11 +15,11 @@ from optax_lgm._keep_top_k import keep_top_k_layers as keep_top_k_layers
 from optax_lgm._layer_sam import LayerSamState as LayerSamState
 from optax_lgm._layer_sam import layer_sam as layer_sam
 from optax_lgm._layer_sam import select_layers as select_layers
-from optax_lgm._layers import LayerNames as LayerNames
 from optax_lgm._layers import layer_names as layer_names
 from optax_lgm._lgm import ScaleByLgmState as ScaleByLgmState
 from optax_lgm._lgm import lgm as lgm
 from optax_lgm._lgm import scale_by_lgm as scale_by_lgm
+from optax_lgm._state_names import LayerNames as LayerNames
 from optax_lgm._static import StaticSelection as StaticSelection
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_lgm import _common, _layers
+from optax_lgm import _common, _layers, _reductions, _state_names
 
 _REDUCTIONS = ("global", "layer", "element")
 _DENOMINATORS = ("sum", "mean")
@@ -26,7 +26,7 @@ class ScaleByDgsState(NamedTuple):
 
   count: jax.Array  # type: ignore[assignment]  # Shadows tuple.count, as in optax.
   importance: Optional[optax.Updates]
-  names: _layers.LayerNames = _layers.LayerNames()
+  names: _state_names.LayerNames = _state_names.LayerNames()
 
 
 def _gamma_leaves(gamma: Any, lay: _layers.Layering) -> list:
@@ -161,20 +161,22 @@ def scale_by_dgs(
 
   def init_fn(params: optax.Params) -> ScaleByDgsState:
     lay = spec(params)
-    if not _layers.is_params_placeholder(params):
+    if not _state_names.is_params_placeholder(params):
       _gamma_leaves(gamma, lay)
     importance = None
     if importance_decay is not None:
       importance = optax.tree.zeros_like(params, dtype=stats_dtype)
-    names = _layers.state_names(params, lay)
+    names = _state_names.state_names(params, lay)
     return ScaleByDgsState(jnp.zeros([], jnp.int32), importance, names)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     lay = spec(updates)
-    lay.check_names(state.names, updates)
+    _state_names.check_names(lay, state.names, updates)
     abs_g = lay.map(lambda g: jnp.abs(g.astype(stats_dtype)), updates)
-    finite = jnp.all(jnp.isfinite(lay.reduce(lambda a: a, abs_g, dtype=stats_dtype)))
+    finite = jnp.all(
+      jnp.isfinite(_reductions.sums(lay, lambda a: a, abs_g, dtype=stats_dtype))
+    )
     importance = _importance(lay, abs_g, state)
     gammas = lay.unflatten(_gamma_leaves(gamma, lay))
     weighted = lay.map(lambda i, w: i * jnp.asarray(w, stats_dtype), importance, gammas)
@@ -205,7 +207,7 @@ def scale_by_dgs(
 
     if reduction == "element":
       return lay.map(scale, updates, weighted)
-    sums = lay.reduce(lambda w: w, weighted, dtype=stats_dtype)
+    sums = _reductions.sums(lay, lambda w: w, weighted, dtype=stats_dtype)
     sizes = np.asarray(lay.sizes, np.float64)
     if reduction == "global":
       total = jnp.sum(sums)

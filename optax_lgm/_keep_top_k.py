@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lgm import _layers, _selection, _sharding
+from optax_lgm import _layers, _reductions, _selection, _sharding, _state_names
 
 
 class KeepTopKLayersState(NamedTuple):
@@ -23,11 +23,13 @@ class KeepTopKLayersState(NamedTuple):
   grad_norm: jax.Array
   selected: jax.Array
   selected_count: jax.Array
-  names: _layers.LayerNames
+  names: _state_names.LayerNames
 
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name."""
-    return _layers.prefixed(self, "top_k_", ("grad_norm", "selected", "selected_count"))
+    return _state_names.prefixed(
+      self, "top_k_", ("grad_norm", "selected", "selected_count")
+    )
 
 
 def keep_top_k_layers(
@@ -116,16 +118,16 @@ def keep_top_k_layers(
       grad_norm=jnp.zeros([n], jnp.float32),
       selected=jnp.zeros([n], jnp.int32),
       selected_count=jnp.zeros([n], jnp.int32),
-      names=_layers.state_names(params, lay),
+      names=_state_names.state_names(params, lay),
     )
 
   def update_fn(updates, state, params=None):
     del params
     lay = spec(updates)
-    lay.check_names(state.names, updates)
+    _state_names.check_names(lay, state.names, updates)
     _selection.check_k_fits(k, lay.num_layers)
     gbar = _sharding.pmean_inexact(updates, axis_name)
-    norms = jnp.sqrt(lay.reduce(jnp.square, gbar, dtype=jnp.float32))
+    norms = jnp.sqrt(_reductions.sums(lay, jnp.square, gbar, dtype=jnp.float32))
     sel = _selection.top_k(norms, k)
     kept = lay.map(
       lambda g, take: jnp.where(take, g, jnp.zeros_like(g)),

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_lgm import _common, _layers, _selection, _sharding
+from optax_lgm import _common, _layers, _reductions, _selection, _sharding, _state_names
 from optax_lgm._keep_top_k import KeepTopKLayersState as KeepTopKLayersState
 from optax_lgm._keep_top_k import keep_top_k_layers as keep_top_k_layers
 
@@ -126,7 +126,7 @@ class LayerSamState(NamedTuple):
   key: jax.Array
   orthogonal: optax.Updates
   inner_state: optax.OptState
-  names: _layers.LayerNames
+  names: _state_names.LayerNames
 
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name.
@@ -135,7 +135,7 @@ class LayerSamState(NamedTuple):
     the same for every layer; ``sam_selected_count`` is each layer's own.
     """
     fields = ("grad_norm", "grad_norm_avg", "selected", "selected_count")
-    stats = _layers.prefixed(self, "sam_", fields)
+    stats = _state_names.prefixed(self, "sam_", fields)
     stats["sam_perturbed_steps"] = jnp.broadcast_to(
       self.perturbed_count, jnp.shape(self.selected)
     )
@@ -514,7 +514,7 @@ def layer_sam(
         optax.tree.zeros_like(params) if skipped == "orthogonal" else optax.EmptyState()
       ),
       inner_state=inner.init(params),
-      names=_layers.state_names(params, lay),
+      names=_state_names.state_names(params, lay),
     )
 
   def update_fn(
@@ -528,7 +528,7 @@ def layer_sam(
   ) -> tuple[optax.Updates, LayerSamState]:
     grad_fn = _check_update_arguments(updates, params, grad_fn)
     lay = spec(updates)
-    lay.check_names(state.names, updates)
+    _state_names.check_names(lay, state.names, updates)
     lay.flatten_as(params, "params")
     _selection.check_k_fits(k, lay.num_layers)
 
@@ -536,7 +536,7 @@ def layer_sam(
     # state and the unselected layers ("reuse") see. Without axis_name it is
     # the gradient given; with it, updates are this device's own.
     gbar = _sharding.pmean_inexact(updates, axis_name)
-    sq = lay.reduce(jnp.square, gbar, dtype=f32)
+    sq = _reductions.sums(lay, jnp.square, gbar, dtype=f32)
     norms = jnp.sqrt(sq)
     sel: Any  # A traced mask, or a NumPy one in static mode.
     if selection is None:
@@ -567,7 +567,7 @@ def layer_sam(
       take = perturb_now(state, total_sq, moments, draw)
       sam_grads, orthogonal = jax.lax.cond(take, sam_step, plain_step)
 
-    out_sq = lay.reduce(jnp.square, sam_grads, dtype=f32)
+    out_sq = _reductions.sums(lay, jnp.square, sam_grads, dtype=f32)
     finite = jnp.isfinite(total_sq) & jnp.isfinite(jnp.sum(out_sq))
     new_updates, inner_state = inner.update(
       sam_grads, state.inner_state, params, **extra_args
@@ -608,7 +608,7 @@ def layer_sam(
     if skipped != "orthogonal":
       return stored
     products = lay.map(lambda g, s: g.astype(f32) * s.astype(f32), gbar, sam_grads)
-    dot = jnp.sum(lay.reduce(lambda x: x, products, dtype=f32))
+    dot = jnp.sum(_reductions.sums(lay, lambda x: x, products, dtype=f32))
     total = jnp.sum(sq)
     proj = jnp.where(total > 0, dot / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -628,7 +628,7 @@ def layer_sam(
     """``g + alpha |g| g_v / |g_v|`` (LookSAM), or ``g`` with ``"plain"``."""
     if skipped != "orthogonal":
       return gbar
-    v_norm = jnp.sqrt(jnp.sum(lay.reduce(jnp.square, stored, dtype=f32)))
+    v_norm = jnp.sqrt(jnp.sum(_reductions.sums(lay, jnp.square, stored, dtype=f32)))
     scale = jnp.asarray(orthogonal_scale, f32) * jnp.sqrt(jnp.sum(sq))
     scale = scale / (v_norm + eps)
 
@@ -647,9 +647,9 @@ def layer_sam(
       scaled = lay.map(
         lambda g, w: (jnp.abs(w.astype(f32)) + eta) * g.astype(f32), updates, params
       )
-      denom_sq = lay.reduce(jnp.square, scaled, dtype=f32)
+      denom_sq = _reductions.sums(lay, jnp.square, scaled, dtype=f32)
     elif axis_name is not None:
-      denom_sq = lay.reduce(jnp.square, updates, dtype=f32)
+      denom_sq = _reductions.sums(lay, jnp.square, updates, dtype=f32)
     else:
       denom_sq = sq
     if normalize == "selected":

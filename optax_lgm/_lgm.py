@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lgm import _common, _layers
+from optax_lgm import _common, _layers, _reductions, _state_names
 
 _VARIANCES = ("spatial", "temporal")
 _NORMALIZE = (None, "mean", "geometric")
@@ -31,7 +31,7 @@ class ScaleByLgmState(NamedTuple):
   alpha: jax.Array
   scale: jax.Array
   mu: Optional[optax.Updates]
-  names: _layers.LayerNames
+  names: _state_names.LayerNames
 
   def diagnostics(self) -> dict[str, jax.Array]:
     """Per-layer arrays to log, by statistic name."""
@@ -172,13 +172,13 @@ def scale_by_lgm(
       alpha=jnp.zeros([n], stats_dtype),
       scale=jnp.ones([n], stats_dtype),
       mu=mu,
-      names=_layers.state_names(params, lay),
+      names=_state_names.state_names(params, lay),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     lay = spec(updates)
-    lay.check_names(state.names, updates)
+    _state_names.check_names(lay, state.names, updates)
     first = state.count == 0
     var = layer_variance(lay, updates, state.mu, first)
     finite = jnp.all(jnp.isfinite(var))
@@ -194,13 +194,13 @@ def scale_by_lgm(
 
   def layer_variance(lay, updates, mu, first):
     """The spatial variance, or the temporal one after the first step."""
-    _, spatial = lay.moments(updates, dtype=stats_dtype)
+    _, spatial = _reductions.moments(lay, updates, dtype=stats_dtype)
     if variance == "spatial":
       return spatial
     lay.flatten_as(mu, "the state's mu")
     # Deviation from the EMA of the previous steps.
     dev = lay.map(lambda g, m: g.astype(stats_dtype) - m, updates, mu)
-    temporal = lay.reduce(jnp.square, dev, dtype=stats_dtype) / lay.sizes
+    temporal = _reductions.sums(lay, jnp.square, dev, dtype=stats_dtype) / lay.sizes
     return jnp.where(first, spatial, temporal)
 
   def new_alpha(var, state, first, finite):

@@ -48,7 +48,10 @@ def top_k(norms: jax.Array, k: Any) -> jax.Array:
   if k is None:
     return jnp.ones([n], bool)
   if isinstance(k, (int, np.integer)):
-    return _layers.top_k_mask(norms, int(k))
+    if k >= n:
+      return jnp.ones([n], bool)
+    _, idx = jax.lax.top_k(norms, int(k))
+    return jnp.zeros([n], bool).at[idx].set(True)
   # A traced k (optax.inject_hyperparams): rank the layers, O(num_layers^2).
   idx = jnp.arange(n)
   before = (norms[None, :] > norms[:, None]) | (

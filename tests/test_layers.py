@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_lgm
-from optax_lgm import _layers
+from optax_lgm import _layers, _reductions, _selection
 
 
 def dense_tree():
@@ -35,7 +35,7 @@ def test_leaf_and_module_names_on_dict():
 
 def test_size_one_none_and_integer_leaves_carry_no_statistic():
   tree = {"a": jnp.ones(3), "one": jnp.ones(1), "none": None, "ints": jnp.ones(4, int)}
-  lay = _layers.make_layering(tree)
+  lay = _layers.LayerSpec()(tree)
   assert lay.names == ("a",)
   flat = lay.flatten(tree)
   assert sum(ids is not None for ids in lay.leaf_layers) == 1
@@ -44,13 +44,11 @@ def test_size_one_none_and_integer_leaves_carry_no_statistic():
 
 def test_callable_layers_and_mask():
   tree = dense_tree()
-  lay = _layers.make_layering(
-    tree, lambda path, leaf: "all" if leaf.ndim == 2 else None
-  )
+  lay = _layers.LayerSpec(lambda path, leaf: "all" if leaf.ndim == 2 else None)(tree)
   assert lay.names == ("all",)
   np.testing.assert_array_equal(lay.sizes, [12 + 6])
-  masked = _layers.make_layering(
-    tree, mask=lambda t: jax.tree.map(lambda x: x.ndim == 2, t)
+  masked = _layers.LayerSpec(mask=lambda t: jax.tree.map(lambda x: x.ndim == 2, t))(
+    tree
   )
   assert masked.names == ("dense1/kernel", "dense2/kernel")
 
@@ -90,24 +88,24 @@ def test_layer_axes_split_stacked_leaves():
   tree = {"blocks": {"kernel": jnp.ones((3, 4, 4)), "bias": jnp.ones((3, 4))}}
   names = optax_lgm.layer_names(tree, "module", layer_axes=1)
   assert names == ("blocks[0]", "blocks[1]", "blocks[2]")
-  lay = _layers.make_layering(tree, "module", layer_axes=1)
+  lay = _layers.LayerSpec("module", layer_axes=1)(tree)
   np.testing.assert_array_equal(lay.sizes, [20, 20, 20])
 
 
 def test_layer_axes_larger_than_rank_raises():
   with pytest.raises(ValueError, match="layer_axes.*bias"):
-    _layers.make_layering({"bias": jnp.ones(3)}, layer_axes=2)
+    _layers.LayerSpec(layer_axes=2)({"bias": jnp.ones(3)})
 
 
 @pytest.mark.parametrize("bad", ["leaves", "Module", 3])
 def test_unknown_layers_raises(bad):
   with pytest.raises(ValueError, match=f"layers=.*{bad!r}"):
-    _layers.make_layering({"a": jnp.ones(2)}, bad)
+    _layers.LayerSpec(bad)({"a": jnp.ones(2)})
 
 
 def test_mask_with_wrong_structure_raises():
   with pytest.raises(ValueError, match="mask"):
-    _layers.make_layering({"a": jnp.ones(2), "b": jnp.ones(2)}, mask={"a": True})
+    _layers.LayerSpec(mask={"a": True})({"a": jnp.ones(2), "b": jnp.ones(2)})
 
 
 def _numpy_moments(groups):
@@ -121,11 +119,11 @@ def test_moments_match_numpy_module_and_stacked():
     "solo": rng.normal(size=(7,)),
   }
   tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-  lay = _layers.make_layering(
-    tree, "module", layer_axes=lambda path, leaf: 1 if leaf.ndim > 1 else 0
-  )
+  lay = _layers.LayerSpec(
+    "module", layer_axes=lambda path, leaf: 1 if leaf.ndim > 1 else 0
+  )(tree)
   assert lay.names == ("m[0]", "m[1]", "m[2]", "solo")
-  mean, var = lay.moments(tree)
+  mean, var = _reductions.moments(lay, tree)
   groups = [
     np.concatenate([np.ravel(tree["m"]["bias"][i]), np.ravel(tree["m"]["kernel"][i])])
     for i in range(3)
@@ -137,22 +135,22 @@ def test_moments_match_numpy_module_and_stacked():
 
 def test_moments_constant_layer_is_exactly_zero():
   tree = {"a": jnp.full((10, 10), 1e4), "b": jnp.full((3,), -2.5)}
-  _, var = _layers.make_layering(tree).moments(tree)
+  _, var = _reductions.moments(_layers.LayerSpec()(tree), tree)
   np.testing.assert_array_equal(var, [0.0, 0.0])
 
 
-def test_reduce_and_map():
+def test_sums_and_map():
   tree = {"a": jnp.arange(4.0), "b": jnp.ones((2, 2)) * 2}
-  lay = _layers.make_layering(tree, lambda path, leaf: "one")
-  np.testing.assert_allclose(lay.reduce(jnp.square, tree), [14.0 + 16.0])
+  lay = _layers.LayerSpec(lambda path, leaf: "one")(tree)
+  np.testing.assert_allclose(_reductions.sums(lay, jnp.square, tree), [14.0 + 16.0])
   out = lay.map(lambda x, s: x * s, tree, per_layer=[jnp.array([3.0])])
   chex.assert_trees_all_close(out, jax.tree.map(lambda x: 3 * x, tree))
 
 
-def test_top_k_mask():
+def test_top_k():
   values = jnp.array([0.1, 3.0, 2.0, 5.0])
-  np.testing.assert_array_equal(_layers.top_k_mask(values, 2), [0, 1, 0, 1])
-  np.testing.assert_array_equal(_layers.top_k_mask(values, None), [1, 1, 1, 1])
+  np.testing.assert_array_equal(_selection.top_k(values, 2), [0, 1, 0, 1])
+  np.testing.assert_array_equal(_selection.top_k(values, None), [1, 1, 1, 1])
 
 
 @settings(max_examples=25, deadline=None)
@@ -166,7 +164,7 @@ def test_moments_property(shapes, seed):
   """Per-leaf moments equal NumPy's for any shapes (hypothesis)."""
   rng = np.random.default_rng(seed)
   tree = [jnp.asarray(rng.normal(rng.normal(), 2.0, s), jnp.float32) for s in shapes]
-  mean, var = _layers.make_layering(tree).moments(tree)
+  mean, var = _reductions.moments(_layers.LayerSpec()(tree), tree)
   np.testing.assert_allclose(mean, [np.mean(x) for x in tree], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(var, [np.var(x) for x in tree], rtol=1e-3, atol=1e-5)
 
@@ -174,6 +172,7 @@ def test_moments_property(shapes, seed):
 # --------------------------------------------------------------------------
 # optax.tree.map_params on the states that carry LayerNames.
 # --------------------------------------------------------------------------
+
 
 def test_optax_map_params_keeps_names_inside_optax_sam():
   # The names of keep_top_k_layers survive inside optax.contrib.sam's state
