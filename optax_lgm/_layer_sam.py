@@ -1,64 +1,11 @@
 """Partial-layer sharpness-aware minimisation (Lee 2024).
 
-SAM (Foret et al., 2021) takes the gradient at weights perturbed along the
-normalised gradient, which costs a second forward and backward pass per step.
-Lee et al. (2024) perturb only the ``k`` layers with the largest gradient
-norms. :func:`layer_sam` implements that rule in two modes.
-
-**Dynamic mode** (``selection=None``, the default): the top-``k`` layers are
-chosen inside the compiled step, from this step's gradient. This is the exact
-algorithm, but it saves no compute: under ``jit`` a data-dependent selection
-is a mask, and the whole second pass still runs.
-
-**Static mode** (``selection=`` a tuple of layer indices or names): the
-selection is fixed at trace time. Only the selected layers are perturbed (the
-other leaves of the perturbed params are the very same arrays) and only their
-second-pass gradients are used, so XLA drops the weight-gradient work of the
-other layers and the backward pass below the lowest selected layer, and can
-share the second forward pass up to that layer with the first (it is the same
-computation). The cost of a static step is therefore set by the *lowest*
-selected layer: the output layer alone costs about one SGD step, while any
-input-side layer in the selection brings back most of a forward and a
-backward pass. The state keeps running per-layer gradient norms, and
-:func:`select_layers` turns them, on the host, into the next selection.
-
-The training loop of static mode jits the step with ``selection`` as a static
-argument and re-selects every so many steps; ``jit`` compiles one step per
-distinct selection (a selection seen before is not compiled again), and the
-top layers change rarely, so few are compiled (the results page of the
-documentation counts them on a ResNet-20)::
-
-  tx = optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, k=2)
-
-  @functools.partial(jax.jit, static_argnames='selection')
-  def train_step(params, opt_state, batch, selection=None):
-    grad_fn = jax.grad(lambda p, _: loss(p, batch))
-    grads = grad_fn(params, 0)
-    updates, opt_state = tx.update(
-        grads, opt_state, params, grad_fn=grad_fn, selection=selection)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  selection = None  # The first step runs in dynamic mode: it measures norms.
-  for step, batch in enumerate(batches):
-    if step % 100 == 1:
-      selection = optax_lgm.select_layers(opt_state)  # A tuple of ints.
-    params, opt_state = train_step(params, opt_state, batch, selection)
-
-:class:`optax_lgm.StaticSelection` runs this loop for a step that takes
-``selection=`` (with Flax NNX as well: its docstring has the step, whose
-second pass runs on a functional copy of the model so that BatchNorm's
-running statistics are left alone).
-
-XLA:CPU and BatchNorm. XLA shares the two forward passes only if they are
-still identical when its common-subexpression pass runs. On XLA:CPU (jax
-0.10) the earlier ``reshape-mover`` pass rewrites the BatchNorm arithmetic of
-the two passes differently (their users differ), so the second forward pass
-is computed again (the results page measures the cost on a ResNet-20).
-Disabling that pass restores the sharing: ``jax.jit(train_step, compiler_options={
-'xla_disable_hlo_passes': 'reshape-mover'})``, or
-``XLA_FLAGS=--xla_disable_hlo_passes=reshape-mover`` for ``nnx.jit``.
-Networks without BatchNorm share the forward pass without it.
+:func:`layer_sam` runs SAM's second pass on the ``k`` layers with the largest
+gradient norms only. With a static ``selection`` XLA prunes the rest of that
+pass; :func:`select_layers` picks the selection from the running layer norms
+in the state, and :class:`optax_lgm.StaticSelection` re-selects in a training
+loop. The "Partial-layer SAM" page of the documentation has the maths, the
+loop and what a step costs.
 """
 
 from collections.abc import Callable
@@ -211,145 +158,17 @@ def layer_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimisation that perturbs only the top-k layers.
 
-  With first-pass gradient :math:`g` at weights :math:`w`, each step computes
-  the layer norms :math:`n_l = \lVert g_l \rVert_2`, the set :math:`S` of the
-  ``k`` layers with the largest :math:`n_l`, and
-
-  .. math::
-
-    \epsilon_l &= \begin{cases}
-      \rho\, g_l / (\lVert g_S \rVert + \varepsilon) & l \in S \\
-      0 & l \notin S
-    \end{cases}
-    \qquad\text{or, with } T = |w| + \eta \text{ (ASAM):}\quad
-    \epsilon_l = \rho\, T_l^2 g_l / (\lVert (T g)_S \rVert + \varepsilon), \\
-    g' &= \nabla L(w + \epsilon), \qquad
-    \tilde g_l = \begin{cases} g'_l & l \in S \\
-      g_l \text{ (reuse) or } g'_l \text{ (recompute)} & l \notin S
-    \end{cases}
-
-  and hands :math:`\tilde g` to ``optimizer``. With ``normalize="global"``
-  the norm in the denominator runs over every layer instead of :math:`S`. With
-  ``k=None``, ``normalize="selected"`` and ``unselected="recompute"`` this is
-  SAM, equal to ``optax.contrib.sam(optimizer, optax.chain(
-  optax.contrib.normalize(), optax.sgd(rho)), opaque_mode=True)``.
-
-  ``update`` takes ``grad_fn``, a function ``(params, i) -> gradients`` (the
-  same one as ``optax.contrib.sam``'s opaque mode; ``i`` is always 0), and
-  optionally ``selection``:
-
-  * ``selection=None`` (dynamic mode): :math:`S` is chosen in the graph from
-    this step's :math:`g`. Exact, but the full second pass always runs.
-  * ``selection=`` a tuple of layer indices (the order of
-    :func:`optax_lgm.layer_names`) or names (static mode): :math:`S` is that
-    tuple, fixed at trace time; ``k`` is then not used. Only the selected
-    leaves are perturbed and only their second-pass gradients are read, so
-    XLA prunes the rest of the second pass; the saving needs
-    ``unselected="reuse"``. Pass ``selection`` as a static argument of
-    ``jax.jit`` and re-select every few hundred steps with
-    :func:`select_layers`, or let :class:`optax_lgm.StaticSelection` do it
-    (the loop is on the "Partial-layer SAM" page of the documentation).
-
-  On a device mesh under ``jax.jit``, the gradients are global whatever the
-  sharding, and so is the perturbation. Inside ``jax.shard_map`` (or
-  ``jax.pmap``), where ``grads`` and ``grad_fn``'s output are each device's
-  own (its shard of the batch, not averaged), pass ``axis_name`` (the data
-  axis) for *m-sharpness* (Foret et al., 2021): with
-  :math:`g^{(d)}` device :math:`d`'s gradient and
-  :math:`\bar g = \operatorname{pmean}_d g^{(d)}`,
-
-  .. math::
-
-    n_l = \lVert \bar g_l \rVert_2, \qquad
-    \epsilon^{(d)}_l = \rho\, g^{(d)}_l / (\lVert g^{(d)}_S \rVert
-      + \varepsilon) \ (l \in S), \qquad
-    \tilde g_l = \operatorname{pmean}_d \nabla L^{(d)}(w + \epsilon^{(d)})_l
-      \ (l \in S), \quad \bar g_l \ (l \notin S,\ \text{reuse}).
-
-  So the layer norms, the selection :math:`S` and the state are those of the
-  global gradient :math:`\bar g` (the same on every device; ``jax.lax.pmean``
-  of the first-pass gradient, one all-reduce), each device perturbs along its
-  own gradient, normalised by its own norm, and the gradient handed to
-  ``optimizer`` is averaged over ``axis_name`` (second-pass gradients only
-  where they are read). Every device then holds the same state. With one
-  device per axis this is the global perturbation. Inside ``shard_map``, take
-  the first-pass gradient at ``jax.lax.pcast(params, axis_name,
-  to="varying")`` (JAX sums the gradient of replicated params over the axis
-  otherwise); ``update`` marks the weights it hands to ``grad_fn`` the same
-  way. Every device must see whole layers: split the params only over mesh
-  axes left to the compiler (``jax.shard_map(..., axis_names={"data"})``).
-
-  The defaults ``k=2`` and ``layers="module"`` are measured: on a ResNet-20
-  the second layer adds much of SAM's gradient correction and later layers
-  little, and ``"module"`` ranks a ``Dense``'s kernel and bias (or a
-  BatchNorm's scale and bias) as one layer, so a lone bias is never
-  selected. In dynamic mode ``k`` does not change the cost; in static mode
-  the lowest selected layer sets it. The figures are on the results page of
-  the documentation ("Partial-layer SAM: speed" and the defaults table).
-
-  Inside :func:`optax.partition` or :func:`optax.masked`, ``grad_fn`` would
-  receive optax's placeholders for the leaves of the other partitions; use
-  ``layer_sam(..., mask=...)`` instead (``update`` raises and says so).
-
-  Leaves that carry no statistic (``None``, size-1 and non-float leaves and
-  those outside ``mask``) are never perturbed and receive :math:`g`
-  (``"reuse"``) or :math:`g'` (``"recompute"``). Statistics are float32; the
-  gradient handed on has each leaf's dtype. On a step whose first- or
-  second-pass gradient is not finite the whole state (the wrapped optimizer's
-  included) is left as it was; the returned updates are then not finite,
-  which :func:`optax.apply_if_finite` detects and skips.
-
-  **Fewer SAM steps** (LookSAM, RST, AE-SAM). ``schedule`` decides at each
-  step :math:`t` (the count of finite steps) whether the second pass runs:
-
-  * ``"every"``: when :math:`t \bmod` ``every`` :math:`= 0` (LookSAM's and
-    init2winit's :math:`k`). The default ``every=1`` perturbs every step.
-  * ``"random"``: with probability ``probability`` (RST), drawn from a PRNG
-    key kept in the state (from ``seed``, split at each finite step), so a
-    run is reproducible and a resumed run draws what the uninterrupted one
-    would have.
-  * ``"adaptive"`` (AE-SAM): with :math:`s_t = \lVert g_t \rVert^2` (over
-    the layers that take part) and :math:`\delta` = ``threshold_decay``,
-
-    .. math::
-
-      \mu_t = \delta \mu_{t-1} + (1 - \delta) s_t, \qquad
-      \sigma_t^2 = \delta \sigma_{t-1}^2 + (1 - \delta) (s_t - \mu_t)^2,
-
-    the step is perturbed when :math:`s_t \ge \mu_t + c_t \sigma_t`, with
-    :math:`c_t` = ``threshold`` (a number or a schedule of :math:`t`). Our
-    reading of Jiang et al. (2023): :math:`\delta = 0.9` and :math:`c_t`
-    rising linearly from :math:`\lambda_1 = -1` to :math:`\lambda_2 = 1` over
-    the :math:`T` steps of the run, i.e. ``threshold=optax.linear_schedule(
-    -1.0, 1.0, T)``; the paper leaves :math:`\mu_0, \sigma_0` unstated, and
-    here the averages are seeded with the first step (:math:`\mu = s`,
-    :math:`\sigma = 0`: the first step is perturbed). As :math:`T` is not
-    known here, the default is the constant :math:`c = 0`, the middle of
-    that schedule.
-
-  A step that is not perturbed hands on (``skipped``) the first-pass
-  gradient :math:`g` (``"plain"``, an SGD step), or (``"orthogonal"``,
-  LookSAM) reuses the component of the last SAM gradient orthogonal to its
-  first-pass gradient: at a perturbed step
-  :math:`g_v = \tilde g - \frac{\langle g, \tilde g \rangle}{\lVert g
-  \rVert^2} g` is stored, and a skipped step hands on
-  :math:`g + \alpha \lVert g \rVert\, g_v / (\lVert g_v \rVert +
-  \varepsilon)`, :math:`\alpha` = ``orthogonal_scale`` (norms and inner
-  products over the leaves that carry a statistic; the others receive
-  :math:`g`).
-
-  The second pass runs inside :func:`jax.lax.cond`: one compilation serves
-  the perturbed and the skipped steps, and a skipped step costs about an SGD
-  step. The decision reads only the state and the first-pass norms of the
-  global gradient, the same on every device and process, so every device
-  takes the same branch. A literal ``every=1`` with ``schedule="every"``
-  (the default) builds no conditional: the step is that of SAM at every
-  step. Inside the conditional XLA cannot share the second forward pass with
-  the first, so a static ``selection`` saves less per perturbed step than
-  without a schedule (the unused gradient work is still pruned). On XLA:CPU
-  the convolutions inside the conditional lose their fast kernels, so there
-  a perturbed step of a convolutional network costs several SAM steps (the
-  "Partial-layer SAM" page of the documentation).
+  With first-pass gradient :math:`g` at weights :math:`w` and :math:`S` the
+  ``k`` layers with the largest norms :math:`\lVert g_l \rVert_2`, the
+  optimizer receives :math:`\nabla L(w + \epsilon)_l` for :math:`l \in S`,
+  where :math:`\epsilon_l = \rho\, g_l / (\lVert g_S \rVert + \varepsilon)`,
+  and :math:`g_l` elsewhere. ``update`` takes ``params`` and ``grad_fn``, a
+  function ``(params, i) -> gradients`` (``optax.contrib.sam``'s opaque mode),
+  and optionally ``selection``: ``None`` chooses :math:`S` in the graph (the
+  exact algorithm, at SAM's cost), a tuple of layer indices or names fixes it
+  at trace time, and XLA prunes the rest of the second pass. The
+  "Partial-layer SAM" page of the documentation has the maths of every option
+  (ASAM, per-device perturbation, perturbation schedules, LookSAM's reuse).
 
   Examples:
     >>> import jax
@@ -364,23 +183,10 @@ def layer_sam(
     >>> state = tx.init(params)
     >>> grads = grad_fn(params, 0)
     >>> updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
-    >>> optax_lgm.layer_stats(state)['sam_selected']
-    {'a': 0, 'b': 1}
     >>> optax_lgm.select_layers(state)
     (1,)
     >>> updates, state = tx.update(
     ...     grads, state, params, grad_fn=grad_fn, selection=(1,))
-
-    SAM every other step, reusing LookSAM's orthogonal component in between:
-
-    >>> tx = optax_lgm.layer_sam(
-    ...     optax.sgd(0.1), k=None, unselected="recompute", every=2,
-    ...     skipped="orthogonal")
-    >>> state = tx.init(params)
-    >>> for _ in range(4):
-    ...   updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
-    >>> int(state.perturbed_count)
-    2
 
   Args:
     optimizer: the optimizer that receives the SAM gradient (e.g.
@@ -402,12 +208,9 @@ def layer_sam(
     layer_axes: leading axes of a leaf that index separate (stacked) layers.
     mask: a pytree of booleans or a callable returning one; leaves where it
       is ``False`` are never perturbed.
-    axis_name: ``None`` (the default: ``grads`` and ``grad_fn`` give the
-      global gradient, as under ``jax.jit``), or the name (a str, or a tuple
-      of str) of the mapped data axis of ``jax.shard_map`` / ``jax.pmap``
-      whose devices each see their own gradient: per-device (m-sharpness)
-      perturbations, with the selection and the gradient handed on averaged
-      over that axis.
+    axis_name: ``None`` (the gradients are global, as under ``jax.jit``) or
+      the mapped data axis (a str or a tuple of str) of ``jax.shard_map`` /
+      ``jax.pmap``: per-device (m-sharpness) perturbations.
     schedule: which steps run the second pass: ``"every"`` (every ``every``
       steps), ``"random"`` (with probability ``probability``) or
       ``"adaptive"`` (AE-SAM's rule).
@@ -417,9 +220,7 @@ def layer_sam(
     seed: the seed of the PRNG key of ``schedule="random"``, an int.
     threshold: :math:`c_t` of ``schedule="adaptive"``, a number or a
       schedule of the step count.
-    threshold_decay: :math:`\delta` of ``schedule="adaptive"``, the decay of
-      the running mean and variance of the squared gradient norm, in
-      ``[0, 1]``.
+    threshold_decay: :math:`\delta` of ``schedule="adaptive"``, in ``[0, 1]``.
     skipped: what a step that is not perturbed hands on: ``"plain"`` (the
       first-pass gradient) or ``"orthogonal"`` (LookSAM's reuse).
     orthogonal_scale: LookSAM's :math:`\alpha` (0.7 in its experiments, as we
@@ -447,22 +248,12 @@ def layer_sam(
     Efficient and Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_,
     2024.
 
-    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
-    Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
-
-    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
-    Scale-Invariant Learning of Deep Neural Networks
-    <https://arxiv.org/abs/2102.11600>`_, 2021.
-
-    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
-    <https://arxiv.org/abs/2203.02714>`_ (LookSAM), 2022.
-
-    Zhao et al., `Randomized Sharpness-Aware Training for Boosting
-    Computational Efficiency in Deep Learning
-    <https://arxiv.org/abs/2203.09962>`_ (RST), 2022.
-
-    Jiang et al., `An Adaptive Policy to Employ Sharpness-Aware Minimization
-    <https://arxiv.org/abs/2304.14647>`_ (AE-SAM), 2023.
+    Foret et al., `Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2010.01412>`_, 2021; Kwon et al., `ASAM
+    <https://arxiv.org/abs/2102.11600>`_, 2021; Liu et al., `LookSAM
+    <https://arxiv.org/abs/2203.02714>`_, 2022; Zhao et al., `RST
+    <https://arxiv.org/abs/2203.09962>`_, 2022; Jiang et al., `AE-SAM
+    <https://arxiv.org/abs/2304.14647>`_, 2023.
   """
   _selection.check_k(k)
   if not callable(rho):
