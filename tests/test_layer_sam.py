@@ -386,6 +386,45 @@ def test_running_average_of_norms():
   )
 
 
+def np_layer_norms(w: dict) -> np.ndarray:
+  """Each layer's (module's) first-pass gradient norm at ``w``, float64."""
+  g = np_grad(jax.tree.map(lambda v: np.asarray(v, np.float64), w))
+  return np.array([np.sqrt(sum(np.sum(v**2) for v in g[m].values())) for m in g])
+
+
+def test_running_average_of_norms_matches_numpy_reference():
+  """``grad_norm_avg`` against a float64 EMA, step by step.
+
+  The schedule skips every other step (whose norms still count), one step has
+  a non-finite gradient (``apply_if_finite`` never calls ``layer_sam``), and
+  one has a non-finite second pass (``layer_sam`` keeps its state itself).
+  """
+  decay = 0.7
+  tx = optax.apply_if_finite(
+    optax_lgm.layer_sam(optax.sgd(0.1), k=2, norm_decay=decay, every=2),
+    max_consecutive_errors=10,
+  )
+  params = init_params()
+  state = tx.init(params)
+  faults = ["", "", "grads", "second pass", "", "", "", ""]
+  avg = None  # The reference: seeded with the first finite step.
+  for t, fault in enumerate(faults):
+    grads, second = grad_fn(params), grad_fn
+    if fault == "grads":
+      grads = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+    if fault == "second pass":
+      second = lambda p, i: jax.tree.map(lambda g: g * jnp.nan, grad_fn(p, i))  # noqa: E731
+    updates, state = tx.update(grads, state, params, grad_fn=second)
+    if not fault:
+      norms = np_layer_norms(params)
+      avg = norms if avg is None else decay * avg + (1 - decay) * norms
+      params = optax.apply_updates(params, updates)
+    sam = state.inner_state
+    assert int(sam.count) == sum(not f for f in faults[: t + 1])
+    np.testing.assert_allclose(sam.grad_norm_avg, avg, rtol=2e-5, err_msg=f"step {t}")
+  assert int(sam.perturbed_count) == 3  # Counts 0, 2 and 4 of 6: every=2.
+
+
 def test_select_layers_finds_nested_state():
   inner = optax_lgm.layer_sam(optax.sgd(0.1), k=2)
   tx = optax.MultiSteps(
