@@ -2,10 +2,18 @@
 
 Run in its own process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
 (``tests/test_sharding.py`` does, one process per check), so the rest of the
-suite keeps one device: ``python tests/_sharded_steps.py [CHECK ...]`` runs
-the named checks of ``CHECKS`` (every check without a name), prints
-``ok <check>`` for each that passed, and exits non-zero with the failing
-check and its message.
+suite keeps one device: ``python tests/_sharded_steps.py CHECK`` runs one
+check of ``CHECKS`` and prints what it measured as one line of JSON; the test
+process makes the assertions. A check's result has
+
+* ``close``: for each comparison, the largest ``|got - want| / (atol + rtol
+  |want|)`` over the entries (``rtol=1e-5``, ``atol=1e-6``): at most 1 passes;
+* ``misplaced``: the arrays whose sharding is not the expected one;
+* ``error``: an exception raised by the check (a forbidden host transfer
+  among them), else ``None``;
+* numbers a check also reports (``params_like_state``: how many params-shaped
+  trees the state holds; ``gap_to_global``: how far m-sharpness lands from the
+  global perturbation).
 
 The checks:
 
@@ -29,9 +37,10 @@ The checks:
 
 import contextlib
 import functools
+import json
 import sys
+import traceback
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +57,7 @@ TRANSFORMS = {
     optax_lgm.scale_by_lgm(variance="temporal", layers="module"), optax.sgd(0.1)
   ),
   "dgs": lambda: optax_lgm.dgs(0.01),
-  "dgs_layer_ema": lambda: optax_lgm.dgs(
-    0.01, reduction="layer", importance_decay=0.9
-  ),
+  "dgs_layer_ema": lambda: optax_lgm.dgs(0.01, reduction="layer", importance_decay=0.9),
   # layers="module": two layers, "hidden" (0) and "out" (1).
   "layer_sam": lambda: optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), 0.1, k=1),
   "layer_sam_static": lambda: optax_lgm.layer_sam(
@@ -154,19 +161,36 @@ def split_state(state):
   return trees, others
 
 
-def assert_like_params(tree, shardings, what):
-  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (
-      what,
-      leaf.shape,
-      leaf.sharding,
-      sharding,
-    )
+RTOL, ATOL = 1e-5, 1e-6
 
 
-def assert_replicated(leaves, what):
-  for leaf in leaves:
-    assert leaf.sharding.is_fully_replicated, (what, leaf.shape, leaf.sharding)
+def closeness(got, want) -> float:
+  """The largest ``|got - want| / (ATOL + RTOL |want|)``; at most 1 is close."""
+  worst = 0.0
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert g.shape == w.shape, (g.shape, w.shape)
+    if g.size:
+      worst = max(worst, float(np.max(np.abs(g - w) / (ATOL + RTOL * np.abs(w)))))
+  return worst
+
+
+def not_like_params(tree, shardings, what) -> list[str]:
+  """The leaves of ``tree`` whose sharding is not that of the params."""
+  return [
+    f"{what}: {leaf.shape} has {leaf.sharding}, not {sharding}"
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+    if not leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+  ]
+
+
+def not_replicated(leaves, what) -> list[str]:
+  """The arrays among ``leaves`` that are not fully replicated."""
+  return [
+    f"{what}: {leaf.shape} has {leaf.sharding}, not replicated"
+    for leaf in leaves
+    if not leaf.sharding.is_fully_replicated
+  ]
 
 
 def state_shardings(tx, params, param_shardings, replicated):
@@ -181,16 +205,14 @@ def state_shardings(tx, params, param_shardings, replicated):
 
 
 def check(name, want):
-  """The sharded runs of ``name`` equal ``want``, the one-device run."""
+  """The sharded runs of ``name`` against ``want``, the one-device run."""
   params, x, y = make_problem()
   tx = TRANSFORMS[name]()
+  close, misplaced = {}, []
 
   def same(got, what):
     for g, w, part in zip(got, want, ("params", "state", "updates")):
-      try:
-        chex.assert_trees_all_close(g, w, rtol=1e-5, atol=1e-6)
-      except AssertionError as e:
-        raise AssertionError(f"{name} on {what}: {part} differ") from e
+      close[f"{what}: {part}"] = closeness(g, w)
 
   # 8-device data mesh, layouts left to jit: params replicated, so are the
   # updates and the whole state.
@@ -201,9 +223,9 @@ def check(name, want):
   xs, ys = jax.device_put((x, y), data)
   got = run(make_step(name, tx, shardings), sharded, tx.init(sharded), xs, ys)
   same(got, "8 devices")
-  assert_like_params(got[0], shardings, (name, "params"))
-  assert_like_params(got[2], shardings, (name, "updates"))
-  assert_replicated(jax.tree.leaves(got[1]), (name, "state"))
+  misplaced += not_like_params(got[0], shardings, "8 devices: params")
+  misplaced += not_like_params(got[2], shardings, "8 devices: updates")
+  misplaced += not_replicated(jax.tree.leaves(got[1]), "8 devices: state")
 
   # 4x2 data x model mesh, state placed and outputs pinned as documented.
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
@@ -217,13 +239,13 @@ def check(name, want):
   step = make_step(name, tx, out_shardings=(shardings, placement, shardings))
   got = run(step, sharded, state, xs, ys)
   same(got, "4x2 devices")
-  assert_like_params(got[0], shardings, (name, "params"))
-  assert_like_params(got[2], shardings, (name, "updates"))
+  misplaced += not_like_params(got[0], shardings, "4x2 devices: params")
+  misplaced += not_like_params(got[2], shardings, "4x2 devices: updates")
   trees, others = split_state(got[1])
-  assert trees or name in ("scale_by_lgm", "dgs"), (name, "no params-like state")
   for tree in trees:
-    assert_like_params(tree, shardings, (name, "params-like state"))
-  assert_replicated(jax.tree.leaves(others), (name, "per-layer state"))
+    misplaced += not_like_params(tree, shardings, "4x2 devices: params-like state")
+  misplaced += not_replicated(jax.tree.leaves(others), "4x2 devices: per-layer state")
+  return {"close": close, "misplaced": misplaced, "params_like_state": len(trees)}
 
 
 def check_unpinned_layout(name):
@@ -239,18 +261,19 @@ def check_unpinned_layout(name):
     make_step(name, tx, shardings), sharded, tx.init(sharded), xs, ys
   )
   trees, others = split_state(state)
-  assert trees, name
   # Kernels: state and updates take the kernel's sharding. (jit may also
   # split the state of a replicated bias over "model": not checked.)
-  for tree in [updates, *trees]:
+  misplaced = []
+  for i, tree in enumerate([updates, *trees]):
+    what = "updates" if i == 0 else f"params-like state {i}"
     for layer in ("hidden", "out"):
-      leaf, spec = tree[layer]["kernel"], specs[layer]["kernel"]
-      assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), (
-        name,
-        layer,
-        leaf.sharding,
+      misplaced += not_like_params(
+        tree[layer]["kernel"],
+        NamedSharding(mesh, specs[layer]["kernel"]),
+        f"{what}: {layer}/kernel",
       )
-  assert_replicated(jax.tree.leaves(others), (name, "per-layer state"))
+  misplaced += not_replicated(jax.tree.leaves(others), "per-layer state")
+  return {"close": {}, "misplaced": misplaced, "params_like_state": len(trees)}
 
 
 # --------------------------------------------------------------------------
@@ -317,7 +340,7 @@ def check_m_sharpness():
     make_step("layer_sam", tx_global), params, tx_global.init(params), x, y
   )
   want_global = np_layer_sam(w, xn, yn, shards=1, steps=STEPS)
-  chex.assert_trees_all_close(global_run[0], want_global, rtol=1e-5, atol=1e-6)
+  close = {"global perturbation: params": closeness(global_run[0], want_global)}
 
   # 8 devices, batch over "data".
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -326,14 +349,15 @@ def check_m_sharpness():
   sharded = jax.device_put(params, NamedSharding(mesh, P()))
   got = run(m_sharpness_step(tx, mesh, {"data"}), sharded, tx.init(sharded), xs, ys)
   want = np_layer_sam(w, xn, yn, shards=8, steps=STEPS)
-  chex.assert_trees_all_close(got[0], want, rtol=1e-5, atol=1e-6)
+  close["8 devices: params"] = closeness(got[0], want)
   gap = max(
     float(np.max(np.abs(a - b)))
     for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(global_run[0]))
   )
-  assert gap > 1e-3, ("m-sharpness equals the global perturbation", gap)
   # The state and the step's selection are the same on every device.
-  chex.assert_trees_all_close(got[1].selected_count, global_run[1].selected_count)
+  close["8 devices: selected_count"] = closeness(
+    got[1].selected_count, global_run[1].selected_count
+  )
 
   # 4x2 mesh: "data" manual (4 shards), kernels split over "model" by jit.
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
@@ -342,14 +366,15 @@ def check_m_sharpness():
   xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("data")))
   got = run(m_sharpness_step(tx, mesh, {"data"}), sharded, tx.init(sharded), xs, ys)
   want = np_layer_sam(w, xn, yn, shards=4, steps=STEPS)
-  chex.assert_trees_all_close(got[0], want, rtol=1e-5, atol=1e-6)
+  close["4x2 devices: params"] = closeness(got[0], want)
+  return {"close": close, "misplaced": [], "gap_to_global": gap}
 
 
 def check_transform(name):
-  """``name`` on both meshes equals its one-device run."""
+  """``name`` on both meshes against its one-device run."""
   params, x, y = make_problem()
   tx = TRANSFORMS[name]()
-  check(name, run(make_step(name, tx), params, tx.init(params), x, y))
+  return check(name, run(make_step(name, tx), params, tx.init(params), x, y))
 
 
 CHECKS = {
@@ -364,16 +389,16 @@ CHECKS = {
 
 
 def main(argv):
-  """Runs the checks named in ``argv`` (all without), each failure named."""
-  assert jax.device_count() == 8, jax.devices()
-  for name in argv or list(CHECKS):
+  """Runs the check named in ``argv``; prints its result as one line of JSON."""
+  (name,) = argv
+  if jax.device_count() != 8:
+    result = {"error": f"{jax.device_count()} devices, not 8: {jax.devices()}"}
+  else:
     try:
-      CHECKS[name]()
-    except AssertionError as e:
-      cause = f"\n{e.__cause__}" if e.__cause__ else ""
-      print(f"FAILED {name}: {e}{cause}", file=sys.stderr)
-      return 1
-    print(f"ok {name}", flush=True)
+      result = {**CHECKS[name](), "error": None}
+    except Exception:  # noqa: BLE001  # Reported to the test, which fails.
+      result = {"error": traceback.format_exc()}
+  print(json.dumps(result))
   return 0
 
 
