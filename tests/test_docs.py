@@ -13,6 +13,8 @@
   failure).
 * ``docs/make_figures.py`` draws a figure for each data file present, and the
   committed figures are drawn from the committed data.
+* ``docs/make_tables.py`` writes the tables of the results page, and the
+  committed tables are what it writes now from the committed data.
 """
 
 import ast
@@ -37,6 +39,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 sys.path.insert(0, str(DOCS))
 import check_site  # noqa: E402
 import make_figures  # noqa: E402
+import make_tables  # noqa: E402
 
 MODULES = sorted(
   ["optax_lgm"]
@@ -511,3 +514,22 @@ def test_committed_figures_match_their_data():
         f"docs/figures/{png} was not drawn from the current docs/data/{source.name}: "
         "run python docs/make_figures.py"
       )
+
+
+@pytest.mark.parametrize("stem", list(make_tables.TABLES))
+def test_committed_tables_match_their_data(stem):
+  source = DOCS / "data" / f"{stem}.json"
+  if not source.exists():
+    pytest.skip(f"no docs/data/{source.name}")
+  inc = make_tables.table_path(DOCS / "figures", stem)
+  fix = "run python docs/make_tables.py"
+  assert inc.exists(), f"no table for docs/data/{source.name}: {fix}"
+  text = inc.read_text()
+  recorded = re.search(r"SHA-256 ([0-9a-f]{64})", text)
+  assert recorded and recorded.group(1) == make_tables.sha256(source), (
+    f"docs/figures/{inc.name} is older than docs/data/{source.name}: {fix}"
+  )
+  assert text == make_tables.render(source), (
+    f"docs/figures/{inc.name} differs from what docs/make_tables.py writes: {fix}"
+  )
+  assert f".. include:: figures/{inc.name}" in (DOCS / "results.rst").read_text()

@@ -1,0 +1,194 @@
+"""Writes the tables of the results page from the JSON under ``docs/data``.
+
+Run by hand after a JSON file there changes: ``python docs/make_tables.py``.
+
+Each entry of ``TABLES`` turns one data file into one reStructuredText
+``list-table`` under ``docs/figures`` (``<file stem>_table.inc``); the page
+includes it with ``.. include:: figures/<file stem>_table.inc``. The caption
+quotes the command, the commit and the machine recorded in the JSON. A table
+of a new benchmark is one more entry: a function from the JSON to a header
+and rows, and its key, the JSON file's stem.
+
+Every fragment records the SHA-256 of the JSON it was written from, so
+``tests/test_docs.py`` fails when a table is older than its data or differs
+from what this script writes now.
+"""
+
+import argparse
+import hashlib
+import json
+import pathlib
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+
+DOCS = pathlib.Path(__file__).resolve().parent
+TABLE_COMMAND = "python docs/make_tables.py"
+Table = tuple[list[str], list[list[str]]]
+"""A header and its rows, every cell a string."""
+
+
+def sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _mean_std(values: Sequence[float], digits: int) -> str:
+  """``mean ± std`` (population std, as over seeds on the whole page)."""
+  return (
+    f"{statistics.fmean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
+  )
+
+
+def _percent(target: float) -> str:
+  return f"{100 * target:g}%"
+
+
+ROBUSTNESS = {
+  "clean": "clean (robustness subset)",
+  "fgsm@0.0314": "FGSM 8/255",
+  "pgd@0.0314": "PGD 8/255",
+  "fgsm@0.1": "FGSM 0.1",
+  "pgd@0.1": "PGD 0.1",
+  "noise@0.1": "noise 0.1",
+}
+"""The robustness columns of a comparison: key in the JSON -> header."""
+
+
+def compare_table(data: dict) -> Table:
+  """``python -m examples.compare``'s ``results.json``: one row per optimizer.
+
+  Mean ± std over seeds; steps to the target over the runs that reached it,
+  with how many did; seconds to the target as the median over seeds, a miss
+  counting as infinite.
+  """
+  target = _percent(data["args"]["target"])
+  header = [
+    "optimizer",
+    "lr",
+    "test acc",
+    f"steps to {target} (runs)",
+    f"seconds to {target} (median)",
+    *ROBUSTNESS.values(),
+  ]
+  rows = []
+  for name, summary in data["summary"].items():
+    steps = [s for s in summary["steps_to_target"] if s is not None]
+    runs = f"({len(steps)}/{len(summary['steps_to_target'])})"
+    times = [float("inf") if t is None else t for t in summary["time_to_target"]]
+    median = statistics.median(times)
+    robust = summary.get("robustness", {})
+    rows.append(
+      [
+        name,
+        f"{summary['learning_rate']:g}",
+        _mean_std(summary["test_accuracy"], 4),
+        f"{_mean_std(steps, 0)} {runs}" if steps else f"— {runs}",
+        "—" if median == float("inf") else f"{median:.1f}",
+        *(_mean_std(robust[key], 3) if key in robust else "—" for key in ROBUSTNESS),
+      ]
+    )
+  return header, rows
+
+
+def time_to_target_table(data: dict) -> Table:
+  """``python -m benchmarks.time_to_target --json``: one row per contender.
+
+  Medians over seeds, a miss counting as infinite; the final accuracy (the
+  mean of the last evaluations of a run) as mean ± std over seeds, in percent.
+  """
+  target = _percent(data["target"])
+  contenders = data["contenders"]
+  sam = contenders.get("sam", {}).get("median_seconds")
+  header = [
+    "contender",
+    f"time to {target} (median s)",
+    "× SAM",
+    "seeds reaching it",
+    "per seed (s)",
+    "steps to target (median)",
+    "final accuracy (%)",
+    "compilations",
+  ]
+  rows = []
+  for name, c in contenders.items():
+    median = c["median_seconds"]
+    reached = sum(s is not None for s in c["seconds"])
+    final = [100 * a for a in c["final_accuracy"]]
+    rows.append(
+      [
+        name,
+        "—" if median is None else f"{median:.1f}",
+        "—" if median is None or not sam else f"{median / sam:.2f}",
+        f"{reached}/{len(c['seconds'])}",
+        ", ".join("—" if s is None else f"{s:.0f}" for s in c["seconds"]),
+        "—" if c.get("median_steps") is None else f"{c['median_steps']:.0f}",
+        _mean_std(final, 1),
+        ", ".join(str(n) for n in sorted(set(c["compilations"]))),
+      ]
+    )
+  return header, rows
+
+
+TABLES: dict[str, Callable[[dict], Table]] = {
+  "compare_digits": compare_table,
+  "compare_fashion_mnist": compare_table,
+  "time_to_target": time_to_target_table,
+}
+"""JSON file stem under ``docs/data`` -> the function that makes its table."""
+
+
+def caption(data: dict, source: str) -> str:
+  """Where the numbers come from: command, commit and machine of the JSON."""
+  parts = [f"Data: ``{data['command']}``"]
+  if "commit" in data:
+    parts.append(f" at commit {data['commit']}")
+  if "machine" in data:
+    parts.append(f", run on {data['machine']}")
+  return "".join(parts) + f" (``{source}``); table: ``{TABLE_COMMAND}``."
+
+
+def render(source: pathlib.Path) -> str:
+  """The reStructuredText fragment of the table of ``source``."""
+  data = json.loads(source.read_text())
+  header, rows = TABLES[source.stem](data)
+  name = f"docs/data/{source.name}"
+  lines = [
+    f".. Written by {TABLE_COMMAND} from {name} (SHA-256 {sha256(source)}).",
+    "",
+    f".. list-table:: {caption(data, name)}",
+    "   :header-rows: 1",
+    "",
+  ]
+  for row in [header, *rows]:
+    lines.append(f"   * - {row[0]}")
+    lines.extend(f"     - {cell}" for cell in row[1:])
+  return "\n".join(lines) + "\n"
+
+
+def table_path(out: pathlib.Path, stem: str) -> pathlib.Path:
+  return out / f"{stem}_table.inc"
+
+
+def make_tables(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
+  """Writes the table of every data file of ``TABLES`` that is present."""
+  written = []
+  for stem in TABLES:
+    source = data_dir / f"{stem}.json"
+    if source.exists():
+      path = table_path(out, stem)
+      path.write_text(render(source))
+      written.append(path)
+  return written
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", type=pathlib.Path, default=DOCS / "data")
+  parser.add_argument("--out", type=pathlib.Path, default=DOCS / "figures")
+  args = parser.parse_args(argv)
+  for path in make_tables(args.data, args.out):
+    print(path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
