@@ -262,7 +262,8 @@ def test_static_selection_with_a_schedule():
     )
     return optax.apply_updates(params, updates), state
 
-  step = optax_lgm.StaticSelection(train_step, every=4)
+  # Decisions at once, in the foreground: the selection depends on the state.
+  step = optax_lgm.StaticSelection(train_step, every=4, background=False, payoff=0)
   params, state = init_params(), tx.init(init_params())
   for _ in range(10):
     params, state = step(params, state)
