@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 import tempfile
@@ -164,10 +165,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--cache", action="store_true", help="check the cache too")
   parser.add_argument("--out", help="write the results as JSON")
+  parser.add_argument("--machine", default=platform.platform(), help="for the record")
   args = parser.parse_args(argv)
   optimizers = args.optimizers.split(",")
   began = time.perf_counter()
-  results: dict[str, Any] = {"runs": [], "summaries": {}}
+  commit = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+  ).stdout.strip()
+  results: dict[str, Any] = {
+    "command": " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]]),
+    "commit": commit,
+    "machine": args.machine,
+    "lengths": LENGTHS,
+    "runs": [],
+    "summaries": {},
+  }
   with tempfile.TemporaryDirectory() as work:
     for model in args.models.split(","):
       for length in args.lengths.split(","):

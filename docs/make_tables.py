@@ -129,10 +129,60 @@ def time_to_target_table(data: dict) -> Table:
   return header, rows
 
 
+def trainer_time_to_target_table(data: dict) -> Table:
+  """``benchmarks.trainer_time_to_target``: a row per model, length, contender.
+
+  Medians over seeds (a miss counting as infinite), the final accuracy as
+  mean ± std over seeds, the compile seconds on the critical path and in the
+  background, the compilations and the selection changes (medians).
+  """
+  header = [
+    "model",
+    "length (lr, target)",
+    "contender",
+    "time to target (median s)",
+    "× SAM",
+    "per seed (s)",
+    "steps to target (median)",
+    "final accuracy (%)",
+    "compile s: critical / background",
+    "compilations",
+    "selection changes",
+  ]
+  rows = []
+  for key, summary in data["summaries"].items():
+    model, length = key.split("/")
+    learning_rate, target, _ = data["lengths"][model][length]
+    sam = summary.get("sam", {}).get("median_time_to_target")
+    for name, s in summary.items():
+      median = s["median_time_to_target"]
+      steps = sorted(x for x in s["steps_to_target"] if x is not None)
+      final = [100 * a for a in s["final_test_accuracy"]]
+      finite = median != float("inf")
+      rows.append(
+        [
+          model,
+          f"{length} ({learning_rate:g}, {_percent(target)})",
+          name,
+          f"{median:.1f}" if finite else "—",
+          f"{median / sam:.2f}" if finite and sam else "—",
+          ", ".join("—" if t is None else f"{t:.1f}" for t in s["time_to_target"]),
+          f"{statistics.median(steps):.0f}" if steps else "—",
+          _mean_std(final, 1),
+          f"{statistics.median(s['compile_critical_s']):.1f} / "
+          f"{statistics.median(s['compile_background_s']):.1f}",
+          f"{statistics.median(s['compilations']):g}",
+          f"{statistics.median(len(c) for c in s['selection_changes']):g}",
+        ]
+      )
+  return header, rows
+
+
 TABLES: dict[str, Callable[[dict], Table]] = {
   "compare_digits": compare_table,
   "compare_fashion_mnist": compare_table,
   "time_to_target": time_to_target_table,
+  "trainer_time_to_target": trainer_time_to_target_table,
 }
 """JSON file stem under ``docs/data`` -> the function that makes its table."""
 
