@@ -252,7 +252,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
         if not compiled:  # This process's first call compiles (or loads) it.
           compiled = True
           compile_record["critical_seconds"] += time.perf_counter() - began
-          compile_record["compilations"] += 1
+          compile_record["compilations"] = 1  # One program, however many processes.
         step += 1
         bar.update(1)
         if nonfinite_steps(optimizer.opt_state)[0] >= config.skip_nonfinite > 0:

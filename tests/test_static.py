@@ -338,8 +338,13 @@ class _GatedCompile:
     return selection
 
 
-def _compile_threads():
-  return [t for t in threading.enumerate() if t.name.startswith("optax_lgm-compile")]
+def _compile_threads(before=()):
+  """The compile threads alive, except those in ``before`` (other tests')."""
+  return [
+    t
+    for t in threading.enumerate()
+    if t.name.startswith("optax_lgm-compile") and t not in before
+  ]
 
 
 def test_background_compiles_give_the_foreground_run_bit_for_bit():
@@ -408,6 +413,7 @@ def test_compiles_are_counted_and_each_program_is_compiled_once():
 def test_a_slow_compile_never_blocks_a_step():
   tx = _tx()
   gate = _GatedCompile()
+  before = _compile_threads()
   helper = optax_lgm.StaticSelection(
     _make_step(tx), every=3, margin=0.0, patience=1, payoff=0, compile_fn=gate
   )
@@ -424,7 +430,7 @@ def test_a_slow_compile_never_blocks_a_step():
   params, opt_state = helper(params, opt_state, _weights(7))
   assert helper.selections == (None, gate.calls[0])
   helper.close()
-  assert not _compile_threads()
+  assert not _compile_threads(before)
 
 
 def test_the_compile_thread_ends_with_an_exception():
@@ -437,12 +443,13 @@ def test_the_compile_thread_ends_with_an_exception():
       raise KeyboardInterrupt  # The user stops the run.
     return train_step(params, opt_state, weights, selection=selection)
 
+  before = _compile_threads()
   helper = optax_lgm.StaticSelection(step, every=2, patience=1, compile_fn=gate)
   params, opt_state = PARAMS, tx.init(PARAMS)
   with pytest.raises(KeyboardInterrupt):
     for t in range(5):
       params, opt_state = helper(params, opt_state, _weights(t))
-  (thread,) = _compile_threads()  # The compile was in flight.
+  (thread,) = _compile_threads(before)  # The compile was in flight.
   gate.release.set()
   thread.join(timeout=60)
   assert not thread.is_alive()
@@ -451,6 +458,7 @@ def test_the_compile_thread_ends_with_an_exception():
 def test_a_failed_compile_is_raised_at_the_next_step():
   tx = _tx()
   gate = _GatedCompile(fail=True)
+  before = _compile_threads()
   helper = optax_lgm.StaticSelection(
     _make_step(tx), every=2, patience=1, compile_fn=gate
   )
@@ -460,9 +468,9 @@ def test_a_failed_compile_is_raised_at_the_next_step():
   concurrent.futures.wait([helper._pending[1]])
   with pytest.raises(RuntimeError, match="the compile failed"):
     helper(params, opt_state, _weights(2))
-  for thread in _compile_threads():  # Shut down: ends after its task.
+  for thread in _compile_threads(before):  # Shut down: ends after its task.
     thread.join(timeout=60)
-  assert not _compile_threads()
+  assert not _compile_threads(before)
 
 
 def test_resume_with_a_compile_in_flight_equals_an_uninterrupted_run():
