@@ -1,27 +1,28 @@
-"""The settings of `examples.train`, defined once, and its command line.
+"""The settings of `examples.train` and `examples.compare`, and their command line.
 
-`Config` lists every setting with its default and its help text; `parse` builds
-the ``argparse`` command line from those fields (``--name VALUE`` for each,
-``--name`` and ``--no_name`` for booleans), so a new setting is one new field.
-`check` rejects settings that cannot work, with a `UsageError` saying what is
-wrong and how to fix it; the command line prints it in one line and exits with
-status 2.
+`Config` lists every setting with its default and its help text; `parse` and
+`Parser` turn it into a command line with simple-parsing (the dataclass-to-
+argparse library that tensorflow-datasets already depends on): ``--name
+VALUE`` for each field, ``--name`` and ``--no_name`` for booleans. A new
+setting is one new field. `check` rejects settings that cannot work, with a
+`UsageError` saying what is wrong and how to fix it; the command line prints
+it in one line and exits with status 2.
 """
 
 import argparse
 import dataclasses
 import logging
 import sys
-import types
-import typing
 from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import simple_parsing as sp
 
 from examples.input_pipeline import DATASETS
 from examples.models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
-"""Names of the optimizers of `examples.train.make_optimizer`."""
-
+"""Names of the optimizers of `examples.optimizers.make_optimizer`."""
 
 SAM_SCHEDULES = ("every", "random", "adaptive")
 """Perturbation schedules of ``sam`` and ``layer_sam`` (``layer_sam(schedule=)``)."""
@@ -37,52 +38,57 @@ class UsageError(ValueError):
   """Settings that cannot work; the message says what to change."""
 
 
-def _field(default, help_text: str, **kwargs):
-  return dataclasses.field(default=default, metadata={"help": help_text, **kwargs})
+def field(default: Any, help_text: str, choices: Sequence[str] = ()) -> Any:
+  """A setting: simple-parsing's choice, ``--name/--no_name`` flag or field."""
+  if choices:
+    return sp.choice(*choices, default=default, help=help_text)
+  if isinstance(default, bool):
+    return sp.flag(default=default, help=help_text, negative_prefix="--no_")
+  return sp.field(default=default, help=help_text)
 
 
 @dataclasses.dataclass
 class Config:
   """Settings of one training run; the help text of each field is its flag's."""
 
-  dataset: str = _field("digits", "the dataset", choices=DATASETS)
-  model: str = _field("cnn", "the model", choices=MODELS)
-  optimizer: str = _field("sgd", "the optimizer", choices=OPTIMIZERS)
-  learning_rate: float | None = _field(
+  dataset: str = field("digits", "the dataset", choices=DATASETS)
+  model: str = field("cnn", "the model", choices=MODELS)
+  optimizer: str = field("sgd", "the optimizer", choices=OPTIMIZERS)
+  learning_rate: float | None = field(
     None,
     "learning rate (default: the optimizer's, from DEFAULT_LEARNING_RATES in "
     "examples/optimizers.py; recorded in metrics.json)",
   )
-  epochs: int = _field(5, "passes over the training set")
-  batch_size: int = _field(64, "examples per step (per micro-batch with grad_accum)")
-  grad_accum: int = _field(
+  epochs: int = field(5, "passes over the training set")
+  batch_size: int = field(64, "examples per step (per micro-batch with grad_accum)")
+  grad_accum: int = field(
     1,
     "apply the mean gradient of this many batches in one update (optax.MultiSteps); "
     "sam and layer_sam perturb each batch at its own gradient",
   )
-  dtype: str = _field(
+  dtype: str = field(
     "float32",
     "computation dtype; parameters and optimizer states stay float32",
     choices=DTYPES,
   )
-  seed: int = _field(0, "seed of the initialisation, the data order and the attacks")
-  data_dir: str | None = _field(None, "the TFDS data dir (default: TFDS's)")
-  eval_every: int = _field(
+  seed: int = field(0, "seed of the initialisation, the data order and the attacks")
+  data_dir: str | None = field(None, "the TFDS data dir (default: TFDS's)")
+  eval_every: int = field(
     0, "also evaluate test accuracy every this many steps (0: once per epoch)"
   )
-  target_accuracy: float = _field(
+  target_accuracy: float = field(
     0.95,
     "record time_to_target: training seconds (compilation in, evaluation out) "
     "until the first evaluation at or above this test accuracy",
   )
-  layer_sam_mode: str = _field(
+  layer_sam_mode: str = field(
     "static",
     "layer_sam's selection: 'static' (optax_lgm.StaticSelection: fixed between "
     "re-selections, the fast path) or 'dynamic' (chosen in the graph every step)",
     choices=("static", "dynamic"),
   )
-  reselect_every: int = _field(10, "static layer_sam: steps between re-selections")
-  sam_schedule: str = _field(
+  reselect_every: int = field(10, "static layer_sam: steps between re-selections")
+  sam_schedule: str = field(
     "every",
     "sam and layer_sam: which steps run the second pass: 'every' (every sam_every "
     "steps), 'random' (with probability sam_probability) or 'adaptive' (AE-SAM: "
@@ -90,73 +96,73 @@ class Config:
     "threshold rising from -1 to 1 standard deviations over the run)",
     choices=SAM_SCHEDULES,
   )
-  sam_every: int = _field(
+  sam_every: int = field(
     1, "sam_schedule=every: run the second pass every this many steps (1: every step)"
   )
-  sam_probability: float = _field(
+  sam_probability: float = field(
     0.5, "sam_schedule=random: the probability that a step runs the second pass"
   )
-  sam_skipped: str = _field(
+  sam_skipped: str = field(
     "plain",
     "sam and layer_sam, steps without the second pass: 'plain' (the gradient) or "
     "'orthogonal' (LookSAM: add the stored component of the last SAM gradient "
     "orthogonal to its gradient)",
     choices=SAM_SKIPPED,
   )
-  layer_sam_start: str = _field(
+  layer_sam_start: str = field(
     "output",
     "static layer_sam's first selection: 'output' (the model's two layers nearest "
     "the output, a step that costs about SGD's) or 'dynamic' (step 0 in dynamic "
     "mode)",
     choices=("output", "dynamic"),
   )
-  layer_sam_compile: str = _field(
+  layer_sam_compile: str = field(
     "background",
     "static layer_sam: compile new selections in a 'background' thread while the "
     "current one trains, or in the 'foreground' (then every decision depends on "
     "the optimizer state alone, with --layer_sam_payoff 0)",
     choices=("background", "foreground"),
   )
-  layer_sam_payoff: float = _field(
+  layer_sam_payoff: float = field(
     4.0,
     "static layer_sam: compile a new selection only if the steps left take this "
     "many times its expected compile time on the critical path (0: always)",
   )
-  compilation_cache: str = _field(
+  compilation_cache: str = field(
     "~/.cache/optax_lgm/jax",
     "JAX's persistent compilation cache, so that reruns and resumes load their "
     "programs instead of compiling them ('': off)",
   )
-  skip_nonfinite: int = _field(
+  skip_nonfinite: int = field(
     0,
     "skip steps whose gradient is not finite (optax.apply_if_finite) and stop after "
     "this many in a row (0: off)",
   )
-  robustness: bool = _field(True, "evaluate FGSM, PGD and noise accuracy at the end")
-  eps_list: tuple[float, ...] = _field(
+  robustness: bool = field(True, "evaluate FGSM, PGD and noise accuracy at the end")
+  eps_list: tuple[float, ...] = field(
     (8 / 255, 0.1), "L-infinity sizes of FGSM and PGD, on the pixel scale"
   )
-  sigmas: tuple[float, ...] = _field(
+  sigmas: tuple[float, ...] = field(
     (0.04, 0.06, 0.08, 0.09, 0.10), "Gaussian noise levels, on the pixel scale"
   )
-  pgd_steps: int = _field(5, "steps of PGD")
-  robustness_examples: int | None = _field(
+  pgd_steps: int = field(5, "steps of PGD")
+  robustness_examples: int | None = field(
     None, "evaluate robustness on the first N test images (default: all of them)"
   )
-  progress: bool = _field(True, "show a progress bar")
-  max_steps: int | None = _field(
+  progress: bool = field(True, "show a progress bar")
+  max_steps: int | None = field(
     None, "stop after this many steps in all, with a checkpoint (default: all epochs)"
   )
-  checkpoints: bool = _field(True, "write orbax checkpoints under WORKDIR/checkpoints")
-  checkpoint_every: int = _field(
+  checkpoints: bool = field(True, "write orbax checkpoints under WORKDIR/checkpoints")
+  checkpoint_every: int = field(
     500, "also checkpoint every this many steps (0: at epoch ends and max_steps only)"
   )
-  resume: bool = _field(
+  resume: bool = field(
     False,
     "go on from the latest checkpoint of WORKDIR (without it, old checkpoints are "
     "deleted)",
   )
-  mesh: str = _field(
+  mesh: str = field(
     "auto", "data-parallel devices: 'auto' (all) or 'data=N' (the first N)"
   )
 
@@ -195,8 +201,7 @@ def check(config: Config) -> None:
     "sam_schedule",
     "sam_skipped",
   ):
-    choices = next(f for f in dataclasses.fields(Config) if f.name == name)
-    choices = choices.metadata["choices"]
+    choices = _FIELDS[name].metadata["custom_args"]["choices"]
     if getattr(config, name) not in choices:
       raise UsageError(
         f"unknown {name}={getattr(config, name)!r}; choose one of {', '.join(choices)}"
@@ -228,129 +233,86 @@ def check(config: Config) -> None:
     )
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
 def quiet() -> None:
   """Silences TFDS's warning, on every run, that OpenCV is missing (PIL decodes)."""
   logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
 
 
-def _argument_type(hint):
-  """The ``argparse`` type of a field: its type, without ``None``."""
-  if typing.get_origin(hint) not in (typing.Union, types.UnionType):
-    return hint
-  (kind,) = [a for a in typing.get_args(hint) if a is not type(None)]
-  return kind
+class _HelpFormatter(sp.SimpleHelpFormatter):
+  """simple-parsing's help, without a second default where the text states one."""
+
+  def _get_help_string(self, action: argparse.Action) -> str | None:
+    if "(default:" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
 
 
-def _help(help_text: str, default) -> str:
-  """``help_text`` with its default, unless the text already says it."""
-  if "(default:" in help_text:
-    return help_text
-  if isinstance(default, tuple):
-    default = " ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in default)
-  return f"{help_text} (default: {default})"
-
-
-def parse(
-  argv: Sequence[str] | None = None, description: str = "", **parser_kwargs
-) -> argparse.Namespace:
-  """Parses the command line: one flag per `Config` field, plus the others.
+class Parser(sp.ArgumentParser):
+  """A command line with one flag per `Config` field; errors in one line.
 
   Args:
-    argv: the arguments (default: ``sys.argv[1:]``).
     description: what the program does, for ``--help``.
-    **parser_kwargs: passed to ``argparse.ArgumentParser``.
+    defaults: the settings the flags start from.
+    **kwargs: passed to ``argparse.ArgumentParser``.
+  """
+
+  def __init__(self, description: str, defaults: Config | None = None, **kwargs):
+    super().__init__(description=description, formatter_class=_HelpFormatter, **kwargs)
+    self.add_arguments(Config, dest="config", default=defaults or Config())
+    quiet()
+
+  def error(self, message: str) -> NoReturn:
+    """Exits with status 2 and one line (no usage block)."""
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namespace:
+  """Parses the trainer's command line.
 
   Returns:
-    A namespace with ``config`` (a `Config`), ``workdir``, and the
-    ``distributed`` settings. A bad value exits with status 2 and one line.
+    A namespace with ``config`` (a `Config`, its ``learning_rate`` the one the
+    run uses), ``workdir``, and the ``distributed`` settings.
   """
-  # The defaults are written into each help text by `_help` (argparse's
-  # ArgumentDefaultsHelpFormatter repeats those a text states, and gives
-  # --no_name the default of --name).
-  parser = argparse.ArgumentParser(description=description, **parser_kwargs)
-  quiet()
-
-  def error(message: str) -> typing.NoReturn:  # One line, no usage block.
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-  parser.error = error
-  hints = typing.get_type_hints(Config)
-  for field in dataclasses.fields(Config):
-    kind = _argument_type(hints[field.name])
-    flag, help_text = f"--{field.name}", field.metadata["help"]
-    if kind is bool:  # --name and --no_name.
-      off = f"on; --no_{field.name} turns it off" if field.default else "off"
-      group = parser.add_mutually_exclusive_group()
-      group.add_argument(
-        flag, action="store_true", default=field.default,
-        help=f"{help_text} (default: {off})",
-      )  # fmt: skip
-      group.add_argument(
-        f"--no_{field.name}", dest=field.name, action="store_false",
-        help=argparse.SUPPRESS,
-      )  # fmt: skip
-    elif typing.get_origin(kind) is tuple:
-      item = typing.get_args(kind)[0]
-      parser.add_argument(
-        flag,
-        default=field.default,
-        type=item,
-        nargs="+",
-        help=_help(help_text, field.default),
-      )
-    else:
-      choices = field.metadata.get("choices")
-      if choices:
-        help_text = f"{help_text}, one of: {', '.join(choices)}"
-      parser.add_argument(
-        flag,
-        default=field.default,
-        type=kind,
-        help=_help(help_text, field.default),
-        choices=choices,
-        metavar=field.name.upper() if choices else None,
-      )
+  parser = Parser("Trains an image classifier with one optimizer.", **parser_kwargs)
   parser.add_argument(
-    "--workdir", default=None, help="output directory (default: workdir/OPTIMIZER)"
+    "--workdir", metavar="DIR", help="output directory (default: workdir/OPTIMIZER)"
   )
   group = parser.add_argument_group("several hosts")
   group.add_argument(
-    "--distributed",
-    action="store_true",
-    help="call jax.distributed.initialize() first (one process per host; default: off)",
-  )
-  group.add_argument(
-    "--coordinator_address",
-    default=None,
-    help="with --distributed: HOST:PORT of process 0 (default: found by JAX)",
-  )
-  group.add_argument(
-    "--num_processes",
-    type=int,
-    default=None,
-    help="with --distributed: how many processes (default: found by JAX)",
-  )
-  group.add_argument(
-    "--process_id",
-    type=int,
-    default=None,
-    help="with --distributed: this process's index (default: found by JAX)",
-  )
+    "--distributed", action="store_true",
+    help="call jax.distributed.initialize() first (one process per host)",
+  )  # fmt: skip
+  for name, kind, what in (
+    ("coordinator_address", str, "HOST:PORT of process 0"),
+    ("num_processes", int, "how many processes"),
+    ("process_id", int, "this process's index"),
+  ):
+    group.add_argument(
+      f"--{name}", type=kind, help=f"with --distributed: {what} (default: found by JAX)"
+    )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  names = [f.name for f in dataclasses.fields(Config)]
-  values = {name: getattr(args, name) for name in names}
-  for name in ("eps_list", "sigmas"):
-    values[name] = tuple(values[name])
-  if values["learning_rate"] is None:  # Recorded as the rate the run uses.
-    from examples.optimizers import DEFAULT_LEARNING_RATES  # noqa: PLC0415 A cycle.
-
-    values["learning_rate"] = DEFAULT_LEARNING_RATES[values["optimizer"]]
   cluster = (args.coordinator_address, args.num_processes, args.process_id)
   if not args.distributed and any(value is not None for value in cluster):
-    error("--coordinator_address, --num_processes and --process_id need --distributed")
+    parser.error(
+      "--coordinator_address, --num_processes and --process_id need --distributed"
+    )
+  config = with_learning_rate(args.config)
   return argparse.Namespace(
-    config=Config(**values),
-    workdir=args.workdir or f"workdir/{values['optimizer']}",
+    config=config,
+    workdir=args.workdir or f"workdir/{config.optimizer}",
     distributed=args.distributed,
     cluster=cluster,
   )
+
+
+def with_learning_rate(config: Config) -> Config:
+  """``config``, its ``learning_rate`` the optimizer's default where it is ``None``."""
+  from examples.optimizers import DEFAULT_LEARNING_RATES  # noqa: PLC0415 A cycle.
+
+  if config.learning_rate is not None:
+    return config
+  rate = DEFAULT_LEARNING_RATES[config.optimizer]
+  return dataclasses.replace(config, learning_rate=rate)

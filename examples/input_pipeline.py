@@ -9,6 +9,7 @@ Public API::
       -> (train_source, test_source, DatasetMetadata)
   iterate(source_or_arrays, batch_size, *, seed=0, epoch=0, shuffle=True,
           drop_remainder=True) -> Iterator[Batch]
+  batch_at(split, batch_size, seed, step) -> Batch   (the batch of a step)
   load_split(source, *, batch_size=1024) -> Batch   (a whole split, decoded)
   get_metadata(name) -> DatasetMetadata
   DATASETS                  the supported names: "digits", "mnist",
@@ -46,6 +47,7 @@ Example::
 """
 
 import dataclasses
+import functools
 import gzip
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -502,13 +504,27 @@ def iterate(
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got batch_size={batch_size}.")
   num_examples = len(source["label"]) if _is_batch(source) else len(source)
-  if shuffle:
-    order = np.random.default_rng((seed, epoch)).permutation(num_examples)
-  else:
-    order = np.arange(num_examples)
+  order = _order(num_examples, seed, epoch) if shuffle else np.arange(num_examples)
   stop = num_examples - num_examples % batch_size if drop_remainder else num_examples
   for start in range(0, stop, batch_size):
     yield _read(source, order[start : start + batch_size])
+
+
+def batch_at(split: Batch, batch_size: int, seed: int, step: int) -> Batch:
+  """The batch of training step ``step``: a function of the seed and the step.
+
+  Steps run through the epochs of `iterate` (with ``drop_remainder``) one
+  after the other, so a run resumed at any step reads what it would have.
+  """
+  epoch, i = divmod(step, len(split["label"]) // batch_size)
+  order = _order(len(split["label"]), seed, epoch)
+  return _read(split, order[i * batch_size : (i + 1) * batch_size])
+
+
+@functools.lru_cache(maxsize=4)
+def _order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The order of the examples in an epoch."""
+  return np.random.default_rng((seed, epoch)).permutation(num_examples)
 
 
 def load_split(source: Sequence[Mapping[str, Any]], *, batch_size: int = 1024) -> Batch:

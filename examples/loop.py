@@ -1,0 +1,179 @@
+"""One training loop, one clock and one time to target, for examples and benchmarks.
+
+`run` calls a pure step ``step(state, batch) -> (state, loss)`` for the steps
+of a ``range``, each fed ``data(step)``: a batch is a function of the seed and
+the step (`examples.input_pipeline.batch_at`), so a resumed run starts at its
+step with no offsets or skipped batches. `Metrics` holds what a run records
+and its training clock.
+
+Training time follows AlgoPerf's rule: it runs from the first step,
+compilation included, and stops (after ``block_until_ready``) while the model
+is evaluated. `time_to_target` is the training time at the first evaluation
+at or above the target accuracy; in a median over seeds (`median_time`) a run
+that missed counts as infinite. `examples.train`, `examples.compare` and the
+benchmarks all use these definitions.
+"""
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+import optax_lgm
+
+
+def time_to_target(curve: Sequence[dict], target: float) -> tuple[Any, Any]:
+  """``(seconds, step)`` of the first point of ``curve`` at or above ``target``.
+
+  ``(None, None)`` if the run never reached it.
+  """
+  for point in curve:
+    if point["test_accuracy"] >= target:
+      return point["seconds"], point["step"]
+  return None, None
+
+
+def median_time(seconds: Sequence[float | None]) -> float:
+  """The median time to target over seeds, a miss (``None``) counting as infinite."""
+  return float(np.median([math.inf if s is None else s for s in seconds] or [math.inf]))
+
+
+def to_json(value: Any) -> Any:
+  """Turns NumPy scalars and arrays into JSON values."""
+  if isinstance(value, dict):
+    return {str(k): to_json(v) for k, v in value.items()}
+  return np.asarray(value).tolist()
+
+
+def layer_stats(opt_state: Any) -> dict[str, Any]:
+  """`optax_lgm.layer_stats` of ``opt_state``; ``{}`` for optimizers without any."""
+  try:
+    return to_json(optax_lgm.layer_stats(opt_state))
+  except ValueError:  # sgd, adam, lars and sam keep no per-layer statistics.
+    return {}
+
+
+def summary(results: dict[str, Any]) -> str:
+  """One line per history entry, the time to target, the robustness accuracies."""
+  lines = [
+    f"epoch {e['epoch']}: step {e['step']} loss {e['train_loss']:.4f} "
+    f"test acc {e['test_accuracy']:.4f} {e['images_per_s']:.0f} images/s"
+    for e in results["history"]
+  ]
+  if results["time_to_target"] is not None:
+    lines.append(
+      f"time to {results['config']['target_accuracy']:g}: "
+      f"{results['time_to_target']:.1f} s (step {results['steps_to_target']})"
+    )
+  lines += [f"{name}: {value:.4f}" for name, value in results["robustness"].items()]
+  return "\n".join(lines)
+
+
+class Metrics:
+  """What a run records (``data``, JSON) and its training clock.
+
+  ``data`` holds ``history`` (entries the caller appends), ``curve`` (per
+  evaluation: ``step``, ``test_accuracy``, ``seconds`` of training so far),
+  ``train_seconds``, ``time_to_target`` and ``steps_to_target`` (``None``
+  until reached), and the ``extra`` entries.
+
+  Args:
+    target_accuracy: the test accuracy of ``time_to_target``.
+    **extra: further entries of ``data`` (such as the settings).
+  """
+
+  def __init__(self, target_accuracy: float, **extra: Any):
+    self.target_accuracy = target_accuracy
+    self.data: dict[str, Any] = {
+      **extra, "history": [], "curve": [], "train_seconds": 0.0,
+      "time_to_target": None, "steps_to_target": None,
+    }  # fmt: skip
+    self._started: float | None = None
+
+  def start_clock(self) -> None:
+    """Starts counting training time."""
+    self._started = time.perf_counter()
+
+  def stop_clock(self) -> float:
+    """Adds the time since `start_clock`; returns the training time so far."""
+    if self._started is not None:
+      self.data["train_seconds"] += time.perf_counter() - self._started
+      self._started = None
+    return self.data["train_seconds"]
+
+  def evaluated(self, step: int, accuracy: float) -> None:
+    """Records a test accuracy at ``step`` (with the clock stopped)."""
+    curve = self.data["curve"]
+    if not curve or curve[-1]["step"] != step:
+      seconds = self.data["train_seconds"]
+      curve.append({"step": step, "test_accuracy": accuracy, "seconds": seconds})
+    seconds, step = time_to_target(curve, self.target_accuracy)
+    self.data["time_to_target"], self.data["steps_to_target"] = seconds, step
+
+  def copy(self) -> dict[str, Any]:
+    """A deep copy of ``data`` (for a checkpoint written in the background)."""
+    return json.loads(json.dumps(self.data))
+
+  def write(self, path: pathlib.Path) -> None:
+    """Writes ``data`` as JSON."""
+    path.write_text(json.dumps(self.data, indent=2))
+
+
+def run(
+  step: Callable[[Any, Any], tuple[Any, Any]],
+  state: Any,
+  data: Callable[[int], Any],
+  steps: range,
+  metrics: Metrics,
+  *,
+  evaluate: Callable[[Any], float],
+  eval_at: Callable[[int], bool],
+  evaluated: Callable[[int, Any], None] = lambda step, state: None,
+  after_step: Callable[[int, Any, Any], None] = lambda step, state, loss: None,
+  progress: str | None = None,
+) -> Any:
+  """Trains from ``steps.start`` to ``steps.stop``; returns the final state.
+
+  Args:
+    step: one training step, ``(state, batch) -> (state, loss)``.
+    state: what the step starts from.
+    data: the batch of a step (a function of the step alone).
+    steps: the steps to run.
+    metrics: its clock counts the steps; it records every evaluation.
+    evaluate: the test accuracy of a state.
+    eval_at: whether to evaluate after the step of this number (1-based).
+    evaluated: called after an evaluation, with the clock stopped
+      (bookkeeping: history entries, files, checkpoints).
+    after_step: called after each step (and its evaluation), on the clock.
+    progress: the label of a progress bar (``None``: no bar).
+
+  Returns:
+    The state after the last step.
+  """
+  bar = tqdm.tqdm(
+    total=steps.stop, initial=steps.start, leave=False, desc=progress,
+    disable=progress is None,
+  )  # fmt: skip
+  metrics.start_clock()
+  for i in steps:
+    state, loss = step(state, data(i))
+    bar.update(1)
+    if eval_at(i + 1):
+      jax.block_until_ready(state)  # The steps are on the clock.
+      metrics.stop_clock()
+      accuracy = evaluate(state)
+      metrics.evaluated(i + 1, accuracy)
+      evaluated(i + 1, state)
+      bar.set_postfix(acc=f"{accuracy:.3f}")
+      metrics.start_clock()
+    after_step(i + 1, state, loss)
+  jax.block_until_ready(state)
+  metrics.stop_clock()
+  bar.close()
+  return state
