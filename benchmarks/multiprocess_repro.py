@@ -38,12 +38,13 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
+
+from examples import distributed
 
 BATCH = 128
 """Global batch size: 32 images per device."""
@@ -163,12 +164,6 @@ def _worker(args) -> None:
     pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(losses))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _run(name, out, processes, gloo, steps, xla_flags) -> None:
   """Starts the processes of one run and waits for them."""
   devices = 4 // processes
@@ -181,7 +176,7 @@ def _run(name, out, processes, gloo, steps, xla_flags) -> None:
   command += [f"--steps={steps}", f"--out={out}"]
   if gloo:
     command += [
-      f"--coordinator=localhost:{_free_port()}",
+      f"--coordinator=localhost:{distributed.free_port()}",
       f"--num_processes={processes}",
     ]
   children = [

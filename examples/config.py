@@ -140,7 +140,8 @@ class Config:
   )
   robustness: bool = field(True, "evaluate FGSM, PGD and noise accuracy at the end")
   eps_list: tuple[float, ...] = field(
-    (8 / 255, 0.1), "L-infinity sizes of FGSM and PGD, on the pixel scale"
+    (8 / 255, 0.1),
+    "L-infinity sizes of FGSM and PGD, on the pixel scale (default: 8/255 0.1)",
   )
   sigmas: tuple[float, ...] = field(
     (0.04, 0.06, 0.08, 0.09, 0.10), "Gaussian noise levels, on the pixel scale"

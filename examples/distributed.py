@@ -20,6 +20,7 @@ its slice and build the global batch with
 """
 
 import os
+import socket
 from collections.abc import Mapping
 
 import jax
@@ -114,3 +115,10 @@ def shard_batch(
 def replicate(tree, mesh: jax.sharding.Mesh):
   """Places a copy of ``tree`` on every device of ``mesh``."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def free_port() -> int:
+  """A free TCP port of this host (for a coordinator address)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -21,11 +20,6 @@ from examples import checkpointing, compare, distributed, input_pipeline, models
 from examples.optimizers import OPTIMIZERS, make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -261,12 +255,6 @@ def test_data_parallel_mesh_matches_one_device(data_dir, tmp_path):
   # 2 steps on 8 devices, resumed here on one for 2 more.
   train.train_and_evaluate(dataclasses.replace(config, resume=True), tmp_path / "moved")
   assert_close("moved")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def test_unknown_optimizer():

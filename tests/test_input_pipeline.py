@@ -1,6 +1,7 @@
 """Tests for examples/input_pipeline.py."""
 
 import gzip
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,19 +12,9 @@ from examples import input_pipeline
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def digits(digits_dir):
-  return input_pipeline.get_datasets("digits", data_dir=digits_dir)
-
-
-@pytest.fixture(scope="module")
-def digits_arrays(digits):
-  train, test, _ = digits
-  return input_pipeline.load_split(train), input_pipeline.load_split(test)
+def sources(data_dir):
+  """The digits data sources and metadata."""
+  return input_pipeline.get_datasets("digits", data_dir=data_dir)
 
 
 def _readable_mock(source):
@@ -35,36 +26,36 @@ def _readable_mock(source):
   return source
 
 
-def test_digits_is_prepared_in_data_dir(digits, digits_dir):
-  train, test, metadata = digits
+def test_digits_is_prepared_in_data_dir(sources, data_dir):
+  train, test, metadata = sources
   assert (len(train), len(test)) == (1437, 360)
-  version_dir = digits_dir / "digits" / "1.0.0"
+  version_dir = pathlib.Path(data_dir) / "digits" / "1.0.0"
   assert sorted(p.name for p in version_dir.glob("*.array_record*")) == [
-      "digits-test.array_record-00000-of-00001",
-      "digits-train.array_record-00000-of-00001",
+    "digits-test.array_record-00000-of-00001",
+    "digits-train.array_record-00000-of-00001",
   ]
   assert metadata == input_pipeline.get_metadata("digits")
   assert (metadata.num_classes, metadata.input_shape) == (10, (8, 8, 1))
 
 
-def test_digits_second_call_reuses_files(digits, digits_dir):
-  files = sorted((digits_dir / "digits" / "1.0.0").iterdir())
+def test_digits_second_call_reuses_files(sources, data_dir):
+  files = sorted((pathlib.Path(data_dir) / "digits" / "1.0.0").iterdir())
   mtimes = [f.stat().st_mtime_ns for f in files]
-  train, _, _ = input_pipeline.get_datasets("digits", data_dir=digits_dir)
+  train, _, _ = input_pipeline.get_datasets("digits", data_dir=data_dir)
   assert len(train) == 1437
   assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
-def test_digits_records(digits):
-  train, _, _ = digits
+def test_digits_records(sources):
+  train, _, _ = sources
   example = train[0]
   assert example["image"].shape == (8, 8, 1)
   assert example["image"].dtype == np.uint8
   assert 0 <= example["label"] < 10
 
 
-def test_digits_splits_hold_the_sklearn_images(digits_arrays):
-  train, test = digits_arrays
+def test_digits_splits_hold_the_sklearn_images(digits):
+  train, test, _ = digits
   np.testing.assert_array_equal(np.bincount(test["label"]), np.full(10, 36))
   digits = sklearn_datasets.load_digits()
   expected = np.round(digits.images * 255 / 16)[..., None] / 255
@@ -74,23 +65,23 @@ def test_digits_splits_hold_the_sklearn_images(digits_arrays):
     return rows[np.lexsort(rows.T[::-1])]
 
   stored = sorted_rows(
-      np.concatenate([train["image"], test["image"]]),
-      np.concatenate([train["label"], test["label"]]),
+    np.concatenate([train["image"], test["image"]]),
+    np.concatenate([train["label"], test["label"]]),
   )
   np.testing.assert_allclose(
-      stored, sorted_rows(expected.astype(np.float32), digits.target), atol=1e-6
+    stored, sorted_rows(expected.astype(np.float32), digits.target), atol=1e-6
   )
 
 
-def test_digits_metadata_matches_train_pixels(digits_arrays):
-  train, _ = digits_arrays
+def test_digits_metadata_matches_train_pixels(digits):
+  train, _, _ = digits
   metadata = input_pipeline.get_metadata("digits")
   np.testing.assert_allclose(train["image"].mean(), metadata.mean[0], atol=1e-4)
   np.testing.assert_allclose(train["image"].std(), metadata.std[0], atol=1e-4)
 
 
-def test_load_split_range_and_dtypes(digits_arrays):
-  train, test = digits_arrays
+def test_load_split_range_and_dtypes(digits):
+  train, test, _ = digits
   assert train["image"].shape == (1437, 8, 8, 1)
   assert test["image"].shape == (360, 8, 8, 1)
   for split in (train, test):
@@ -101,8 +92,8 @@ def test_load_split_range_and_dtypes(digits_arrays):
     assert set(np.unique(split["label"])) == set(range(10))
 
 
-def test_iterate_batches(digits):
-  train, _, _ = digits
+def test_iterate_batches(sources):
+  train, _, _ = sources
   batches = list(input_pipeline.iterate(train, 100, seed=0, epoch=0))
   assert len(batches) == 14  # 1,437 // 100, remainder dropped.
   for batch in batches:
@@ -120,36 +111,36 @@ def _labels(source, **kwargs):
   return np.concatenate([b["label"] for b in batches])
 
 
-def test_iterate_is_deterministic_given_seed_and_epoch(digits_arrays):
-  train, _ = digits_arrays
+def test_iterate_is_deterministic_given_seed_and_epoch(digits):
+  train, _, _ = digits
   np.testing.assert_array_equal(
-      _labels(train, seed=3, epoch=1), _labels(train, seed=3, epoch=1)
+    _labels(train, seed=3, epoch=1), _labels(train, seed=3, epoch=1)
   )
 
 
-def test_iterate_order_changes_with_epoch_and_seed(digits_arrays):
-  train, _ = digits_arrays
+def test_iterate_order_changes_with_epoch_and_seed(digits):
+  train, _, _ = digits
   first = _labels(train, seed=0, epoch=0)
   assert not np.array_equal(first, _labels(train, seed=0, epoch=1))
   assert not np.array_equal(first, _labels(train, seed=1, epoch=0))
 
 
-def test_iterate_epoch_is_a_permutation(digits_arrays):
-  train, _ = digits_arrays
+def test_iterate_epoch_is_a_permutation(digits):
+  train, _, _ = digits
   labels = _labels(train, seed=0, epoch=2, drop_remainder=False)
   np.testing.assert_array_equal(np.sort(labels), np.sort(train["label"]))
 
 
-def test_iterate_without_shuffle_keeps_order(digits_arrays):
-  train, _ = digits_arrays
+def test_iterate_without_shuffle_keeps_order(digits):
+  train, _, _ = digits
   batches = input_pipeline.iterate(train, 500, shuffle=False, drop_remainder=False)
   images = np.concatenate([b["image"] for b in batches])
   np.testing.assert_array_equal(images, train["image"])
 
 
-def test_iterate_source_and_arrays_agree(digits, digits_arrays):
-  train_source, _, _ = digits
-  train_arrays, _ = digits_arrays
+def test_iterate_source_and_arrays_agree(sources, digits):
+  train_source, _, _ = sources
+  train_arrays, _, _ = digits
   from_source = input_pipeline.iterate(train_source, 256, seed=5, epoch=7)
   from_arrays = input_pipeline.iterate(train_arrays, 256, seed=5, epoch=7)
   for a, b in zip(from_source, from_arrays, strict=True):
@@ -157,20 +148,27 @@ def test_iterate_source_and_arrays_agree(digits, digits_arrays):
     np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_iterate_rejects_bad_batch_size(digits_arrays):
-  train, _ = digits_arrays
+def test_batch_at_is_the_batch_of_each_step_of_the_epochs(digits):
+  train, _, _ = digits
+  epochs = [list(input_pipeline.iterate(train, 500, seed=3, epoch=e)) for e in (0, 1)]
+  for step, expected in enumerate(epochs[0] + epochs[1]):
+    batch = input_pipeline.batch_at(train, 500, 3, step)
+    np.testing.assert_array_equal(batch["label"], expected["label"])
+    np.testing.assert_array_equal(batch["image"], expected["image"])
+
+
+def test_iterate_rejects_bad_batch_size(digits):
+  train, _, _ = digits
   with pytest.raises(ValueError, match="batch_size"):
     next(input_pipeline.iterate(train, 0))
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "num_classes"),
-    [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10)],
+  ("name", "shape", "num_classes"),
+  [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10)],
 )
 def test_mocked_tfds_datasets(tmp_path, name, shape, num_classes):
-  with tfds.testing.mock_data(
-      num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE
-  ):
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
     train, test, metadata = input_pipeline.get_datasets(name, data_dir=tmp_path)
     train, test = _readable_mock(train), _readable_mock(test)
     assert (len(train), len(test)) == (40, 40)
@@ -255,7 +253,7 @@ def fashion_dir(tmp_path_factory):
 def fashion(fashion_files, fashion_dir):
   files, _ = fashion_files
   return input_pipeline.get_datasets(
-      "fashion_mnist", data_dir=fashion_dir, manual_dir=files
+    "fashion_mnist", data_dir=fashion_dir, manual_dir=files
   )
 
 
@@ -293,8 +291,8 @@ def test_fashion_mnist_is_prepared_from_the_idx_files(fashion, fashion_files):
     arrays = input_pipeline.load_split(source)
     assert arrays["image"].shape == (len(labels), 28, 28, 1)
     np.testing.assert_array_equal(
-        _sorted_examples(np.round(arrays["image"] * 255), arrays["label"]),
-        _sorted_examples(images, labels),
+      _sorted_examples(np.round(arrays["image"] * 255), arrays["label"]),
+      _sorted_examples(images, labels),
     )
 
 
@@ -309,7 +307,7 @@ def test_fashion_mnist_is_tfds_own_dataset(fashion, fashion_dir):
 
 def test_fashion_mnist_once_prepared_needs_no_files(fashion, fashion_dir, tmp_path):
   train, test, _ = input_pipeline.get_datasets(
-      "fashion_mnist", data_dir=fashion_dir, manual_dir=tmp_path / "none"
+    "fashion_mnist", data_dir=fashion_dir, manual_dir=tmp_path / "none"
   )
   assert (len(train), len(test)) == (30, 20)
 
@@ -320,7 +318,7 @@ def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
   _write_idx(files / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
   with pytest.raises(FileNotFoundError) as info:
     input_pipeline.get_datasets(
-        "fashion_mnist", data_dir=tmp_path / "tfds", manual_dir=files
+      "fashion_mnist", data_dir=tmp_path / "tfds", manual_dir=files
     )
   message = str(info.value)
   assert "\n" not in message

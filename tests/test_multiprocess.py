@@ -20,13 +20,14 @@ workaround by hand).
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from _checkpoints import read_checkpoint
+
+from examples import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,21 +53,10 @@ EXTRA_XLA_FLAGS = os.environ.get("OPTAX_LGM_XLA_FLAGS", "")
 """Added to ``XLA_FLAGS`` of every run."""
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_optimizers_are_the_trainers():
   from examples import optimizers
 
   assert tuple(optimizers.OPTIMIZERS) == OPTIMIZERS
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _args(case: str, data_dir: str, workdir: pathlib.Path) -> list[str]:
@@ -124,7 +114,7 @@ def test_two_processes_train_as_one(case, data_dir, tmp_path):
   _run_all([one], {**os.environ, "XLA_FLAGS": EXTRA_XLA_FLAGS})
   two = _args(case, data_dir, tmp_path / "two") + [
     "--distributed",
-    f"--coordinator_address=localhost:{_free_port()}",
+    f"--coordinator_address=localhost:{distributed.free_port()}",
     "--num_processes=2",
   ]
   flags = f"--xla_force_host_platform_device_count=2 {EXTRA_XLA_FLAGS}"

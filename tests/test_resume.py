@@ -17,11 +17,6 @@ from flax import nnx
 from examples import checkpointing, train
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _config(data_dir, **kwargs):
   defaults = dict(
     batch_size=128,  # 11 steps per epoch of digits.

@@ -24,14 +24,6 @@ def _create(model_fn, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-  train, test, metadata = input_pipeline.get_datasets(
-    "digits", data_dir=tmp_path_factory.mktemp("tfds")
-  )
-  return input_pipeline.load_split(train), input_pipeline.load_split(test), metadata
-
-
-@pytest.fixture(scope="module")
 def trained(digits):
   """A CNN after 88 Adam steps (four epochs of batch 64): about 90% accurate."""
   train, test, metadata = digits

@@ -17,11 +17,6 @@ from flax import nnx
 from examples import input_pipeline, models, optimizers, train
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _config(data_dir, **kwargs):
   settings = dict(
     epochs=1, batch_size=128, data_dir=data_dir, robustness=False, progress=False
@@ -42,11 +37,6 @@ def _saved(workdir):
   return {"model": restored["model"], "optimizer": restored["optimizer"]}
 
 
-def _digits(data_dir):
-  train_source, _, meta = input_pipeline.get_datasets("digits", data_dir)
-  return input_pipeline.load_split(train_source), meta
-
-
 def _initial_model(meta, seed=0, **kwargs):
   rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
   return models.create_model(
@@ -55,7 +45,9 @@ def _initial_model(meta, seed=0, **kwargs):
 
 
 @pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
-def test_bfloat16_and_accumulation_with_every_optimizer(name, data_dir, tmp_path):
+def test_bfloat16_and_accumulation_with_every_optimizer(
+  name, data_dir, digits, tmp_path
+):
   config = _config(
     data_dir, optimizer=name, dtype="bfloat16", grad_accum=2, batch_size=64, max_steps=4
   )
@@ -66,7 +58,7 @@ def test_bfloat16_and_accumulation_with_every_optimizer(name, data_dir, tmp_path
     x.dtype for x in jax.tree.leaves(saved) if jnp.issubdtype(x.dtype, jnp.floating)
   }
   assert floats == {np.dtype(np.float32)}  # Parameters and states stay float32.
-  train_split, meta = _digits(data_dir)
+  meta = digits[2]
   initial = nnx.to_pure_dict(nnx.state(_initial_model(meta), nnx.Param))
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), saved["model"], initial)
   assert all(jax.tree.leaves(changed)), name
@@ -74,10 +66,8 @@ def test_bfloat16_and_accumulation_with_every_optimizer(name, data_dir, tmp_path
     assert results["layer_sam_static"]["compilations"] >= 1
 
 
-def _batches(data_dir, batch_size, count):
-  train_split, _ = _digits(data_dir)
-  batches = input_pipeline.iterate(train_split, batch_size, seed=0, epoch=0)
-  return [next(batches) for _ in range(count)]
+def _batches(train_split, batch_size, count):
+  return [input_pipeline.batch_at(train_split, batch_size, 0, i) for i in range(count)]
 
 
 def _params_after(data_dir, tmp_path, **kwargs):
@@ -102,7 +92,7 @@ def test_accumulating_two_half_batches_is_one_whole_batch(data_dir, tmp_path):
 
 
 def test_sam_accumulation_perturbs_each_micro_batch_at_its_own_gradient(
-  data_dir, tmp_path
+  data_dir, digits, tmp_path
 ):
   lr, rho = optimizers.DEFAULT_LEARNING_RATES["sam"], optimizers.SAM_RHO
   actual = _params_after(
@@ -110,7 +100,7 @@ def test_sam_accumulation_perturbs_each_micro_batch_at_its_own_gradient(
   )
   # Reference: w1 = w0 - lr * mean_i grad L_i(w0 + rho g_i / |g_i|), g_i =
   # grad L_i(w0) (the first step of SGD with momentum is plain SGD).
-  _, meta = _digits(data_dir)
+  train_split, _, meta = digits
   graphdef, params = nnx.split(_initial_model(meta), nnx.Param)
 
   def grad(p, batch):
@@ -120,7 +110,7 @@ def test_sam_accumulation_perturbs_each_micro_batch_at_its_own_gradient(
     return jax.grad(loss)(p)
 
   sam_grads = []
-  for batch in _batches(data_dir, 64, 2):
+  for batch in _batches(train_split, 64, 2):
     g = grad(params, batch)
     norm = optax.tree.norm(g)
     perturbed = jax.tree.map(lambda w, gi, n=norm: w + rho * gi / n, params, g)
@@ -135,28 +125,26 @@ def test_sam_accumulation_perturbs_each_micro_batch_at_its_own_gradient(
 
 
 def _inject_nan(monkeypatch, at):
-  """Makes the batches whose index is in ``at`` all NaN."""
-  iterate = input_pipeline.iterate
+  """Makes the batches of the steps in ``at`` all NaN."""
+  batch_at = input_pipeline.batch_at
 
-  def with_nan(*args, **kwargs):
-    for i, batch in enumerate(iterate(*args, **kwargs)):
-      if i in at:
-        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
-      yield batch
+  def with_nan(split, batch_size, seed, step):
+    batch = batch_at(split, batch_size, seed, step)
+    if step in at:
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+    return batch
 
-  monkeypatch.setattr(input_pipeline, "iterate", with_nan)
+  monkeypatch.setattr(input_pipeline, "batch_at", with_nan)
 
 
 def _drop(monkeypatch, index):
-  """Leaves out the batch ``index`` (the run a skipped step must equal)."""
-  iterate = input_pipeline.iterate
+  """Leaves out the batch of step ``index`` (the run a skipped step must equal)."""
+  batch_at = input_pipeline.batch_at
 
-  def without(*args, **kwargs):
-    for i, batch in enumerate(iterate(*args, **kwargs)):
-      if i != index:
-        yield batch
+  def without(split, batch_size, seed, step):
+    return batch_at(split, batch_size, seed, step + (step >= index))
 
-  monkeypatch.setattr(input_pipeline, "iterate", without)
+  monkeypatch.setattr(input_pipeline, "batch_at", without)
 
 
 @pytest.mark.parametrize("name", optimizers.OPTIMIZERS)

@@ -13,14 +13,6 @@ import optax_lgm
 from examples import input_pipeline, models, robustness, train
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  train_source, test_source, meta = input_pipeline.get_datasets("digits", data_dir)
-  load = input_pipeline.load_split
-  return load(train_source), load(test_source), meta
-
-
 @pytest.mark.parametrize(
   "name,tx,epochs",
   [
