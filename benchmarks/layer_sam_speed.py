@@ -14,8 +14,8 @@ training step (after ``--steps-warmup`` untimed calls) of
 * ``layer_sam`` in static mode with the ``k`` layers nearest the output,
 
 on the CIFAR-shaped ResNet-20 of ``examples.models`` (32x32x3 inputs, 10
-classes, BatchNorm), fed scikit-learn's digits upscaled to 32x32x3 (real
-images, no download). Each step is also costed in FLOPs by XLA's
+classes, BatchNorm), fed the digits upscaled to 32x32x3 (``benchmarks._tasks``;
+real images, no download). Each step is also costed in FLOPs by XLA's
 ``cost_analysis``. Every contender is compiled twice: with XLA's default
 passes, and with XLA's ``reshape-mover`` pass disabled. On XLA:CPU that pass
 rewrites the first and the second forward pass of a BatchNorm network
@@ -37,135 +37,20 @@ import argparse
 import collections
 import json
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
-from sklearn.datasets import load_digits
 
 import optax_lgm
-from examples import models
-
-SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
-XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWARD}
-
-
-def cifar_shaped_digits() -> tuple[np.ndarray, np.ndarray]:
-  """The 1,797 digits, upscaled 4x to 32x32 and repeated over 3 channels."""
-  digits = load_digits()
-  x = (digits.images / 16.0).astype(np.float32)
-  x = np.kron(x, np.ones((1, 4, 4), np.float32))
-  return np.repeat(x[..., None], 3, axis=-1), digits.target.astype(np.int32)
+from benchmarks import _tasks, _timing
+from benchmarks._tasks import SHARE_FORWARD, XLA_CONFIGS, budget_mask, make_step
+from examples import input_pipeline
 
 
-class Task:
-  """A ResNet-20 split into a pure loss over (params, batch statistics)."""
-
-  def __init__(self, x: np.ndarray, seed: int = 0):
-    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
-    std = tuple(float(s) for s in x.std(axis=(0, 1, 2)))
-    model = models.resnet20(10, x.shape[1:], mean, std, rngs=nnx.Rngs(seed))
-    self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    self.params = nnx.as_pure(params)
-    self.stats = nnx.as_pure(stats)
-    self.rest = nnx.as_pure(rest)
-
-  def loss(self, params, stats, x, y):
-    """Cross-entropy and the updated batch statistics."""
-    model = nnx.merge(self.graphdef, params, stats, self.rest)
-    logits = model(x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, nnx.as_pure(nnx.state(model, nnx.BatchStat))
-
-  def grad_fn(self, stats, x, y) -> Callable:
-    """The second-pass gradient (params, i) -> grads; statistics discarded."""
-    return jax.grad(lambda p, _: self.loss(p, stats, x, y)[0])
-
-
-def make_step(task: Task, tx, *, sam: bool, traces: list | None = None):
-  """A training step; ``selection`` (static) is passed on when given."""
-
-  def step(params, stats, opt_state, x, y, selection=None):
-    if traces is not None:
-      traces.append(selection)  # Runs once per trace (compilation).
-    grad = jax.value_and_grad(task.loss, has_aux=True)
-    (loss, new_stats), grads = grad(params, stats, x, y)
-    extra = {}
-    if sam:
-      extra["grad_fn"] = task.grad_fn(stats, x, y)
-    if selection is not None:
-      extra["selection"] = selection
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-  return step
-
-
-def path_name(path: tuple) -> str:
-  """A key path as a layer name: ``blocks/8/conv1/kernel``."""
-  parts = []
-  for key in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return "/".join(parts)
-
-
-def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
-  """A ``mask`` for ``layer_sam``: only leaves under ``prefixes`` are candidates.
-
-  The selection budget: a static step costs what its lowest selected layer
-  costs, so restricting the candidates to output-side layers bounds the cost.
-  """
-  prefixes = tuple(prefixes.split(",") if isinstance(prefixes, str) else prefixes)
-
-  def mask(params):
-    return jax.tree_util.tree_map_with_path(
-      lambda path, _: path_name(path).startswith(prefixes), params
-    )
-
-  return mask
-
-
-def forward_order(names: Sequence[str]) -> list[str]:
-  """The layer names of the ResNet, sorted from input to output."""
-  within = ("conv1", "bn1", "conv2", "bn2", "projection")
-
-  def key(name: str):
-    parts = name.split("/")
-    if parts[0] in ("conv", "bn"):
-      return (0, 0, parts[0] == "bn", name)
-    if parts[0] == "blocks":
-      sub = next((i for i, w in enumerate(within) if w == parts[2]), 9)
-      return (1, int(parts[1]), sub, name)
-    return (2, 0, 0, name)
-
-  return sorted(names, key=key)
-
-
-def batches(x, y, batch: int, seed: int):
-  """Endless shuffled batches."""
-  rng = np.random.default_rng(seed)
-  while True:
-    perm = rng.permutation(len(x))
-    for i in range(len(x) // batch):
-      idx = perm[i * batch : (i + 1) * batch]
-      yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
-
-
-def cost_gflops(compiled) -> float:
-  """XLA's FLOP count of a compiled step, in GFLOP."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) / 1e9
-
-
-def train_selection(task: Task, args, data, mask=None) -> dict[str, Any]:
+def train_selection(task: _tasks.Task, args, data, mask=None) -> dict[str, Any]:
   """Trains with ``optax_lgm.StaticSelection``; returns what it selected."""
   tx = optax_lgm.layer_sam(
     optax.sgd(args.lr, momentum=0.9),
@@ -183,13 +68,13 @@ def train_selection(task: Task, args, data, mask=None) -> dict[str, Any]:
     ),
     every=args.reselect_every,
   )
-  params, stats, state = task.params, task.stats, tx.init(task.params)
-  names = optax_lgm.layer_names(params, args.layers, mask=mask)
+  names = optax_lgm.layer_names(task.params, args.layers, mask=mask)
   start = time.perf_counter()
-  for _, (x, y) in zip(range(args.train_steps), batches(*data, args.batch, seed=1)):
-    params, stats, state, loss = step(params, stats, state, x, y)
+  (params, stats, state), metrics = _tasks.train_pure(
+    task, tx, step, data, steps=args.train_steps, batch=args.batch, seed=1
+  )
   history = [(i, [names[j] for j in sel]) for i, sel in step.changes]
-  loss = float(loss)
+  loss = metrics.data["final_loss"]
   final = step.selection
   stats_by_layer = optax_lgm.layer_stats(state)
   top = sorted(
@@ -214,14 +99,14 @@ def train_selection(task: Task, args, data, mask=None) -> dict[str, Any]:
 
 def speed(args) -> None:
   """The step-time comparison."""
-  data = cifar_shaped_digits()
-  task = Task(data[0])
+  data = _tasks.digits(32)[0]
+  task = _tasks.Task(data["image"])
   names = optax_lgm.layer_names(task.params, args.layers)
   trained = train_selection(task, args, data)
   budget = budget_mask(args.budget)
   budgeted = train_selection(task, args, data, mask=budget)
   params, stats = trained["params"], trained["stats"]
-  out_side = forward_order(names)[-args.k :]
+  out_side = _tasks.forward_order(names)[-args.k :]
   out_sel = tuple(sorted(names.index(n) for n in out_side))
   sgd = optax.sgd(args.lr, momentum=0.9)
   ls = optax_lgm.layer_sam(sgd, rho=args.rho, k=args.k, layers=args.layers)
@@ -241,13 +126,13 @@ def speed(args) -> None:
       budgeted["selection"],
     ),
   ]
-  x, y = next(batches(*data, args.batch, seed=2))
+  x, y = input_pipeline.batch_at(data, args.batch, 2, 0).values()
   configs = {
     k: v
     for k, v in XLA_CONFIGS.items()
     if args.xla == "both" or (args.xla == "share") == (v is not None)
   }
-  runs = {}
+  runs, fns = {}, {}
   for cfg, options in configs.items():
     for name, tx, is_sam, sel in contenders:
       step = jax.jit(
@@ -259,21 +144,17 @@ def speed(args) -> None:
       t0 = time.perf_counter()
       compiled = step.lower(params, stats, state, x, y, selection=sel).compile()
       compile_s = time.perf_counter() - t0
-      fn = (lambda c, s: lambda: c(params, stats, s, x, y))(compiled, state)
-      for _ in range(args.steps_warmup):
-        jax.block_until_ready(fn())
+      fns[f"{cfg}/{name}"] = lambda c=compiled, s=state: c(params, stats, s, x, y)
       runs[(cfg, name)] = dict(
-        fn=fn, sel=sel, gflops=cost_gflops(compiled), compile_s=compile_s, ms=[]
+        sel=sel, gflops=_tasks.cost_gflops(compiled), compile_s=compile_s
       )
-  # Interleaved, in a new random order each round, so that a slow spell of a
-  # shared machine does not fall on one contender.
-  order = np.random.default_rng(0)
-  for _ in range(args.reps):
-    for key in order.permutation(len(runs)):
-      run = list(runs.values())[key]
-      t0 = time.perf_counter()
-      jax.block_until_ready(run["fn"]())
-      run["ms"].append((time.perf_counter() - t0) * 1e3)
+  # Interleaved (benchmarks._timing), so that a slow spell of a shared machine
+  # does not fall on one contender.
+  timings = _timing.interleaved(
+    fns, baseline=next(iter(fns)), reps=args.reps, warmup=args.steps_warmup
+  )
+  for (cfg, name), run in runs.items():
+    run["ms"] = [1e3 * t for t in timings[f"{cfg}/{name}"].samples]
 
   print(
     f"ResNet-20 ({sum(p.size for p in jax.tree.leaves(task.params)):,} params), "
@@ -360,8 +241,8 @@ def speed(args) -> None:
 
 def defaults(args) -> None:
   """The measurement behind the defaults ``layers`` and ``k``."""
-  data = cifar_shaped_digits()
-  task = Task(data[0])
+  data = _tasks.digits(32)[0]
+  task = _tasks.Task(data["image"])
   ks = [int(k) for k in args.ks.split(",")]
   configs = [(layers, k, "") for layers in ("leaf", "module") for k in ks]
   configs += [("module", k, args.budget) for k in ks]
@@ -403,25 +284,29 @@ def defaults(args) -> None:
     return out, sgd_cos
 
   tx = optax.sgd(args.lr, momentum=0.9)
-  step = jax.jit(make_step(task, tx, sam=False))
-  params, stats, state = task.params, task.stats, tx.init(task.params)
   records = collections.defaultdict(list)
   sgd_cos = []
-  start = time.perf_counter()
-  for i, (x, y) in zip(range(args.train_steps), batches(*data, args.batch, seed=1)):
-    if i % args.probe_every == 0:
-      out, c = jax.device_get(probe(params, stats, x, y))
+
+  def probe_every(step: int, state, _) -> None:  # After ``step`` steps.
+    if step % args.probe_every == 0:
+      batch = input_pipeline.batch_at(data, args.batch, 1, step).values()
+      out, c = jax.device_get(probe(*state[:2], *batch))
       sgd_cos.append(float(c))
       for key, r in out.items():
         records[key].append(r)
-    params, stats, state, _ = step(params, stats, state, x, y)
+
+  start = time.perf_counter()
+  (params, stats, _), _ = _tasks.train_pure(
+    task, tx, jax.jit(make_step(task, tx, sam=False)), data,
+    steps=args.train_steps, batch=args.batch, seed=1, after_step=probe_every,
+  )  # fmt: skip
   probe_s = time.perf_counter() - start
 
-  x, y = next(batches(*data, args.batch, seed=2))
+  x, y = input_pipeline.batch_at(data, args.batch, 2, 0).values()
   flops = {}
   for name, tx_, sam in [("sgd", tx, False), ("sam", full, True)]:
     jitted = jax.jit(make_step(task, tx_, sam=sam), compiler_options=SHARE_FORWARD)
-    flops[name] = cost_gflops(
+    flops[name] = _tasks.cost_gflops(
       jitted.lower(params, stats, tx_.init(params), x, y).compile()
     )
   print(
@@ -452,7 +337,7 @@ def defaults(args) -> None:
       static_argnames="selection",
       compiler_options=SHARE_FORWARD,
     )
-    gf = cost_gflops(
+    gf = _tasks.cost_gflops(
       jitted.lower(params, stats, tx_.init(params), x, y, selection=common).compile()
     )
     row = dict(

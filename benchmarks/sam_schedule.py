@@ -12,7 +12,7 @@ one compiled training step of
   executable, fed a state whose count decides the branch),
 
 on the CIFAR-shaped ResNet-20 and the CNN of ``examples.models`` (32x32x3
-digits, as in ``benchmarks.layer_sam_speed``). One timed call runs
+digits of ``benchmarks._tasks``). One timed call runs
 ``--steps-per-call`` steps (a multiple of 2 and 5, so that each call holds
 whole cycles of both schedules) feeding the state back, and the figure is
 the time per step. It prints the ratios to SGD and the targets of the
@@ -38,34 +38,18 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import optax
-from flax import nnx
 
 import optax_lgm
-from benchmarks import _timing
-from benchmarks.layer_sam_speed import Task, batches, cifar_shaped_digits, make_step
-from examples import models
+from benchmarks import _tasks, _timing
+from examples import input_pipeline
 
 RHO = 0.05
 LR = 0.05
 EVERY = (2, 5)
 
 
-class CnnTask(Task):
-  """The CNN of ``examples.models`` as a `Task` (it has no batch statistics)."""
-
-  def __init__(self, x: np.ndarray, seed: int = 0):
-    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
-    std = tuple(float(s) for s in x.std(axis=(0, 1, 2)))
-    model = models.CNN(10, x.shape[1:], mean, std, rngs=nnx.Rngs(seed))
-    self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    self.params = nnx.as_pure(params)
-    self.stats = nnx.as_pure(stats)
-    self.rest = nnx.as_pure(rest)
-
-
-TASKS = {"resnet20": Task, "cnn": CnnTask}
+TASKS = ("resnet20", "cnn")
 
 
 def optimizers() -> dict[str, tuple[optax.GradientTransformation, bool]]:
@@ -102,12 +86,12 @@ class Steps:
 
 def measure(name: str, args) -> dict[str, Any]:
   """Times the contenders on one model; returns the JSON-ready results."""
-  x, y = cifar_shaped_digits()
-  task = TASKS[name](x)
-  batch = next(batches(x, y, args.batch, seed=0))
+  data = _tasks.digits(32)[0]
+  task = _tasks.Task(data["image"], model=name)
+  batch = tuple(input_pipeline.batch_at(data, args.batch, 0, 0).values())
   fns, skipped_state = {}, {}
   for label, (tx, sam) in optimizers().items():
-    step = jax.jit(make_step(task, tx, sam=sam))
+    step = jax.jit(_tasks.make_step(task, tx, sam=sam))
     carry = (task.params, task.stats, tx.init(task.params))
     fns[label] = Steps(step, carry, batch, args.steps_per_call)
     if label == "SAM every=2":

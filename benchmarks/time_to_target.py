@@ -2,14 +2,15 @@
 
 What a user pays for is the wall-clock time to reach an accuracy, compilation
 included. For each contender and seed this benchmark trains the CIFAR-shaped
-ResNet-20 of ``benchmarks.layer_sam_speed`` (scikit-learn's digits upscaled
-to 32x32x3; a fixed 80/20 train/test split) for ``--steps`` steps, evaluates
-the test accuracy every ``--eval-every`` steps, and reports
+ResNet-20 of ``examples.models`` on the digits of ``benchmarks._tasks``
+(upscaled to 32x32x3; the TFDS train/test split) for ``--steps`` steps through
+the example trainer's loop (``examples.loop``), evaluates the test accuracy
+every ``--eval-every`` steps, and reports
 
 * **time to target**: the training wall-clock from the start of training to
   the first evaluation at or above ``--target``, compilation included,
-  evaluation time excluded (the clock stops, after ``block_until_ready``,
-  while the model is evaluated); the median over seeds, and the number of
+  evaluation time excluded (``examples.loop.time_to_target``); the median over
+  seeds, a seed that missed counting as infinite, and the number of
   seeds that reached the target;
 * the steps to target, the final accuracy (the mean of the last three
   evaluations; mean ± std over seeds), the training time per step
@@ -34,26 +35,20 @@ Run: ``python -m benchmarks.time_to_target [--seeds 3 --json out.json]``.
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 import optax_lgm
-from benchmarks.layer_sam_speed import (
-  SHARE_FORWARD,
-  Task,
-  batches,
-  budget_mask,
-  cifar_shaped_digits,
-  make_step,
-)
+from benchmarks import _tasks
+from benchmarks._tasks import SHARE_FORWARD, budget_mask, make_step
+from examples import loop
 
 OUTPUT_LAYERS = ("blocks/8/bn2", "head")
 """The start of the static contender: the ResNet-20's two output-side layers."""
@@ -67,14 +62,6 @@ CONTENDERS = (
   "lgm",
   "dgs",
 )
-
-
-def split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2):
-  """A fixed shuffled train/test split."""
-  perm = np.random.default_rng(0).permutation(len(x))
-  n_test = int(len(x) * test_fraction)
-  test, train = perm[:n_test], perm[n_test:]
-  return (x[train], y[train]), (x[test], y[test])
 
 
 def make_optimizer(name: str, args) -> optax.GradientTransformation:
@@ -97,7 +84,7 @@ def make_optimizer(name: str, args) -> optax.GradientTransformation:
 
 def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
   """One run; returns its curve, time to target and compilations."""
-  task = Task(train_data[0], seed=seed)
+  task = _tasks.Task(train_data["image"], seed=seed)
   tx = make_optimizer(name, args)
   traces: list = []
   step = jax.jit(
@@ -119,39 +106,20 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
     )
     step = helper
 
-  @jax.jit
-  def accuracy(params, stats, x, y):
-    model = nnx.merge(task.graphdef, params, stats, task.rest)
-    model.eval()
-    return jnp.mean(jnp.argmax(model(x), -1) == y)
-
-  test_x, test_y = jnp.asarray(test_data[0]), jnp.asarray(test_data[1])
-  params, stats, state = task.params, task.stats, tx.init(task.params)
-  data = batches(*train_data, args.batch, seed=seed + 1)
-  curve = []
-  clock = 0.0  # Training time so far: compilation included, evaluation excluded.
-  reached = None
-  start = time.perf_counter()
-  for i, (x, y) in zip(range(args.steps), data):
-    params, stats, state, _ = step(params, stats, state, x, y)
-    if (i + 1) % args.eval_every == 0 or i + 1 == args.steps:
-      jax.block_until_ready(params)
-      now = time.perf_counter()
-      clock += now - start
-      acc = float(accuracy(params, stats, test_x, test_y))
-      curve.append({"step": i + 1, "seconds": clock, "accuracy": acc})
-      if reached is None and acc >= args.target:
-        reached = {"step": i + 1, "seconds": clock}
-        if args.stop_at_target:
-          break
-      start = time.perf_counter()
+  _, metrics = _tasks.train_pure(
+    task, tx, step, train_data, test_data, steps=args.steps, batch=args.batch,
+    seed=seed + 1, eval_every=args.eval_every, target=args.target,
+    stop_at_target=args.stop_at_target,
+  )  # fmt: skip
+  curve = metrics.data["curve"]
   out = {
-    "seconds_to_target": None if reached is None else reached["seconds"],
-    "steps_to_target": None if reached is None else reached["step"],
+    "seconds_to_target": metrics.data["time_to_target"],
+    "steps_to_target": metrics.data["steps_to_target"],
     # Accuracy at batch 16 is noisy from one evaluation to the next (BatchNorm):
     # the final accuracy is the mean of the last three evaluations.
-    "final_accuracy": float(np.mean([c["accuracy"] for c in curve[-3:]])),
-    "train_seconds": clock,
+    "final_accuracy": float(np.mean([c["test_accuracy"] for c in curve[-3:]])),
+    "train_seconds": metrics.data["train_seconds"],
+    "steps": curve[-1]["step"],
     "compilations": len(traces),
     "curve": curve,
   }
@@ -160,7 +128,7 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
   return out
 
 
-def _median_or_none(values: list) -> float | None:
+def _median(values: list) -> float | None:
   values = [v for v in values if v is not None]
   return float(np.median(values)) if values else None
 
@@ -169,17 +137,18 @@ def summarize(runs: dict[str, list[dict]], args) -> dict[str, dict]:
   rows = {}
   for name, results in runs.items():
     seconds = [r["seconds_to_target"] for r in results]
+    median = loop.median_time(seconds)
     rows[name] = {
       "seconds": seconds,
       "steps": [r["steps_to_target"] for r in results],
       "final_accuracy": [r["final_accuracy"] for r in results],
       "compilations": [r["compilations"] for r in results],
-      "median_seconds": _median_or_none(seconds) if None not in seconds else None,
-      "median_steps": _median_or_none([r["steps_to_target"] for r in results]),
+      # AlgoPerf's rule: a seed that missed counts as infinite (None: the
+      # median is).
+      "median_seconds": None if math.isinf(median) else median,
+      "median_steps": _median([r["steps_to_target"] for r in results]),
       "seconds_per_step": float(
-        np.median(
-          [r["train_seconds"] / len(r["curve"]) / args.eval_every for r in results]
-        )
+        np.median([r["train_seconds"] / r["steps"] for r in results])
       ),
     }
   return rows
@@ -234,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
   for name in names:
     if name not in CONTENDERS:
       parser.error(f"unknown contender {name!r}; expected some of {CONTENDERS}")
-  train_data, test_data = split(*cifar_shaped_digits())
+  train_data, test_data, _ = _tasks.digits(32)
   runs: dict[str, list[dict]] = {name: [] for name in names}
   order = np.random.default_rng(0)
   wall = time.perf_counter()
@@ -258,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   command = "python -m benchmarks.time_to_target " + " ".join(argv)
   print(
-    f"\nResNet-20, digits 32x32 ({len(train_data[0])} train / {len(test_data[0])} "
+    f"\nResNet-20, digits 32x32 ({len(train_data['label'])} train / "
+    f"{len(test_data['label'])} "
     f"test), batch {args.batch}, {args.steps} steps, eval every {args.eval_every}, "
     f"lr {args.lr} (dgs {args.dgs_lr}), rho {args.rho}, k {args.k}, "
     f"StaticSelection every {args.every} margin {args.margin} max "

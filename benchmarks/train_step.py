@@ -1,7 +1,7 @@
 """Section 4: the cost of a whole training step on a ResNet-20, per optimizer.
 
 The step (forward, backward, optimizer update, apply) is the one of
-``benchmarks.layer_sam_speed`` (the layer-SAM speed benchmark), on the CIFAR
+``benchmarks._tasks`` (as in the layer-SAM speed benchmark), on the CIFAR
 ResNet of ``examples.models`` with BatchNorm, so that the SAM rows here and
 there measure the same thing. Every optimizer is timed interleaved against
 SGD with momentum 0.9; the SGD-based optimizers (``lgm``, ``dgs``, LARS, the
@@ -16,31 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 import optax_lgm
-from benchmarks import _timing, layer_sam_speed, update_cost
+from benchmarks import _tasks, _timing, update_cost
 from examples import models
 
 BASELINE = "SGD (momentum 0.9)"
 RHO = 0.05
 K = 2
 TARGETS = {"lgm": 1.03, "dgs (global)": 1.03}
-
-
-class ResNetTask(layer_sam_speed.Task):
-  """`layer_sam_speed.Task` with a ResNet of any depth and width."""
-
-  def __init__(self, x: np.ndarray, depth: int, width: int, seed: int = 0):
-    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
-    std = tuple(float(s) for s in x.std(axis=(0, 1, 2)) + 1e-3)
-    model = models.ResNet(
-      10, x.shape[1:], mean, std, depth=depth, width=width, rngs=nnx.Rngs(seed)
-    )
-    self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    self.params = nnx.as_pure(params)
-    self.stats = nnx.as_pure(stats)
-    self.rest = nnx.as_pure(rest)
 
 
 def contenders(
@@ -50,7 +34,7 @@ def contenders(
   sgd = optax.sgd(0.1, momentum=0.9)
   layer_sam = getattr(optax_lgm, "layer_sam", None)
   names = optax_lgm.layer_names(params, layers="module")
-  out_side = layer_sam_speed.forward_order(names)[-K:]
+  out_side = _tasks.forward_order(names)[-K:]
   out_sel = tuple(sorted(names.index(n) for n in out_side))
 
   def need_layer_sam():
@@ -83,7 +67,7 @@ def contenders(
 
 
 def _update_alone(
-  task: ResNetTask, txs: dict[str, Any], x, y, *, reps: int, workers: int, progress
+  task: _tasks.Task, txs: dict[str, Any], x, y, *, reps: int, workers: int, progress
 ) -> dict[str, Any]:
   """Times ``tx.update`` alone on the model's gradients, against SGD's."""
   params, stats = task.params, task.stats
@@ -135,7 +119,8 @@ def run(
   # Timing does not depend on the pixel values: uniform noise on [0, 1].
   x = rng.uniform(size=(b, s, s, 3)).astype(np.float32)
   y = rng.integers(0, 10, size=b).astype(np.int32)
-  task = ResNetTask(x, sizes["depth"], sizes["width"])
+  resnet = functools.partial(models.ResNet, depth=sizes["depth"], width=sizes["width"])
+  task = _tasks.Task(x, model=resnet)
   params, stats = task.params, task.stats
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   rows: dict[str, Any] = {}
@@ -153,7 +138,7 @@ def run(
       plain[name] = tx
 
     def make(tx=tx, sam=sam, selection=selection, state=states[name]):
-      step = layer_sam_speed.make_step(task, tx, sam=sam)
+      step = _tasks.make_step(task, tx, sam=sam)
       args = (params, stats, state, xs, ys)
       return functools.partial(step, selection=selection), args
 
@@ -164,7 +149,7 @@ def run(
   fns = {}
   for name, c in comp.items():
     rows[name]["compile_s"] = c.compile_s[0] + c.trace_lower_s[0]
-    rows[name]["gflops"] = layer_sam_speed.cost_gflops(c.compiled)
+    rows[name]["gflops"] = _tasks.cost_gflops(c.compiled)
     fns[name] = functools.partial(c.compiled, params, stats, states[name], xs, ys)
   timings = _timing.interleaved(
     fns, baseline=BASELINE, reps=reps, warmup=0, progress=progress

@@ -22,11 +22,15 @@ PNG plots into ``OUT``:
 The defaults (3 seeds, 10 epochs of digits on the CNN, all 7 optimizers)
 finish in a few minutes on 2 CPU cores.
 
+Every setting of `examples.config.Config` is a flag here too (``--help``);
+the comparison's defaults are 10 epochs, an evaluation every 5 steps and no
+checkpoints.
+
 Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --epochs 10
 --out results]``.
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -40,9 +44,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples import train  # noqa: E402
-from examples.config import UsageError, quiet  # noqa: E402
-from examples.optimizers import DEFAULT_LEARNING_RATES, OPTIMIZERS  # noqa: E402
+from examples import loop, train  # noqa: E402
+from examples.config import Config, Parser, UsageError, with_learning_rate  # noqa: E402
+from examples.optimizers import OPTIMIZERS  # noqa: E402
 
 PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png")
 """The file names of the plots (the last two only with lgm / layer_sam)."""
@@ -55,32 +59,11 @@ def _mean_std(values: list[float]) -> str:
   return f"{values.mean():.4g} ± {values.std():.2g}"
 
 
-def _steps_to_target(curve: list[dict], target: float) -> int | None:
-  for point in curve:
-    if point["test_accuracy"] >= target:
-      return point["step"]
-  return None
-
-
-def _time_to_target(curve: list[dict], target: float) -> float | None:
-  for point in curve:
-    if point["test_accuracy"] >= target:
-      return point["seconds"]
-  return None
-
-
-def _median(values: list[float | None]) -> str:
-  """The median over seeds, a seed that missed the target counting as infinite."""
-  median = np.median([np.inf if v is None else v for v in values] or [np.inf])
-  return "—" if np.isinf(median) else f"{median:.3g}"
-
-
 def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
   """Per-optimizer summary over seeds of the results of `train_and_evaluate`."""
   summary = {}
   for name, results in runs.items():
-    reached = [_steps_to_target(r["curve"], target) for r in results]
-    seconds = [_time_to_target(r["curve"], target) for r in results]
+    seconds, reached = zip(*(loop.time_to_target(r["curve"], target) for r in results))
     throughput = [
       float(np.mean([h["images_per_s"] for h in r["history"][1:] or r["history"]]))
       for r in results
@@ -89,8 +72,8 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
     summary[name] = {
       "learning_rate": results[0]["config"]["learning_rate"],
       "test_accuracy": [r["final_test_accuracy"] for r in results],
-      "steps_to_target": reached,
-      "time_to_target": seconds,
+      "steps_to_target": list(reached),
+      "time_to_target": list(seconds),
       "images_per_s": throughput,
       "compile_seconds": [r["compile"]["critical_seconds"] for r in results],
       "background_compile_seconds": [
@@ -130,7 +113,7 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
       f"{s['learning_rate']:g}",
       _mean_std(s["test_accuracy"]),
       f"{_mean_std(reached)} ({len(reached)}/{num_seeds})",
-      _median(s["time_to_target"]),
+      f"{loop.median_time(s['time_to_target']):.3g}".replace("inf", "—"),
       f"{np.mean(s['images_per_s']):.0f} ± {np.std(s['images_per_s']):.0f}",
       f"{np.median(s['compile_seconds']):.1f} / "
       f"{np.median(s['background_compile_seconds']):.1f}",
@@ -222,34 +205,14 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Command line: runs the comparison; returns what results.json holds, plus plots."""
   train.share_forward_passes()
-  parser = argparse.ArgumentParser(
-    description=__doc__.splitlines()[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-  )
+  defaults = Config(epochs=10, eval_every=5, checkpoints=False)  # Thrown away.
+  parser = Parser(__doc__.splitlines()[0], defaults, prog="python -m examples.compare")
   add = parser.add_argument
-  add("--dataset", default="digits", help="a dataset of examples.input_pipeline")
-  add("--model", default="cnn", help="a model of examples.models")
   add("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names")
   add("--seeds", type=int, default=3, help="runs per optimizer (seeds 0, 1, ...)")
-  add("--epochs", type=int, default=10, help="passes over the training set")
-  add("--batch_size", type=int, default=64, help="examples per step")
-  add(
-    "--eval_every", type=int, default=5, help="steps between evaluations; 0: per epoch"
-  )
-  add("--target", type=float, default=0.95, help="test accuracy of the time to target")
-  add("--pgd_steps", type=int, default=5, help="steps of PGD in the robustness table")
-  add(
-    "--robustness_examples",
-    type=int,
-    default=None,
-    help="evaluate robustness on the first N test images (default: all)",
-  )
-  add("--data_dir", default=None, help="the TFDS data dir (default: TFDS's)")
   add("--out", default="results", help="where results.json and the plots go")
-  add("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
-  quiet()
-
+  config, target = args.config, args.config.target_accuracy
   optimizers = [name for name in args.optimizers.split(",") if name]
   for name in optimizers:
     if name not in OPTIMIZERS:
@@ -263,38 +226,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in optimizers:
       runs[name] = []
       for seed in range(args.seeds):
-        config = train.Config(
-          dataset=args.dataset,
-          model=args.model,
-          optimizer=name,
-          learning_rate=DEFAULT_LEARNING_RATES[name],
-          epochs=args.epochs,
-          batch_size=args.batch_size,
-          seed=seed,
-          data_dir=args.data_dir,
-          eval_every=args.eval_every,
-          target_accuracy=args.target,
-          pgd_steps=args.pgd_steps,
-          robustness_examples=args.robustness_examples,
-          progress=not args.no_progress,
-          checkpoints=False,  # The workdirs are thrown away.
-        )
+        run = with_learning_rate(dataclasses.replace(config, optimizer=name, seed=seed))
         workdir = os.path.join(workdirs, f"{name}_{seed}")
         try:
-          runs[name].append(train.train_and_evaluate(config, workdir))
+          runs[name].append(train.train_and_evaluate(run, workdir))
         except UsageError as error:  # One line, no traceback.
           parser.exit(2, f"error: {error}\n")
   elapsed = time.perf_counter() - start
 
-  summary = summarize(runs, args.target)
-  table = markdown_table(summary, args.target, args.seeds)
+  summary = summarize(runs, target)
+  table = markdown_table(summary, target, args.seeds)
   print(
-    f"{args.dataset} / {args.model}, {args.epochs} epochs, batch {args.batch_size}, "
-    f"{args.seeds} seeds, PGD {args.pgd_steps} steps, {elapsed:.0f} s"
+    f"{config.dataset} / {config.model}, {config.epochs} epochs, batch "
+    f"{config.batch_size}, {args.seeds} seeds, PGD {config.pgd_steps} steps, "
+    f"{elapsed:.0f} s"
   )
   print(table)
+  settings = {**dataclasses.asdict(config), **vars(args), "config": None}
   results = {
-    "args": vars(args),
+    "args": settings,
     "seconds": elapsed,
     "summary": summary,
     "table": table,
@@ -302,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   }
   with open(out / "results.json", "w") as f:
     json.dump(results, f, indent=2)
-  results["plots"] = plot(runs, out, args.target)
+  results["plots"] = plot(runs, out, target)
   print(f"wrote {out / 'results.json'} and {', '.join(results['plots'])}")
   return results
 

@@ -137,6 +137,7 @@ def run(
   evaluated: Callable[[int, Any], None] = lambda step, state: None,
   after_step: Callable[[int, Any, Any], None] = lambda step, state, loss: None,
   progress: str | None = None,
+  stop_at_target: bool = False,
 ) -> Any:
   """Trains from ``steps.start`` to ``steps.stop``; returns the final state.
 
@@ -152,6 +153,7 @@ def run(
       (bookkeeping: history entries, files, checkpoints).
     after_step: called after each step (and its evaluation), on the clock.
     progress: the label of a progress bar (``None``: no bar).
+    stop_at_target: stop after the evaluation that reaches the target.
 
   Returns:
     The state after the last step.
@@ -172,6 +174,8 @@ def run(
       evaluated(i + 1, state)
       bar.set_postfix(acc=f"{accuracy:.3f}")
       metrics.start_clock()
+      if stop_at_target and metrics.data["time_to_target"] is not None:
+        break
     after_step(i + 1, state, loss)
   jax.block_until_ready(state)
   metrics.stop_clock()

@@ -1,4 +1,4 @@
-"""Tests of the time-to-target benchmark's rule and of the selection budget."""
+"""The time to target (one definition, `examples.loop`), its clock, the budget."""
 
 import types
 
@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import optax_lgm
-from benchmarks import layer_sam_speed, time_to_target
+from benchmarks import _tasks, time_to_target
+from examples import loop
 
 
 def _run(seconds, step, final):
@@ -18,6 +19,7 @@ def _run(seconds, step, final):
     "steps_to_target": step,
     "final_accuracy": final,
     "train_seconds": 40.0,
+    "steps": 400,
     "compilations": 2,
     "curve": [{"step": 20, "seconds": 20.0, "accuracy": 0.5}] * 2,
   }
@@ -32,14 +34,86 @@ def test_summary_takes_the_median_and_reports_misses():
   rows = time_to_target.summarize(runs, args)
   assert rows["sam"]["median_seconds"] == 20.0
   assert rows["sam"]["median_steps"] == 160
-  # A seed that missed the target: no median time (it would flatter the rest).
-  assert rows["sgd"]["median_seconds"] is None
+  # A seed that missed the target counts as infinite (AlgoPerf's rule).
+  assert rows["sgd"]["median_seconds"] == 7.0
   assert rows["sgd"]["seconds"] == [5.0, None, 7.0]
+  runs["sgd"][0] = _run(None, None, 0.9)  # Two misses: an infinite median.
+  rows = time_to_target.summarize(runs, args)
+  assert rows["sgd"]["median_seconds"] is None
   table = time_to_target.markdown(rows, args)
   sam_row = next(line for line in table.splitlines() if line.startswith("| sam "))
   sgd_row = next(line for line in table.splitlines() if line.startswith("| sgd "))
   assert "| 20.0 | 1.00 | 3/3 | 160 |" in sam_row
-  assert "| — | — | 2/3 |" in sgd_row
+  assert "| — | — | 1/3 |" in sgd_row
+
+
+def test_median_time_counts_a_miss_as_infinite():
+  assert loop.median_time([5.0, None, 7.0]) == 7.0
+  assert loop.median_time([None, None, 1.0]) == float("inf")
+  curve = [{"step": s, "test_accuracy": a, "seconds": s / 10} for s, a in
+           [(10, 0.5), (20, 0.96), (30, 0.9)]]  # fmt: skip
+  assert loop.time_to_target(curve, 0.95) == (2.0, 20)
+  assert loop.time_to_target(curve, 0.99) == (None, None)
+
+
+def _fake_clock(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+
+  def step(state, batch):
+    now[0] += 1.0  # A step: one second.
+    return state + 1, batch
+
+  def evaluate(state):
+    now[0] += 100.0  # An evaluation: off the clock.
+    return state / 10
+
+  return step, evaluate
+
+
+def test_the_clock_counts_the_steps_and_stops_for_evaluations(monkeypatch):
+  step, evaluate = _fake_clock(monkeypatch)
+  metrics = loop.Metrics(0.35)
+  state = loop.run(
+    step, 0, lambda i: i, range(10), metrics, evaluate=evaluate,
+    eval_at=lambda i: i % 2 == 0,
+  )  # fmt: skip
+  assert state == 10 and metrics.data["train_seconds"] == 10.0
+  assert [p["seconds"] for p in metrics.data["curve"]] == [2.0, 4.0, 6.0, 8.0, 10.0]
+  assert (metrics.data["time_to_target"], metrics.data["steps_to_target"]) == (4.0, 4)
+
+  # Stopped after 5 steps and resumed: the same record.
+  resumed = loop.Metrics(0.35)
+  for steps in (range(0, 5), range(5, 10)):
+    state = loop.run(
+      step, steps.start, lambda i: i, steps, resumed, evaluate=evaluate,
+      eval_at=lambda i: i % 2 == 0,
+    )  # fmt: skip
+  assert resumed.data == metrics.data
+
+
+def test_stop_at_target(monkeypatch):
+  step, evaluate = _fake_clock(monkeypatch)
+  metrics = loop.Metrics(0.35)
+  state = loop.run(
+    step, 0, lambda i: i, range(10), metrics, evaluate=evaluate,
+    eval_at=lambda i: i % 2 == 0, stop_at_target=True,
+  )  # fmt: skip
+  assert state == 4 and metrics.data["steps_to_target"] == 4
+
+
+def test_a_pure_task_trains_through_the_loop(data_dir, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  train, test, _ = _tasks.digits(8)
+  task = _tasks.Task(train["image"], model="cnn")
+  tx = optax.sgd(0.1, momentum=0.9)
+  step = jax.jit(_tasks.make_step(task, tx, sam=False))
+  (params, _, _), metrics = _tasks.train_pure(
+    task, tx, step, train, test, steps=20, batch=64, seed=0, eval_every=10
+  )
+  assert [p["step"] for p in metrics.data["curve"]] == [10, 20]
+  assert metrics.data["curve"][-1]["test_accuracy"] > 0.5
+  assert np.isfinite(metrics.data["final_loss"])
 
 
 def test_budget_mask_keeps_only_the_named_layers_as_candidates():
@@ -51,18 +125,18 @@ def test_budget_mask_keeps_only_the_named_layers_as_candidates():
     "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
     "conv": {"kernel": jnp.ones((3, 3))},
   }
-  mask = layer_sam_speed.budget_mask("blocks/8,head")(params)
+  mask = _tasks.budget_mask("blocks/8,head")(params)
   assert mask["blocks"][8]["conv1"]["kernel"] and mask["head"]["kernel"]
   assert not mask["blocks"][7]["conv1"]["kernel"] and not mask["conv"]["kernel"]
   names = optax_lgm.layer_names(
-    params, "module", mask=layer_sam_speed.budget_mask("blocks/8,head")
+    params, "module", mask=_tasks.budget_mask("blocks/8,head")
   )
   assert set(names) == {"blocks/8/conv1", "head"}
 
   # layer_sam with the budget: the layers outside it are never perturbed, even
   # when their gradients are the largest.
   tx = optax_lgm.layer_sam(
-    optax.sgd(0.1), k=1, mask=layer_sam_speed.budget_mask(("blocks/8", "head"))
+    optax.sgd(0.1), k=1, mask=_tasks.budget_mask(("blocks/8", "head"))
   )
 
   def loss(p, _=None):

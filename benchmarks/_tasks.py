@@ -1,0 +1,202 @@
+"""What the benchmarks share: the digits data, models as pure losses, their steps.
+
+A library for the benchmark scripts (it has no ``__main__``). Every benchmark
+that trains does so through `examples.loop.run`, the loop of the example
+trainer, with `train_pure` (a `Task`'s pure step) or `train_nnx` (the
+trainer's own `examples.train.train_step`); their data is
+`examples.input_pipeline`'s digits, indexed by step (``batch_at``).
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from examples import input_pipeline, loop, models, robustness, train
+
+SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
+"""XLA options that let SAM's two forward passes share the layers below the
+lowest perturbed one (see `examples.train.share_forward_passes`)."""
+
+XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWARD}
+
+
+@functools.cache
+def digits(size: int = 8) -> tuple[dict, dict, input_pipeline.DatasetMetadata]:
+  """The digits of `examples.input_pipeline`: train and test splits, metadata.
+
+  ``size=32`` upscales the 8x8 images 4x and repeats them over 3 channels, the
+  shape of CIFAR (for the ResNets).
+  """
+  train_source, test_source, meta = input_pipeline.get_datasets("digits")
+  splits = [input_pipeline.load_split(s) for s in (train_source, test_source)]
+  if size == 32:
+    for split in splits:
+      x = np.kron(split["image"][..., 0], np.ones((1, 4, 4), np.float32))
+      split["image"] = np.repeat(x[..., None], 3, axis=-1)
+  return splits[0], splits[1], meta
+
+
+class Task:
+  """A model split into a pure loss over (params, batch statistics).
+
+  Args:
+    x: images the model's input statistics come from.
+    seed: of the initialisation.
+    model: a name of `examples.models`, or ``(num_classes, shape, mean, std, *,
+      rngs) -> nnx.Module``.
+  """
+
+  def __init__(self, x: np.ndarray, seed: int = 0, model: Any = "resnet20"):
+    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
+    std = tuple(float(s) + 1e-3 for s in x.std(axis=(0, 1, 2)))
+    if isinstance(model, str):
+      model = functools.partial(models.create_model, model)
+    model = model(10, x.shape[1:], mean, std, rngs=nnx.Rngs(seed))
+    self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    self.params = nnx.as_pure(params)
+    self.stats = nnx.as_pure(stats)
+    self.rest = nnx.as_pure(rest)
+
+  def loss(self, params, stats, x, y):
+    """Cross-entropy and the updated batch statistics."""
+    model = nnx.merge(self.graphdef, params, stats, self.rest)
+    logits = model(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, nnx.as_pure(nnx.state(model, nnx.BatchStat))
+
+  def grad_fn(self, stats, x, y) -> Callable:
+    """The second-pass gradient (params, i) -> grads; statistics discarded."""
+    return jax.grad(lambda p, _: self.loss(p, stats, x, y)[0])
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def accuracy(self, params, stats, x, y) -> jax.Array:
+    """Test accuracy in inference mode."""
+    model = nnx.merge(self.graphdef, params, stats, self.rest)
+    model.eval()
+    return jnp.mean(jnp.argmax(model(x), -1) == y)
+
+
+def make_step(task: Task, tx, *, sam: bool, traces: list | None = None):
+  """A training step; ``selection`` (static) is passed on when given."""
+
+  def step(params, stats, opt_state, x, y, selection=None):
+    if traces is not None:
+      traces.append(selection)  # Runs once per trace (compilation).
+    grad = jax.value_and_grad(task.loss, has_aux=True)
+    (loss, new_stats), grads = grad(params, stats, x, y)
+    extra = {"grad_fn": task.grad_fn(stats, x, y)} if sam else {}
+    if selection is not None:
+      extra["selection"] = selection
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  return step
+
+
+def train_pure(
+  task: Task, tx, step, train_split: dict, test_split: dict | None = None, *,
+  steps: int, batch: int, seed: int, eval_every: int = 0, target: float = 1.0,
+  stop_at_target: bool = False, after_step=lambda step, state, loss: None,
+) -> tuple[tuple, loop.Metrics]:  # fmt: skip
+  """Trains ``task`` with a pure ``step`` through `examples.loop.run`.
+
+  Returns:
+    The final ``(params, stats, opt_state)`` and the run's metrics (with the
+    ``final_loss``).
+  """
+  losses = []
+
+  def one(state, b):
+    *state, loss = step(*state, b["image"], b["label"])
+    losses[:] = [loss]
+    return tuple(state), loss
+
+  def evaluate(state) -> float:
+    return float(task.accuracy(*state[:2], test_split["image"], test_split["label"]))
+
+  metrics = loop.Metrics(target)
+  state = loop.run(
+    one, (task.params, task.stats, tx.init(task.params)),
+    lambda i: input_pipeline.batch_at(train_split, batch, seed, i),
+    range(steps), metrics, evaluate=evaluate,
+    eval_at=lambda i: bool(eval_every) and (i % eval_every == 0 or i == steps),
+    stop_at_target=stop_at_target, after_step=after_step,
+  )  # fmt: skip
+  metrics.data["final_loss"] = float(losses[0]) if losses else float("nan")
+  return state, metrics
+
+
+def train_nnx(
+  model: nnx.Module, tx, train_split: dict, test_split: dict, *, steps: int,
+  batch: int, seed: int, eval_every: int, target: float = 1.0,
+) -> tuple[loop.Metrics, list]:  # fmt: skip
+  """Trains an NNX model with the example trainer's step, through the loop.
+
+  Returns:
+    The run's metrics (the last curve point: the final accuracy) and the
+    losses of every step.
+  """
+  optimizer, losses = nnx.Optimizer(model, tx, wrt=nnx.Param), []
+
+  def one(state, b):
+    losses.append(train.train_step(*state, b["image"], b["label"]))
+    return state, losses[-1]
+
+  def evaluate(_) -> float:
+    acc = float(robustness.accuracy(model, test_split["image"], test_split["label"]))
+    model.train()
+    return acc
+
+  metrics = loop.Metrics(target)
+  loop.run(
+    one, (model, optimizer),
+    lambda i: input_pipeline.batch_at(train_split, batch, seed, i),
+    range(steps), metrics, evaluate=evaluate,
+    eval_at=lambda i: i % eval_every == 0 or i == steps,
+  )  # fmt: skip
+  return metrics, losses
+
+
+def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
+  """A ``mask`` for ``layer_sam``: only leaves under ``prefixes`` are candidates.
+
+  The selection budget: a static step costs what its lowest selected layer
+  costs, so restricting the candidates to output-side layers bounds the cost.
+  """
+  prefixes = tuple(prefixes.split(",") if isinstance(prefixes, str) else prefixes)
+
+  def name(path) -> str:  # blocks/8/conv1/kernel
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+  return lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, _: name(path).startswith(prefixes), params
+  )
+
+
+def forward_order(names: Sequence[str]) -> list[str]:
+  """The layer names of the ResNet, sorted from input to output."""
+  within = ("conv1", "bn1", "conv2", "bn2", "projection")
+
+  def key(name: str):
+    parts = name.split("/")
+    if parts[0] in ("conv", "bn"):
+      return (0, 0, parts[0] == "bn", name)
+    if parts[0] == "blocks":
+      sub = next((i for i, w in enumerate(within) if w == parts[2]), 9)
+      return (1, int(parts[1]), sub, name)
+    return (2, 0, 0, name)
+
+  return sorted(names, key=key)
+
+
+def cost_gflops(compiled) -> float:
+  """XLA's FLOP count of a compiled step, in GFLOP."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / 1e9
