@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 import optax_lgm
-from examples import input_pipeline, models, robustness
-from examples.train import train_step
+from benchmarks import _tasks
+from examples import models
 
 MODELS = ("mlp", "cnn", "resnet20", "transformer")
 
@@ -54,19 +54,17 @@ def num_params(model) -> int:
 def train(name, tx, train_split, test_split, meta, *, epochs, batch, seed):
   """Final test accuracy after ``epochs`` epochs (0 if the loss diverged).
 
-  The step is the example trainer's own (``examples.train.train_step``).
+  The step and loop are the example trainer's (``benchmarks._tasks.train_nnx``).
   """
   model = make_model(name, meta, seed)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  for epoch in range(epochs):
-    model.train()
-    for b in input_pipeline.iterate(train_split, batch, seed=seed, epoch=epoch):
-      loss = train_step(model, optimizer, b["image"], b["label"])
-    if not np.isfinite(float(loss)):
-      return 0.0, num_params(model)
-  model.eval()
-  acc = robustness.accuracy(model, test_split["image"], test_split["label"])
-  return acc, num_params(model)
+  steps = epochs * (len(train_split["label"]) // batch)
+  metrics, losses = _tasks.train_nnx(
+    model, tx, train_split, test_split, steps=steps, batch=batch, seed=seed,
+    eval_every=steps,
+  )  # fmt: skip
+  if not np.isfinite(float(losses[-1])):
+    return 0.0, num_params(model)
+  return metrics.data["curve"][-1]["test_accuracy"], num_params(model)
 
 
 def main():
@@ -83,9 +81,7 @@ def main():
   parser.add_argument("--momentum", type=float, default=0.9, help="<0: none")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
-  train_src, test_src, meta = input_pipeline.get_datasets("digits")
-  train_split = input_pipeline.load_split(train_src)
-  test_split = input_pipeline.load_split(test_src)
+  train_split, test_split, meta = _tasks.digits(8)
   lrs = [float(v) for v in args.lrs.split(",")]
   rows = []
   start = time.perf_counter()

@@ -1,8 +1,9 @@
 """Measures the options of ``scale_by_lgm`` on the bundled digits data.
 
 This is the measurement behind the defaults of :func:`optax_lgm.scale_by_lgm`:
-a small CNN (Flax NNX) trained with SGD + momentum on scikit-learn's 8x8
-digits, each LGM variant in front of the same SGD, several seeds. It prints
+the CNN of ``examples.models`` trained with SGD + momentum on the 8x8 digits,
+through the example trainer's step and loop (``benchmarks._tasks.train_nnx``),
+each LGM variant in front of the same SGD, several seeds. It prints
 a markdown table of final test accuracy, the step at which test accuracy
 first reaches a target, and whether the run diverged.
 
@@ -14,13 +15,13 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import optax_lgm
+from benchmarks import _tasks
+from examples import models
 
 NO_CLIP = dict(min_scale=None, max_scale=None)
 VARIANTS = {
@@ -37,63 +38,19 @@ VARIANTS = {
 }
 
 
-class CNN(nnx.Module):
-  """Two 3x3 convolutions and a dense head, for 8x8x1 digits."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
-    self.dense1 = nnx.Linear(32 * 4 * 4, 64, rngs=rngs)
-    self.dense2 = nnx.Linear(64, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu(self.conv1(x))
-    x = nnx.avg_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
-    x = nnx.relu(self.dense1(x.reshape(x.shape[0], -1)))
-    return self.dense2(x)
-
-
-def data(seed: int = 0):
-  digits = load_digits()
-  x = (digits.images[..., None] / 16.0).astype(np.float32)
-  x = (x - x.mean()) / x.std()
-  y = digits.target.astype(np.int32)
-  perm = np.random.default_rng(seed).permutation(len(x))
-  train, test = perm[:1437], perm[1437:]
-  return x[train], y[train], x[test], y[test]
-
-
-def train(tx, seed, epochs, batch, target, x_tr, y_tr, x_te, y_te):
-  model = CNN(nnx.Rngs(seed))
-  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, x, y):
-    def loss(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-
-    value, grads = nnx.value_and_grad(loss)(model)
-    opt.update(model, grads)
-    return value
-
-  @nnx.jit
-  def accuracy(model, x, y):
-    return jnp.mean(jnp.argmax(model(x), -1) == y)
-
-  rng = np.random.default_rng(seed)
-  steps, reached = 0, None
-  for _ in range(epochs):
-    perm = rng.permutation(len(x_tr))
-    for i in range(len(x_tr) // batch):
-      idx = perm[i * batch : (i + 1) * batch]
-      loss = step(model, opt, x_tr[idx], y_tr[idx])
-      steps += 1
-      if reached is None and steps % 5 == 0:
-        if float(accuracy(model, x_te, y_te)) >= target:
-          reached = steps
-    if not np.isfinite(float(loss)):
-      return 0.0, None, True
-  return float(accuracy(model, x_te, y_te)), reached, False
+def train(tx, seed, epochs, batch, target, train_split, test_split, meta):
+  """Final test accuracy, steps to ``target`` (evaluated every 5 steps), diverged."""
+  data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
+  model = models.create_model("cnn", *data, nnx.Rngs(seed))
+  steps = epochs * (len(train_split["label"]) // batch)
+  metrics, losses = _tasks.train_nnx(
+    model, tx, train_split, test_split, steps=steps, batch=batch, seed=seed,
+    eval_every=5, target=target,
+  )  # fmt: skip
+  if not np.isfinite(float(losses[-1])):
+    return 0.0, None, True
+  final = metrics.data["curve"][-1]["test_accuracy"]
+  return final, metrics.data["steps_to_target"], False
 
 
 def main():
@@ -105,7 +62,7 @@ def main():
   parser.add_argument("--target", type=float, default=0.95)
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
-  arrays = data()
+  arrays = _tasks.digits(8)
   rows = {}
   start = time.perf_counter()
   for name, kwargs in VARIANTS.items():

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from examples import loop
+
 LENGTHS = {
   "cnn": {
     "short": (0.05, 0.95, 5),
@@ -70,11 +72,6 @@ def run(
   return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
 
 
-def median(values: list[float | None]) -> float:
-  """The median, a miss (``None``) counting as infinite."""
-  return float(np.median([math.inf if v is None else v for v in values]))
-
-
 def summarize(runs: list[dict[str, Any]], optimizers: list[str]) -> dict[str, Any]:
   """Per contender: median time to target, final accuracy, compilation."""
   summary = {}
@@ -82,7 +79,7 @@ def summarize(runs: list[dict[str, Any]], optimizers: list[str]) -> dict[str, An
     mine = [r for r in runs if r["optimizer"] == name]
     summary[name] = {
       "time_to_target": [r["time_to_target"] for r in mine],
-      "median_time_to_target": median([r["time_to_target"] for r in mine]),
+      "median_time_to_target": loop.median_time([r["time_to_target"] for r in mine]),
       "steps_to_target": [r["steps_to_target"] for r in mine],
       "final_test_accuracy": [r["final_test_accuracy"] for r in mine],
       "compile_critical_s": [r["compile"]["critical_seconds"] for r in mine],
