@@ -21,7 +21,7 @@ from examples import input_pipeline, loop, models, robustness, train
 
 SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
 """XLA options that let SAM's two forward passes share the layers below the
-lowest perturbed one (see `examples.train.share_forward_passes`)."""
+lowest perturbed one (see `examples.distributed.share_forward_passes`)."""
 
 XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWARD}
 

@@ -44,7 +44,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples import loop, train  # noqa: E402
+from examples import distributed, loop, train  # noqa: E402
 from examples.config import Config, Parser, UsageError, with_learning_rate  # noqa: E402
 from examples.optimizers import OPTIMIZERS  # noqa: E402
 
@@ -204,7 +204,7 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Command line: runs the comparison; returns what results.json holds, plus plots."""
-  train.share_forward_passes()
+  distributed.share_forward_passes()
   defaults = Config(epochs=10, eval_every=5, checkpoints=False)  # Thrown away.
   parser = Parser(__doc__.splitlines()[0], defaults, prog="python -m examples.compare")
   add = parser.add_argument

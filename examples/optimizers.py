@@ -146,6 +146,10 @@ share the compiled step.
 """
 
 
+class NonFiniteError(RuntimeError):
+  """Too many steps in a row had a non-finite gradient."""
+
+
 def nonfinite_steps(opt_state: Any) -> tuple[int, int]:
   """Steps skipped by ``apply_if_finite`` (``skip_nonfinite``): in a row, in all."""
   if not isinstance(opt_state, optax.ApplyIfFiniteState):

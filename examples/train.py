@@ -18,7 +18,6 @@ state.
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import pathlib
 import sys
@@ -29,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 import optax_lgm
 from examples import (
@@ -48,11 +46,8 @@ from examples.config import (
   parse,
   with_learning_rate,
 )
-from examples.optimizers import cached_optimizer, nonfinite_steps
-
-
-class NonFiniteError(RuntimeError):
-  """Too many steps in a row had a non-finite gradient."""
+from examples.distributed import enable_compilation_cache, share_forward_passes
+from examples.optimizers import NonFiniteError, cached_optimizer, nonfinite_steps
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> jax.Array:
@@ -85,19 +80,6 @@ def train_step(model, optimizer, images, labels, selection=None):
   extra = {} if selection is None else {"selection": selection}
   optimizer.update(model, grads, grad_fn=grad_fn, **extra)
   return loss
-
-
-def enable_compilation_cache(path: str) -> None:
-  """Keeps every compiled program in JAX's persistent cache at ``path`` ('': off).
-
-  Programs of any compile time are kept (the CPU's take seconds, below JAX's
-  default threshold), so a rerun or a resumed run loads them.
-  """
-  path = os.path.expanduser(path)
-  if path and jax.config.jax_compilation_cache_dir != path:
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()  # Takes the new directory from now on.
 
 
 @functools.lru_cache(maxsize=1)
@@ -274,23 +256,6 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     )  # fmt: skip
   write()
   return results
-
-
-def share_forward_passes() -> None:
-  """On a CPU-only host, lets XLA share SAM's two forward passes up to a layer.
-
-  XLA:CPU's ``reshape-mover`` pass rewrites the BatchNorm arithmetic of the
-  two passes differently, so a static ``layer_sam`` step computes its second
-  forward pass again; without the pass the step that perturbs the output-side
-  layers costs about an SGD step (other optimizers unchanged, on a ResNet-20).
-  Takes effect only before JAX starts its backend; leaves an ``XLA_FLAGS``
-  that already disables passes, or a host with a GPU or TPU plugin, alone.
-  """
-  flags = os.environ.get("XLA_FLAGS", "")
-  plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
-  if "xla_disable_hlo_passes" in flags or any(map(importlib.util.find_spec, plugins)):
-    return
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_disable_hlo_passes=reshape-mover".strip()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,10 +1,26 @@
-"""Reads a trainer checkpoint as plain NumPy arrays (tests of faults and processes)."""
+"""A trainer checkpoint as plain NumPy arrays, and metrics without their times."""
 
 import pathlib
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+TIMING_KEYS = ("images_per_s", "seconds", "time")
+"""Metrics that hold wall-clock measurements (keys containing these)."""
+
+
+def without_times(value):
+  """``value`` (JSON) without the entries that measure wall-clock time."""
+  if isinstance(value, dict):
+    return {
+      k: without_times(v)
+      for k, v in value.items()
+      if not any(word in k for word in TIMING_KEYS)
+    }
+  if isinstance(value, list):
+    return [without_times(v) for v in value]
+  return value
 
 
 def read_checkpoint(workdir: pathlib.Path) -> tuple[int, dict[str, np.ndarray]]:

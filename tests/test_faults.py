@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 import pytest
-from _checkpoints import read_checkpoint
+from _checkpoints import read_checkpoint, without_times
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,6 @@ SETTINGS = (
   "--no_progress",
 )
 """The run of every trial: 22 steps, checkpoints every 2 steps."""
-
-TIMING_KEYS = ("images_per_s", "seconds", "time")
-"""Metrics that hold wall-clock measurements (keys containing these)."""
 
 
 def _command(data_dir: str, workdir: pathlib.Path, *extra: str) -> list[str]:
@@ -132,24 +129,11 @@ def _kill(command: list[str], kind: str, rng: random.Random, length: float) -> s
   return "finished first"
 
 
-def _without_timings(value):
-  """``value`` (JSON) without the entries that measure wall-clock time."""
-  if isinstance(value, dict):
-    return {
-      k: _without_timings(v)
-      for k, v in value.items()
-      if not any(word in k for word in TIMING_KEYS)
-    }
-  if isinstance(value, list):
-    return [_without_timings(v) for v in value]
-  return value
-
-
 def _outcome(workdir: pathlib.Path):
   """What a finished run leaves: its step, arrays and metrics."""
   step, arrays = read_checkpoint(workdir)
   metrics = json.loads((workdir / "metrics.json").read_text())
-  metrics = _without_timings(metrics)
+  metrics = without_times(metrics)
   metrics["config"].pop("resume", None)
   return step, arrays, metrics
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _checkpoints import without_times
 from flax import nnx
 
 from examples import checkpointing, train
@@ -44,23 +45,6 @@ def _latest_checkpoint(workdir):
   )
   manager.close()
   return step, {"model": restored["model"], "optimizer": restored["optimizer"]}
-
-
-TIMES = ("images_per_s", "seconds", "time_to_target")
-"""Metrics that hold wall-clock measurements (keys containing these)."""
-
-
-def _without_times(results):
-  """``results`` without its wall-clock figures (for runs that must be equal)."""
-  if isinstance(results, dict):
-    return {
-      k: _without_times(v)
-      for k, v in results.items()
-      if not any(word in k for word in TIMES)
-    }
-  if isinstance(results, list):
-    return [_without_times(v) for v in results]
-  return results
 
 
 @pytest.mark.parametrize(
@@ -106,12 +90,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
   for key in ("history", "curve", "steps_to_target", "layer_sam_static"):
-    assert _without_times(resumed.get(key)) == _without_times(whole.get(key)), key
+    assert without_times(resumed.get(key)) == without_times(whole.get(key)), key
   if optimizer == "layer_sam":  # Static mode: the selection's host state too.
     assert whole["layer_sam_static"]["selection_changes"]
   saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-  assert _without_times(saved["history"]) == _without_times(whole["history"])
-  assert _without_times(saved["curve"]) == _without_times(whole["curve"])
+  assert without_times(saved["history"]) == without_times(whole["history"])
+  assert without_times(saved["curve"]) == without_times(whole["curve"])
 
 
 def test_saved_progress_is_not_changed_by_the_run(data_dir, tmp_path, monkeypatch):
@@ -224,7 +208,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(
   assert len(damaged) == 1 and "checkpoint 8 " in damaged[0], lines
   assert "Traceback" not in "\n".join(lines)
   # Resumed from step 4, so it ends as the uninterrupted run.
-  assert _without_times(resumed["history"]) == _without_times(whole["history"])
+  assert without_times(resumed["history"]) == without_times(whole["history"])
   step, expected = _latest_checkpoint(tmp_path / "whole")
   assert _latest_checkpoint(tmp_path / "damaged")[0] == step
   jax.tree.map(
