@@ -170,10 +170,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     nonlocal compiled
     batch, t0 = distributed.shard_batch(batch, mesh), time.perf_counter()
     losses.append(step_fn(model, optimizer, batch["image"], batch["label"]))
-    if not compiled:  # This process's first call compiles (or loads) it.
-      compiled, record = True, metrics.data["compile"]
-      record["critical_seconds"] += time.perf_counter() - t0
-      record["compilations"] += 1
+    if not compiled:  # This process's first call compiles (or loads) it:
+      compiled, record = True, metrics.data["compile"]  # one program, its
+      record["critical_seconds"] += time.perf_counter() - t0  # seconds in all.
+      record["compilations"] = 1
     return state, losses[-1]
 
   def entry(step: int, acc: float) -> None:
