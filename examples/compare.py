@@ -127,78 +127,52 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
 
 def _mean_curve(results: list[dict]) -> tuple[np.ndarray, np.ndarray]:
   steps = sorted({p["step"] for r in results for p in r["curve"]})
-  accs = []
-  for step in steps:
-    values = [
-      p["test_accuracy"] for r in results for p in r["curve"] if p["step"] == step
-    ]
-    accs.append(np.mean(values))
+  accs = [
+    np.mean([p["test_accuracy"] for r in results for p in r["curve"] if p["step"] == s])
+    for s in steps
+  ]
   return np.asarray(steps), np.asarray(accs)
 
 
 def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[str]:
-  """Writes the PNG plots; returns the paths written."""
-  written = []
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  """Writes the PNG plots (`PLOTS`, the last two where they apply); their paths."""
+  figures = {name: plt.subplots(figsize=(7, 4.5)) for name in PLOTS}
+  _, ax = figures["learning_curves.png"]
   for name, results in runs.items():
-    steps, accs = _mean_curve(results)
-    ax.plot(steps, accs, label=name)
+    ax.plot(*_mean_curve(results), label=name)
   ax.axhline(target, color="gray", linestyle=":", linewidth=1)
   ax.set(xlabel="step", ylabel="test accuracy", title="Test accuracy (mean over seeds)")
   ax.set_ylim(0, 1)
   ax.legend()
-  fig.tight_layout()
-  path = out / "learning_curves.png"
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  written.append(str(path))
-
   if "lgm" in runs:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    results = runs["lgm"]
-    layers = list(results[0]["history"][0]["layer_stats"].get("lgm_scale", {}))
-    epochs = [h["epoch"] for h in results[0]["history"]]
-    for layer in layers:
+    _, ax = figures["lgm_layer_scale.png"]
+    history = [r["history"] for r in runs["lgm"]]
+    for layer in history[0][0]["layer_stats"].get("lgm_scale", {}):
       values = [
-        np.mean(
-          [np.mean(r["history"][i]["layer_stats"]["lgm_scale"][layer]) for r in results]
-        )
-        for i in range(len(epochs))
+        np.mean([np.mean(h[i]["layer_stats"]["lgm_scale"][layer]) for h in history])
+        for i in range(len(history[0]))
       ]
-      ax.plot(epochs, values, marker="o", label=layer)
-    ax.set(
-      xlabel="epoch", ylabel="LGM scale", title="LGM per-layer scale (mean over seeds)"
-    )
-    ax.set_yscale("log")
+      ax.plot([e["epoch"] for e in history[0]], values, marker="o", label=layer)
+    ax.set(xlabel="epoch", ylabel="LGM scale", yscale="log")
+    ax.set_title("LGM per-layer scale (mean over seeds)")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = out / "lgm_layer_scale.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
-
   if "layer_sam" in runs:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    results = runs["layer_sam"]
-    counts = results[0]["history"][-1]["layer_stats"].get("sam_selected_count", {})
-    layers = list(counts)
-    means = [
-      np.mean(
-        [r["history"][-1]["layer_stats"]["sam_selected_count"][layer] for r in results]
-      )
-      for layer in layers
+    _, ax = figures["layer_sam_selection.png"]
+    counts = [
+      r["history"][-1]["layer_stats"]["sam_selected_count"] for r in runs["layer_sam"]
     ]
-    ax.bar(range(len(layers)), means)
+    layers = list(counts[0])
+    ax.bar(range(len(layers)), [np.mean([c[n] for c in counts]) for n in layers])
     ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
-    ax.set(
-      ylabel="steps selected",
-      title="layer_sam: selection count per layer (mean over seeds)",
-    )
-    fig.tight_layout()
-    path = out / "layer_sam_selection.png"
-    fig.savefig(path, dpi=100)
+    ax.set(ylabel="steps selected")
+    ax.set_title("layer_sam: selection count per layer (mean over seeds)")
+  written = []
+  for name, (fig, ax) in figures.items():
+    if ax.has_data():
+      fig.tight_layout()
+      fig.savefig(out / name, dpi=100)
+      written.append(str(out / name))
     plt.close(fig)
-    written.append(str(path))
   return written
 
 
@@ -208,9 +182,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   defaults = Config(epochs=10, eval_every=5, checkpoints=False)  # Thrown away.
   parser = Parser(__doc__.splitlines()[0], defaults, prog="python -m examples.compare")
   add = parser.add_argument
-  add("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names")
+  add(
+    "--optimizers",
+    default=",".join(OPTIMIZERS),
+    metavar="NAMES",
+    help="comma-separated",
+  )
   add("--seeds", type=int, default=3, help="runs per optimizer (seeds 0, 1, ...)")
-  add("--out", default="results", help="where results.json and the plots go")
+  add(
+    "--out",
+    default="results",
+    metavar="DIR",
+    help="where results.json and the plots go",
+  )
   args = parser.parse_args(argv)
   config, target = args.config, args.config.target_accuracy
   optimizers = [name for name in args.optimizers.split(",") if name]

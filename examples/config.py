@@ -191,50 +191,31 @@ RESUME_KEYS = (
 
 def check(config: Config) -> None:
   """Raises `UsageError` if ``config`` cannot work (before anything is built)."""
-  for name in (
-    "dataset",
-    "model",
-    "optimizer",
-    "dtype",
-    "layer_sam_mode",
-    "layer_sam_start",
-    "layer_sam_compile",
-    "sam_schedule",
-    "sam_skipped",
-  ):
-    choices = _FIELDS[name].metadata["custom_args"]["choices"]
-    if getattr(config, name) not in choices:
+  for field in dataclasses.fields(Config):
+    value, choices = getattr(config, field.name), _choices(field)
+    if choices and value not in choices:
       raise UsageError(
-        f"unknown {name}={getattr(config, name)!r}; choose one of {', '.join(choices)}"
+        f"unknown {field.name}={value!r}; choose one of {', '.join(choices)}"
       )
   if config.learning_rate is not None and not config.learning_rate > 0:
     raise UsageError(
       f"learning_rate={config.learning_rate} must be positive (or left out for "
       "the optimizer's default)"
     )
-  for name in ("epochs", "batch_size", "grad_accum", "reselect_every", "sam_every"):
-    if getattr(config, name) < 1:
+  at_least_1 = ("epochs", "batch_size", "grad_accum", "reselect_every", "sam_every")
+  for name in (*at_least_1, "max_steps", "robustness_examples"):
+    if getattr(config, name) is not None and getattr(config, name) < 1:
       raise UsageError(f"{name}={getattr(config, name)} must be at least 1")
-  for name in (
-    "eval_every",
-    "checkpoint_every",
-    "skip_nonfinite",
-    "pgd_steps",
-    "layer_sam_payoff",
-  ):
+  at_least_0 = ("eval_every", "checkpoint_every", "skip_nonfinite", "pgd_steps")
+  for name in (*at_least_0, "layer_sam_payoff"):
     if getattr(config, name) < 0:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
   if not 0 <= config.sam_probability <= 1:
     raise UsageError(f"sam_probability={config.sam_probability} must lie in [0, 1]")
-  if config.max_steps is not None and config.max_steps < 1:
-    raise UsageError(f"max_steps={config.max_steps} must be at least 1")
-  if config.robustness_examples is not None and config.robustness_examples < 1:
-    raise UsageError(
-      f"robustness_examples={config.robustness_examples} must be at least 1"
-    )
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+def _choices(field: dataclasses.Field) -> Sequence[str]:
+  return field.metadata["custom_args"].get("choices", ())
 
 
 def quiet() -> None:

@@ -146,6 +146,16 @@ share the compiled step.
 """
 
 
+def optimizer_of(config: Any, layer_axes: Any, total_steps: int):
+  """`cached_optimizer` with the settings of an `examples.config.Config`."""
+  names = ("grad_accum", "skip_nonfinite", "sam_schedule", "sam_every")
+  names += ("sam_probability", "sam_skipped")
+  return cached_optimizer(
+    config.optimizer, config.learning_rate, layer_axes, total_steps=total_steps,
+    **{name: getattr(config, name) for name in names},
+  )  # fmt: skip
+
+
 class NonFiniteError(RuntimeError):
   """Too many steps in a row had a non-finite gradient."""
 

@@ -1,19 +1,12 @@
 """Trains an image classifier with one optimizer and evaluates its robustness.
 
 `train_and_evaluate(config, workdir)` trains a model of `examples.models` with
-``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and the jitted `train_step`
-through `examples.loop.run`, records metrics in ``workdir/metrics.json``
-(`examples.loop.Metrics`) and evaluates the final model's robustness. The
-settings are `examples.config.Config`; ``--help`` lists them::
-
-  python -m examples.train --optimizer lgm --epochs 5 --workdir /tmp/lgm
-  python -m examples.train --optimizer lgm --epochs 5 --workdir /tmp/lgm --resume
-
-A run stopped and resumed ends with the same parameters, bit for bit, and the
-same ``metrics.json`` (times aside) as a run never stopped: a batch is a
-function of the seed and the step, and the checkpoint holds the step, the
-metrics, the losses of the epoch so far and `optax_lgm.StaticSelection`'s host
-state.
+the jitted `train_step` through `examples.loop.run`, writes
+``workdir/metrics.json`` and evaluates the final model's robustness. A run
+stopped and resumed (``--resume``) ends as a run never stopped, bit for bit:
+a batch is a function of the seed and the step, and the checkpoint holds the
+step, the metrics, the epoch's losses so far and `optax_lgm.StaticSelection`'s
+host state. ``python -m examples.train --help`` lists the settings (`Config`).
 """
 
 import dataclasses
@@ -47,7 +40,7 @@ from examples.config import (
   with_learning_rate,
 )
 from examples.distributed import enable_compilation_cache, share_forward_passes
-from examples.optimizers import NonFiniteError, cached_optimizer, nonfinite_steps
+from examples.optimizers import NonFiniteError, nonfinite_steps, optimizer_of
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> jax.Array:
@@ -117,12 +110,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   rngs = nnx.Rngs(jax.random.key(config.seed, impl="rbg"))
   data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
   model = models.create_model(config.model, *data, rngs, dtype=jnp.dtype(config.dtype))
-  settings = ("grad_accum", "skip_nonfinite", "sam_schedule", "sam_every")
-  settings += ("sam_probability", "sam_skipped")
-  tx = cached_optimizer(
-    config.optimizer, config.learning_rate, model.layer_axes, total_steps=total,
-    **{name: getattr(config, name) for name in settings},
-  )  # fmt: skip
+  tx = optimizer_of(config, model.layer_axes, total)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   for node in (model, optimizer):
     nnx.update(node, distributed.replicate(nnx.state(node), mesh))
