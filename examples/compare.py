@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"{elapsed:.0f} s"
   )
   print(table)
-  settings = {**dataclasses.asdict(config), **vars(args), "config": None}
+  settings = {**dataclasses.asdict(config), **vars(args), "target": target}
+  del settings["config"]
   results = {
     "args": settings,
     "seconds": elapsed,
