@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import _timing
 from examples import input_pipeline, loop, models, robustness, train
 
 SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
@@ -196,7 +197,5 @@ def forward_order(names: Sequence[str]) -> list[str]:
 
 
 def cost_gflops(compiled) -> float:
-  """XLA's FLOP count of a compiled step, in GFLOP."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) / 1e9
+  """XLA's FLOP count of a compiled step, in GFLOP (`benchmarks._timing.cost`)."""
+  return float(_timing.cost(compiled).get("flops", float("nan"))) / 1e9
