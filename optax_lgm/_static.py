@@ -328,6 +328,7 @@ class StaticSelection:
     self._background_seconds = 0.0
     self._excess_seconds = 0.0  # Critical-path share of background compiles.
     self._window: dict[str, Any] = {}
+    self._last_began: Optional[float] = None
     self._last_count: Any = None
 
   # The public figures.
@@ -383,7 +384,7 @@ class StaticSelection:
   def _begin(self, args: tuple, kwargs: dict) -> None:
     self._started = True
     self._same_in_every_process()
-    self._window = {"time": time.perf_counter(), "steps": 0}
+    self._window = {}
     if self.start is not None and self.step == 0 and self.selection is None:
       names = tuple(self._state(None, args, kwargs).names.names)
       self.selection = tuple(sorted({_layer_index(s, names) for s in self.start}))
@@ -396,6 +397,7 @@ class StaticSelection:
       self._used.append(selection)
     first = selection not in self._here
     began = time.perf_counter()
+    previous, self._last_began = self._last_began, began
     outputs = self.step_fn(*args, selection=selection, **kwargs)
     self.step += 1
     if first:  # Compiled on the critical path; the clock of steps restarts.
@@ -404,9 +406,10 @@ class StaticSelection:
       if not self._programs.get(selection):
         self._programs[selection] = seconds
       self._critical_seconds += seconds
-      self._window = {"time": time.perf_counter(), "steps": 0}
+      self._window, self._last_began = {}, None
       return outputs
-    self._window["steps"] += 1
+    if previous is not None:  # The previous step, as the host saw it.
+      self._window.setdefault("intervals", []).append(began - previous)
     self._window.setdefault("selections", set()).add(selection)
     if self._pending is not None:
       self._window["background"] = True
@@ -583,22 +586,30 @@ class StaticSelection:
     return seconds * share
 
   def _close_window(self) -> None:
+    """Turns the intervals between the calls of a window into a step time.
+
+    Called once the host has read the norms, so it has waited for every
+    queued step: the intervals between the calls and the wait at the end sum
+    to the device's time for the window's steps, except for the intervals
+    over five times their median, the caller's evaluations or checkpoints,
+    which are left out with their step.
+    """
     now = time.perf_counter()
-    window, self._window = self._window, {"time": now, "steps": 0}
+    window, self._window = self._window, {}
     if self._pending is not None:
       self._window["background"] = True
-    steps = window.get("steps", 0)
-    selections = window.get("selections", set())
-    if not steps or len(selections) != 1:
+    intervals = window.get("intervals", [])
+    if not intervals or len(window.get("selections", ())) != 1:
       return  # Only windows of one program, compiled before, time its steps.
-    (selection,) = selections
-    seconds = now - window["time"]
+    (selection,) = window["selections"]
+    kept = [t for t in intervals if t <= 5.0 * float(np.median(intervals))]
+    drain = 0.0 if self._last_began is None else now - self._last_began
+    per_step = (sum(kept) + drain) / (len(kept) + 1)
     known = self._step_seconds.get(selection)
     if window.get("background"):
       if known is not None:
-        self._excess_seconds += max(0.0, seconds - steps * known)
+        self._excess_seconds += (len(kept) + 1) * max(0.0, per_step - known)
       return
-    per_step = seconds / steps
     self._step_seconds[selection] = (
       per_step if known is None else 0.5 * known + 0.5 * per_step
     )
@@ -673,7 +684,7 @@ class StaticSelection:
       float, seconds
     )
     self._started = True
-    self._window = {"time": time.perf_counter(), "steps": 0}
+    self._window, self._last_began = {}, None
     self._same_in_every_process()
     if not self.background:
       self._queued = None

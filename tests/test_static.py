@@ -563,12 +563,12 @@ class _FakeClock:
     return self.now
 
 
-@pytest.mark.parametrize(("total_steps", "switches"), [(25, True), (24, False)])
+@pytest.mark.parametrize(("total_steps", "switches"), [(26, True), (25, False)])
 def test_payoff_rule_at_its_boundary(monkeypatch, total_steps, switches):
   clock = _FakeClock()
   monkeypatch.setattr(optax_lgm._static, "time", clock)
   first, later = [3.0, 2.0, 1.0, 0.5], [1.0, 1.0, 3.0, 3.0]
-  norms = iter([first, first, later, later])
+  norms = iter([first, first, first, later, later])
   seen = set()
 
   def step(state, selection=None):
@@ -587,14 +587,15 @@ def test_payoff_rule_at_its_boundary(monkeypatch, total_steps, switches):
     background=False,
     total_steps=total_steps,
   )
-  for _ in range(3):
+  for _ in range(4):
     helper(_state_with_norms([1.0] * 4))
-  # Step 2 was the first step of (0, 1) after its compile: 1 s measured. The
-  # compiles took 11 s each (their call, step included). After step 2, steps
-  # left * 1 s must reach 2 * 11 s: 25 - 3 = 22 pays, 24 - 3 = 21 does not.
+  # Steps 2 and 3 ran (0, 1) after its compile: the interval between their
+  # calls, 1 s, is its step time. The compiles took 11 s each (their call,
+  # step included). After step 3, steps left * 1 s must reach 2 * 11 s:
+  # 26 - 4 = 22 pays, 25 - 4 = 21 does not.
   assert helper.expected_compile_seconds() == 11.0
   assert (helper.selection == (2, 3)) is switches
-  assert helper.step == 3
+  assert helper.step == 4
 
 
 def test_a_start_selection_skips_the_dynamic_compile():
