@@ -209,10 +209,44 @@ def draw_time_to_target(data: dict, path: pathlib.Path, sha: str) -> tuple[str, 
   )
 
 
+def draw_trainer_time_to_target(
+  data: dict, path: pathlib.Path, sha: str
+) -> tuple[str, str]:
+  models = list(dict.fromkeys(key.split("/")[0] for key in data["summaries"]))
+  fig, axes = plt.subplots(
+    1, len(models), figsize=(4.2 * len(models), 3.8), layout="constrained"
+  )
+  for ax, model in zip(np.atleast_1d(axes), models):
+    keys = [k for k in data["summaries"] if k.startswith(f"{model}/")]
+    names = list(data["summaries"][keys[0]])
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+      for i, key in enumerate(keys):
+        summary = data["summaries"][key]
+        sam = summary["sam"]["median_time_to_target"]
+        seeds = [t / sam for t in summary[name]["time_to_target"] if t is not None]
+        x = i + (j - (len(names) - 1) / 2) * width
+        ax.bar(x, summary[name]["median_time_to_target"] / sam, width, color=f"C{j}",
+               alpha=0.7, label=name if i == 0 else None)  # fmt: skip
+        ax.plot([x] * len(seeds), seeds, "o", color="black", markersize=3)
+    ax.axhline(0.85, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), [k.split("/")[1] for k in keys])
+    ax.set(title=model, ylabel="time to target / SAM's median")
+    ax.grid(alpha=0.3, axis="y")
+  np.atleast_1d(axes)[0].legend()
+  _save(fig, path, sha)
+  alt = "Time to target of SGD, SAM and layer_sam relative to SAM, by run length"
+  return alt, (
+    "Time to the target through the trainer, relative to SAM's median, at "
+    "three run lengths per model (bars: medians over seeds; dots: each seed; "
+    "dashed line: the 0.85 target)."
+  )
+
+
 def _figure(
   png: str, width: str, text: tuple[str, str], source: pathlib.Path, data: dict
 ) -> str:
-  if source.stem == "time_to_target":
+  if source.stem in ("time_to_target", "trainer_time_to_target"):
     command = data["command"]
   else:
     command = compare_command(data)
@@ -237,6 +271,8 @@ def figures_for(name: str, data: dict) -> list[tuple[str, Drawer, str]]:
   """The figures of one data file: (PNG suffix, drawing function, width)."""
   if name == "time_to_target":
     return [("", draw_time_to_target, "70%")]
+  if name == "trainer_time_to_target":
+    return [("", draw_trainer_time_to_target, "100%")]
   figures = [("_curves", draw_curves, "100%")]
   if "lgm" in data["runs"]:
     figures.append(("_lgm", draw_lgm, "100%"))
@@ -250,7 +286,8 @@ def make_figures(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path
   out.mkdir(parents=True, exist_ok=True)
   written = []
   sources = sorted(data_dir.glob("compare_*.json"))
-  sources += [p for p in [data_dir / "time_to_target.json"] if p.exists()]
+  benchmarks = ("time_to_target.json", "trainer_time_to_target.json")
+  sources += [data_dir / name for name in benchmarks if (data_dir / name).exists()]
   for source in sources:
     data = json.loads(source.read_text())
     sha = sha256(source)

@@ -136,10 +136,12 @@ class StaticSelection:
     same rules apply.
 
   Step times are measured over the windows between re-selections (where the
-  norms are read, so the host waits for the device anyway); the compile
-  seconds on the critical path are those of compiles in the foreground plus
-  the time that windows with a background compile in flight took beyond
-  their steps' measured time. :meth:`log` reports both.
+  norms are read, so the host waits for the device anyway): the intervals
+  between calls and that wait, without intervals over five times their
+  median (the caller's evaluations). The compile seconds on the critical
+  path are those of compiles in the foreground plus the time that windows
+  with a background compile in flight took beyond their steps' measured
+  time. :meth:`log` reports both.
 
   Because the step at which a background compile is ready depends on the
   machine, two runs of one seed can switch at different steps; with
