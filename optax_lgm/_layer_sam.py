@@ -589,11 +589,7 @@ def select_layers(
     )
   if k is None:
     k = int(np.sum(jax.device_get(state.selected)))
-  if k > norms.shape[0]:
-    raise ValueError(f"k={k} is larger than the number of layers ({norms.shape[0]}).")
-  # Stable sort: ties go to the lower index, as in the dynamic selection.
-  order = np.argsort(-norms, kind="stable")[:k]
-  return tuple(sorted(int(i) for i in order))
+  return _selection.largest(norms, k)
 
 
 def find_layer_sam_state(tree: Any) -> Optional[LayerSamState]:

@@ -60,13 +60,26 @@ def top_k(norms: jax.Array, k: Any) -> jax.Array:
   return jnp.sum(before, axis=1) < k
 
 
-def _index(item: Any, selection: Any, names: tuple[str, ...]) -> int:
-  """The layer index of one entry of a ``selection`` (an index or a name)."""
+def largest(norms: np.ndarray, k: int) -> tuple[int, ...]:
+  """On the host: the indices of the ``k`` largest ``norms``, sorted.
+
+  Ties go to the lower index, as in the graph's `top_k`.
+  """
+  if k > norms.shape[0]:
+    raise ValueError(f"k={k} is larger than the number of layers ({norms.shape[0]}).")
+  order = np.argsort(-norms, kind="stable")[:k]
+  return tuple(sorted(int(i) for i in order))
+
+
+def layer_index(
+  item: Any, selection: Any, names: tuple[str, ...], argument: str = "selection"
+) -> int:
+  """The layer index of one entry (an index or a name) of ``argument``."""
   n = len(names)
   if isinstance(item, str):
     if item not in names:
       raise ValueError(
-        f"selection names a layer {item!r} that the params do not have; "
+        f"{argument} names a layer {item!r} that the params do not have; "
         f"the layers are {names}."
       )
     return names.index(item)
@@ -79,13 +92,13 @@ def _index(item: Any, selection: Any, names: tuple[str, ...]) -> int:
     )
   if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
     raise ValueError(
-      f"selection must hold layer indices (ints) or names (str), got "
-      f"{item!r} in selection={selection!r}."
+      f"{argument} must hold layer indices (ints) or names (str), got "
+      f"{item!r} in {argument}={selection!r}."
     )
   if not 0 <= item < n:
     raise ValueError(
-      f"selection holds the index {int(item)}, out of range for {n} layers "
-      f"(valid indices: 0 to {n - 1}), in selection={selection!r}."
+      f"{argument} holds the index {int(item)}, out of range for {n} layers "
+      f"(valid indices: 0 to {n - 1}), in {argument}={selection!r}."
     )
   return int(item)
 
@@ -119,7 +132,7 @@ def static_mask(selection: Any, layering: _layers.Layering) -> np.ndarray:
       "selection must name at least one layer, got selection=() (to perturb "
       "no layer, use the wrapped optimizer alone)."
     )
-  indices = [_index(item, selection, layering.names) for item in selection]
+  indices = [layer_index(item, selection, layering.names) for item in selection]
   if len(set(indices)) != len(indices):
     raise ValueError(
       f"selection names a layer more than once, got selection={selection!r} "

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from optax_lgm import _common
+from optax_lgm import _common, _selection
 from optax_lgm._layer_sam import LayerSamState, find_layer_sam_state
 
 Selection = Optional[tuple[int, ...]]
@@ -389,7 +389,11 @@ class StaticSelection:
     self._window = {}
     if self.start is not None and self.step == 0 and self.selection is None:
       names = tuple(self._state(None, args, kwargs).names.names)
-      self.selection = tuple(sorted({_layer_index(s, names) for s in self.start}))
+      self.selection = tuple(
+        sorted(
+          {_selection.layer_index(s, self.start, names, "start") for s in self.start}
+        )
+      )
       if self.k is None:
         self.k = len(self.selection)
 
@@ -523,7 +527,7 @@ class StaticSelection:
       return
     if self.k is None:
       self.k = int(np.sum(jax.device_get(state.selected)))
-    candidate = _top_k(norms, self.k)
+    candidate = _selection.largest(norms, self.k)
     if candidate not in self._programs and self.compilations >= self.max_compilations:
       compiled = [s for s in self._programs if s is not None]
       if not compiled:
@@ -709,29 +713,3 @@ class StaticSelection:
 def _check_int(name: str, value: Any, lower: int) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < lower:
     raise ValueError(f"{name} must be an int >= {lower}, got {name}={value!r}.")
-
-
-def _layer_index(item: Any, names: tuple[str, ...]) -> int:
-  """A layer index from an index or a name of ``names``."""
-  if isinstance(item, str):
-    if item not in names:
-      raise ValueError(
-        f"start names a layer {item!r} that the params do not have; the layers "
-        f"are {names}."
-      )
-    return names.index(item)
-  if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
-    raise ValueError(f"start must hold layer indices or names, got {item!r}.")
-  if names and not 0 <= item < len(names):
-    raise ValueError(
-      f"start holds the index {int(item)}, out of range for {len(names)} layers."
-    )
-  return int(item)
-
-
-def _top_k(norms: np.ndarray, k: int) -> tuple[int, ...]:
-  """The ``k`` largest, sorted; ties go to the lower index (as in the graph)."""
-  if k > norms.shape[0]:
-    raise ValueError(f"k={k} is larger than the number of layers ({norms.shape[0]}).")
-  order = np.argsort(-norms, kind="stable")[:k]
-  return tuple(sorted(int(i) for i in order))
