@@ -80,7 +80,8 @@ def compare_table(data: dict) -> Table:
     rows.append(
       [
         name,
-        f"{summary['learning_rate']:g}",
+        f"{summary['learning_rate']:.3g}"
+        + (f", rho {summary['rho']:g}" if summary.get("rho") else ""),
         _mean_std(summary["test_accuracy"], 4),
         f"{_mean_std(steps, 0)} {runs}" if steps else f"— {runs}",
         "—" if median == float("inf") else f"{median:.1f}",
@@ -178,13 +179,62 @@ def trainer_time_to_target_table(data: dict) -> Table:
   return header, rows
 
 
-TABLES: dict[str, Callable[[dict], Table]] = {
+def tuning_table(data: dict) -> Table:
+  """``python -m examples.compare --tune``'s grids and choices: a row per optimizer.
+
+  Each learning rate tried with its final validation accuracy (one seed),
+  then the radii of ``sam`` and ``layer_sam`` at the chosen rate, the choice,
+  and whether the chosen rate lies strictly inside the grid.
+  """
+  header = [
+    "optimizer",
+    "learning rate: validation accuracy (%)",
+    "rho: validation accuracy (%)",
+    "chosen lr",
+    "chosen rho",
+    "inside the grid",
+  ]
+  rows = []
+  for name, t in data["tuning"].items():
+    chosen = t["chosen"]
+    rows.append(
+      [
+        name,
+        ", ".join(
+          f"{r['learning_rate']:.3g}: {100 * r['validation_accuracy']:.1f}"
+          for r in t["grid"]
+        ),
+        ", ".join(
+          f"{r['rho']:g}: {100 * r['validation_accuracy']:.1f}" for r in t["rho_grid"]
+        )
+        or "—",
+        f"{chosen['learning_rate']:.3g}",
+        f"{chosen['rho']:g}" if t["rho_grid"] else "—",
+        "yes" if t["inside"] else "no",
+      ]
+    )
+  return header, rows
+
+
+def tuned_tables(data: dict) -> list[tuple[str, Table]]:
+  """A tuned comparison: the tuning, then `compare_table` at the chosen settings."""
+  return [
+    ("Tuning on the validation split. ", tuning_table(data)),
+    ("At the chosen settings, on the test set. ", compare_table(data)),
+  ]
+
+
+TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "compare_digits": compare_table,
   "compare_fashion_mnist": compare_table,
   "time_to_target": time_to_target_table,
   "trainer_time_to_target": trainer_time_to_target_table,
+  "tuned_digits_cnn": tuned_tables,
+  "tuned_fashion_mnist_cnn": tuned_tables,
+  "tuned_fashion_mnist_resnet20": tuned_tables,
 }
-"""JSON file stem under ``docs/data`` -> the function that makes its table."""
+"""JSON file stem under ``docs/data`` -> the function that makes its table (or
+its titled tables)."""
 
 
 def caption(data: dict, source: str) -> str:
@@ -200,18 +250,17 @@ def caption(data: dict, source: str) -> str:
 def render(source: pathlib.Path) -> str:
   """The reStructuredText fragment of the table of ``source``."""
   data = json.loads(source.read_text())
-  header, rows = TABLES[source.stem](data)
+  tables = TABLES[source.stem](data)
+  if isinstance(tables, tuple):
+    tables = [("", tables)]
   name = f"docs/data/{source.name}"
-  lines = [
-    f".. Written by {TABLE_COMMAND} from {name} (SHA-256 {sha256(source)}).",
-    "",
-    f".. list-table:: {caption(data, name)}",
-    "   :header-rows: 1",
-    "",
-  ]
-  for row in [header, *rows]:
-    lines.append(f"   * - {row[0]}")
-    lines.extend(f"     - {cell}" for cell in row[1:])
+  lines = [f".. Written by {TABLE_COMMAND} from {name} (SHA-256 {sha256(source)})."]
+  for title, (header, rows) in tables:
+    table = f".. list-table:: {title}{caption(data, name)}"
+    lines += ["", table, "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+      lines.append(f"   * - {row[0]}")
+      lines.extend(f"     - {cell}" for cell in row[1:])
   return "\n".join(lines) + "\n"
 
 

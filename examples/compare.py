@@ -22,18 +22,30 @@ PNG plots into ``OUT``:
 The defaults (3 seeds, 10 epochs of digits on the CNN, all 7 optimizers)
 finish in a few minutes on 2 CPU cores.
 
+With ``--tune``, each optimizer first gets its own learning rate (and
+``sam`` and ``layer_sam`` their radius ``rho``) by the protocol of
+`examples.tune`: a log grid judged on a validation split held out of the
+training set (``--validation``, default a sixth of it), one seed per point;
+the seeds then run at the chosen settings, on the rest of the training set,
+and are judged on the test set. ``results.json`` then also holds the grids,
+the choices and their table. The tuning runs compile each optimizer's
+program, so the seeds' time to target includes no compilation.
+
 Every setting of `examples.config.Config` is a flag here too (``--help``);
 the comparison's defaults are 10 epochs, an evaluation every 5 steps and no
 checkpoints.
 
 Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --epochs 10
---out results]``.
+--out results --tune]``.
 """
 
 import dataclasses
 import json
 import os
 import pathlib
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -44,7 +56,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples import distributed, loop, train  # noqa: E402
+from examples import distributed, loop, train, tune  # noqa: E402
 from examples.config import Config, Parser, UsageError, with_learning_rate  # noqa: E402
 from examples.optimizers import OPTIMIZERS  # noqa: E402
 
@@ -71,6 +83,7 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
     robust_keys = list(results[0]["robustness"])
     summary[name] = {
       "learning_rate": results[0]["config"]["learning_rate"],
+      "rho": results[0]["config"]["rho"] if name in tune.SAM_LIKE else None,
       "test_accuracy": [r["final_test_accuracy"] for r in results],
       "steps_to_target": list(reached),
       "time_to_target": list(seconds),
@@ -110,7 +123,7 @@ def markdown_table(summary: dict[str, dict], target: float, num_seeds: int) -> s
     reached = [x for x in s["steps_to_target"] if x is not None]
     row = [
       name,
-      f"{s['learning_rate']:g}",
+      f"{s['learning_rate']:.3g}" + (f", rho {s['rho']:g}" if s.get("rho") else ""),
       _mean_std(s["test_accuracy"]),
       f"{_mean_std(reached)} ({len(reached)}/{num_seeds})",
       f"{loop.median_time(s['time_to_target']):.3g}".replace("inf", "—"),
@@ -176,6 +189,17 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[
   return written
 
 
+def commit() -> str | None:
+  """The git commit of this checkout (``None`` outside a git checkout)."""
+  try:
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=pathlib.Path(__file__).parent,
+      capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Command line: runs the comparison; returns what results.json holds, plus plots."""
   distributed.share_forward_passes()
@@ -195,42 +219,93 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metavar="DIR",
     help="where results.json and the plots go",
   )
-  args = parser.parse_args(argv)
+  group = parser.add_argument_group("tuning (examples/tune.py)")
+  group.add_argument(
+    "--tune", action="store_true",
+    help="first tune each optimizer's learning rate (sam and layer_sam: and rho) "
+    "on a validation split of the training set, then run the seeds at the "
+    "chosen settings (default --validation: a sixth of the training set)",
+  )  # fmt: skip
+  group.add_argument(
+    "--tune_points", type=int, default=4, help="the rates of the first grid"
+  )
+  group.add_argument(
+    "--tune_factor", type=float, default=3.0, help="the ratio of neighbouring rates"
+  )
+  arguments = sys.argv[1:] if argv is None else argv
+  args = parser.parse_args(arguments)
   config, target = args.config, args.config.target_accuracy
   optimizers = [name for name in args.optimizers.split(",") if name]
   for name in optimizers:
     if name not in OPTIMIZERS:
       parser.error(f"unknown optimizer {name!r}; expected some of {OPTIMIZERS}")
+  if args.tune and args.tune_points < 2:
+    parser.error(f"--tune_points={args.tune_points} must be at least 2")
+  if args.tune and not args.tune_factor > 1:
+    parser.error(f"--tune_factor={args.tune_factor} must be above 1")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
   start = time.perf_counter()
   runs: dict[str, list[dict]] = {}
+  tuning: dict[str, dict] = {}
   with tempfile.TemporaryDirectory() as workdirs:
-    for name in optimizers:
-      runs[name] = []
-      for seed in range(args.seeds):
-        run = with_learning_rate(dataclasses.replace(config, optimizer=name, seed=seed))
-        workdir = os.path.join(workdirs, f"{name}_{seed}")
-        try:
-          runs[name].append(train.train_and_evaluate(run, workdir))
-        except UsageError as error:  # One line, no traceback.
-          parser.exit(2, f"error: {error}\n")
+    count = iter(range(1_000_000))
+
+    def run(settings: Config) -> dict:
+      workdir = os.path.join(workdirs, f"{settings.optimizer}_{next(count)}")
+      return train.train_and_evaluate(with_learning_rate(settings), workdir)
+
+    try:
+      if args.tune and not config.validation:
+        examples = len(train.load_dataset(config.dataset, config.data_dir)[0]["label"])
+        config = dataclasses.replace(config, validation=examples // 6)
+      for name in optimizers:
+        settings = dataclasses.replace(config, optimizer=name)
+        if args.tune:
+          tuning[name] = tune.tune(
+            config, name, run, points=args.tune_points, factor=args.tune_factor
+          )
+          settings = dataclasses.replace(settings, **tuning[name]["chosen"])
+        runs[name] = [
+          run(dataclasses.replace(settings, seed=seed)) for seed in range(args.seeds)
+        ]
+    except UsageError as error:  # One line, no traceback.
+      parser.exit(2, f"error: {error}\n")
   elapsed = time.perf_counter() - start
 
   summary = summarize(runs, target)
   table = markdown_table(summary, target, args.seeds)
+  length = f"{config.epochs} epochs"
+  if config.max_steps:
+    length = f"at most {config.epochs} epochs and {config.max_steps} steps"
   print(
-    f"{config.dataset} / {config.model}, {config.epochs} epochs, batch "
-    f"{config.batch_size}, {args.seeds} seeds, PGD {config.pgd_steps} steps, "
-    f"{elapsed:.0f} s"
+    f"{config.dataset} / {config.model}, {length}, batch {config.batch_size}, "
+    f"{args.seeds} seeds, PGD {config.pgd_steps} steps, {elapsed:.0f} s"
   )
+  results: dict[str, Any] = {}
+  if args.tune:
+    results["tuning"] = tuning
+    results["tuning_table"] = tune.markdown_table(tuning)
+    results["tuning_seconds"] = tune.seconds_of(tuning)
+    print(
+      f"tuning on {config.validation} held-out training examples, "
+      f"{results['tuning_seconds']:.0f} s of runs:"
+    )
+    print(results["tuning_table"])
+    print(
+      "at the chosen settings, on the test set (their programs were compiled "
+      "by the tuning runs, so the compile seconds below are near 0):"
+    )
   print(table)
   settings = {**dataclasses.asdict(config), **vars(args), "target": target}
   del settings["config"]
   results = {
+    "command": shlex.join(["python", "-m", "examples.compare", *arguments]),
+    "commit": commit(),
     "args": settings,
     "seconds": elapsed,
+    **results,
     "summary": summary,
     "table": table,
     "runs": runs,

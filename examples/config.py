@@ -73,6 +73,18 @@ class Config:
   )
   seed: int = field(0, "seed of the initialisation, the data order and the attacks")
   data_dir: str | None = field(None, "the TFDS data dir (default: TFDS's)")
+  validation: int = field(
+    0,
+    "hold out this many training examples (the same draw in every run) as a "
+    "validation split, for tuning; training uses the rest (0: none)",
+  )
+  evaluate_on: str = field(
+    "test",
+    "the split of every evaluation, the time to target and the final accuracy: "
+    "'test', or 'validation' (needs --validation; metrics.json's test_accuracy "
+    "entries then hold validation accuracies, and evaluated_on says so)",
+    choices=("test", "validation"),
+  )
   eval_every: int = field(
     0, "also evaluate test accuracy every this many steps (0: once per epoch)"
   )
@@ -87,6 +99,7 @@ class Config:
     "re-selections, the fast path) or 'dynamic' (chosen in the graph every step)",
     choices=("static", "dynamic"),
   )
+  rho: float = field(0.05, "sam and layer_sam: the radius of the perturbation")
   reselect_every: int = field(10, "static layer_sam: steps between re-selections")
   sam_schedule: str = field(
     "every",
@@ -173,6 +186,8 @@ RESUME_KEYS = (
   "model",
   "optimizer",
   "learning_rate",
+  "rho",
+  "validation",
   "batch_size",
   "grad_accum",
   "dtype",
@@ -207,9 +222,16 @@ def check(config: Config) -> None:
     if getattr(config, name) is not None and getattr(config, name) < 1:
       raise UsageError(f"{name}={getattr(config, name)} must be at least 1")
   at_least_0 = ("eval_every", "checkpoint_every", "skip_nonfinite", "pgd_steps")
+  at_least_0 += ("validation",)
   for name in (*at_least_0, "layer_sam_payoff"):
     if getattr(config, name) < 0:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
+  if not config.rho > 0:
+    raise UsageError(f"rho={config.rho} must be positive")
+  if config.evaluate_on == "validation" and not config.validation:
+    raise UsageError(
+      "evaluate_on=validation needs a validation split: add --validation N"
+    )
   if not 0 <= config.sam_probability <= 1:
     raise UsageError(f"sam_probability={config.sam_probability} must lie in [0, 1]")
 

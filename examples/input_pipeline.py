@@ -10,6 +10,7 @@ Public API::
   iterate(source_or_arrays, batch_size, *, seed=0, epoch=0, shuffle=True,
           drop_remainder=True) -> Iterator[Batch]
   batch_at(split, batch_size, seed, step) -> Batch   (the batch of a step)
+  hold_out(split, num_examples) -> (rest, held_out)   (a validation split)
   load_split(source, *, batch_size=1024) -> Batch   (a whole split, decoded)
   get_metadata(name) -> DatasetMetadata
   DATASETS                  the supported names: "digits", "mnist",
@@ -519,6 +520,24 @@ def batch_at(split: Batch, batch_size: int, seed: int, step: int) -> Batch:
   epoch, i = divmod(step, len(split["label"]) // batch_size)
   order = _order(len(split["label"]), seed, epoch)
   return _read(split, order[i * batch_size : (i + 1) * batch_size])
+
+
+def hold_out(split: Batch, num_examples: int) -> tuple[Batch, Batch]:
+  """``(rest, held_out)``: ``num_examples`` examples of ``split`` set aside.
+
+  The examples held out are the same whatever the run (a fixed draw, not the
+  run's seed), so every run of a tuning protocol is judged on the same
+  validation split and trains on the same rest; both keep ``split``'s order.
+  """
+  n = len(split["label"])
+  if not 0 < num_examples < n:
+    raise ValueError(
+      f"num_examples={num_examples} must lie between 1 and {n - 1} (the split has "
+      f"{n} examples)"
+    )
+  held = np.zeros(n, bool)
+  held[np.random.default_rng(0).permutation(n)[:num_examples]] = True
+  return _read(split, np.flatnonzero(~held)), _read(split, np.flatnonzero(held))
 
 
 @functools.lru_cache(maxsize=4)

@@ -30,7 +30,7 @@ from typing import Any
 import optax
 
 import optax_lgm
-from examples.config import OPTIMIZERS
+from examples.config import OPTIMIZERS, Config
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LEARNING_RATES", "SAM_RHO", "make_optimizer"]
 
@@ -50,8 +50,8 @@ reached 0.96 test accuracy at epoch 4 (0.94 at epoch 5); 5e-4 oscillated
 between 0.88 and 0.95 over 10 epochs; 1e-3 and above diverged.
 """
 
-SAM_RHO = 0.05
-"""Perturbation radius of ``sam`` and ``layer_sam``."""
+SAM_RHO = Config.rho
+"""The default perturbation radius of ``sam`` and ``layer_sam``."""
 
 
 def make_optimizer(
@@ -66,6 +66,7 @@ def make_optimizer(
   sam_probability: float = 0.5,
   sam_skipped: str = "plain",
   total_steps: int | None = None,
+  rho: float = SAM_RHO,
 ) -> optax.GradientTransformation:
   """Builds an optimizer of `OPTIMIZERS` by name.
 
@@ -89,6 +90,7 @@ def make_optimizer(
       or LookSAM's ``"orthogonal"``).
     total_steps: the length of the run, over which ``"adaptive"``'s
       threshold rises from -1 to 1 (``None``: a constant threshold of 0).
+    rho: the perturbation radius of ``sam`` and ``layer_sam``.
 
   Returns:
     The optax transformation; ``sam`` and ``layer_sam`` need ``grad_fn=``.
@@ -111,17 +113,17 @@ def make_optimizer(
   )
   every_step = sam_schedule == "every" and sam_every == 1
   if name == "sam" and every_step:
-    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(SAM_RHO))
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
     base = accumulate(optax.sgd(lr, momentum=0.9))
     tx = optax.contrib.sam(base, adversary, opaque_mode=True)
   elif name == "sam":  # SAM under a schedule: layer_sam with every layer.
     base = accumulate(optax.sgd(lr, momentum=0.9))
     tx = optax_lgm.layer_sam(
-      base, SAM_RHO, k=None, unselected="recompute", layer_axes=layer_axes, **schedule
+      base, rho, k=None, unselected="recompute", layer_axes=layer_axes, **schedule
     )
   elif name == "layer_sam":
     base = accumulate(optax.sgd(lr, momentum=0.9))
-    tx = optax_lgm.layer_sam(base, rho=SAM_RHO, k=2, layer_axes=layer_axes, **schedule)
+    tx = optax_lgm.layer_sam(base, rho=rho, k=2, layer_axes=layer_axes, **schedule)
   else:
     tx = accumulate(
       {
@@ -149,7 +151,7 @@ share the compiled step.
 def optimizer_of(config: Any, layer_axes: Any, total_steps: int):
   """`cached_optimizer` with the settings of an `examples.config.Config`."""
   names = ("grad_accum", "skip_nonfinite", "sam_schedule", "sam_every")
-  names += ("sam_probability", "sam_skipped")
+  names += ("sam_probability", "sam_skipped", "rho")
   return cached_optimizer(
     config.optimizer, config.learning_rate, layer_axes, total_steps=total_steps,
     **{name: getattr(config, name) for name in names},

@@ -86,6 +86,14 @@ def load_dataset(name: str, data_dir: str | None):
   return load(train_source), load(test_source), meta
 
 
+def hold_out(train, num_examples: int):
+  """`input_pipeline.hold_out`, its error a `UsageError` naming the flag."""
+  try:
+    return input_pipeline.hold_out(train, num_examples)
+  except ValueError as error:
+    raise UsageError(f"--validation: {error}") from error
+
+
 def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   """Trains a model as ``config`` says and evaluates it; returns the metrics.
 
@@ -100,6 +108,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   train, test, meta = load_dataset(config.dataset, config.data_dir)
+  if config.validation:  # Training loses them in any case; evaluation may use them.
+    train, validation = hold_out(train, config.validation)
+    test = validation if config.evaluate_on == "validation" else test
   per_epoch = len(train["label"]) // config.batch_size
   if not per_epoch:
     raise UsageError(
@@ -126,6 +137,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     config.target_accuracy, config=dataclasses.asdict(config),
     learning_rate=with_learning_rate(config).learning_rate,
     devices={"data": mesh.devices.size, "processes": jax.process_count()},
+    evaluated_on=config.evaluate_on,
     compile={"compilations": 0, "critical_seconds": 0.0, "background_seconds": 0.0},
   )  # fmt: skip
   checkpoints = checkpointing.Checkpoints(workdir / "checkpoints", resume=config.resume)
@@ -231,7 +243,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       step_fn.close()
   results = metrics.data
   history = results["history"]
-  results["final_test_accuracy"] = (
+  results[f"final_{config.evaluate_on}_accuracy"] = (
     history[-1]["test_accuracy"] if history else accuracy()
   )
   results["robustness"] = {}

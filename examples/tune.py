@@ -1,0 +1,145 @@
+"""Each optimizer at its own learning rate: the tuning of ``compare --tune``.
+
+The protocol, the same for every optimizer:
+
+1. A validation split is carved from the training set (``Config.validation``
+   examples, the same draw in every run); every run of the protocol trains on
+   the rest, and tuning never looks at the test set.
+2. A log grid of learning rates around the optimizer's default
+   (``DEFAULT_LEARNING_RATES``): ``default * factor**p`` for ``points``
+   consecutive powers ``p`` with the default inside (4 points: ``p`` in -2,
+   -1, 0, 1). One run per rate (seed 0), judged by its final validation
+   accuracy. If the best rate is at an edge, the grid is widened once, by one
+   rate beyond that edge.
+3. ``sam`` and ``layer_sam``: the radius ``rho`` over ``rhos`` at the chosen
+   rate (the grid ran at the default radius).
+4. `compare` then runs the chosen settings for every seed and judges them on
+   the test set.
+
+The best run is the highest validation accuracy; of runs that tie, the one
+nearest the default. ``inside`` records whether the chosen rate lies strictly
+inside the grid that ran.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from examples.config import Config
+from examples.optimizers import DEFAULT_LEARNING_RATES, SAM_RHO
+
+RHOS = (0.02, 0.05, 0.1)
+"""The radii tried for ``sam`` and ``layer_sam`` at their chosen rate."""
+
+SAM_LIKE = ("sam", "layer_sam")
+"""The optimizers with a radius to tune."""
+
+
+def powers(points: int) -> list[int]:
+  """``points`` consecutive powers of the grid's factor, 0 (the default) inside."""
+  if points < 2:
+    raise ValueError(f"points={points} must be at least 2")
+  return list(range(-(points // 2), points - points // 2))
+
+
+def tune(
+  config: Config,
+  name: str,
+  train: Callable[[Config], dict[str, Any]],
+  *,
+  points: int = 4,
+  factor: float = 3.0,
+  rhos: Sequence[float] = RHOS,
+) -> dict[str, Any]:
+  """Tunes optimizer ``name``'s learning rate (and radius) on the validation split.
+
+  Args:
+    config: the settings of every run (``validation`` must be set); the
+      optimizer, learning rate, radius, seed, evaluation split and robustness
+      are set here.
+    name: the optimizer.
+    train: runs one training run (`examples.train.train_and_evaluate` in its
+      work directory); returns its results.
+    points: the size of the first grid.
+    factor: the ratio of neighbouring rates.
+    rhos: the radii of ``sam`` and ``layer_sam``.
+
+  Returns:
+    ``grid`` (per run: ``learning_rate``, ``rho``, ``validation_accuracy``,
+    ``seconds``), ``rho_grid`` (the same, for the radii), ``chosen``
+    (``learning_rate`` and ``rho``), ``widened`` (the rate added at an edge,
+    or ``None``) and ``inside``.
+  """
+  if not config.validation:
+    raise ValueError("tuning needs a validation split: set Config.validation")
+  if factor <= 1:
+    raise ValueError(f"factor={factor} must be above 1")
+  default = DEFAULT_LEARNING_RATES[name]
+  tried: dict[tuple[float, float], dict[str, Any]] = {}
+
+  def trial(power: float, rho: float) -> dict[str, Any]:
+    lr = default * factor**power
+    if (lr, rho) not in tried:
+      run = dataclasses.replace(
+        config, optimizer=name, learning_rate=lr, rho=rho, seed=0,
+        evaluate_on="validation", eval_every=0, robustness=False,
+      )  # fmt: skip
+      start = time.perf_counter()
+      accuracy = train(run)["final_validation_accuracy"]
+      tried[lr, rho] = {
+        "learning_rate": lr, "power": power, "rho": rho,
+        "validation_accuracy": accuracy, "seconds": time.perf_counter() - start,
+      }  # fmt: skip
+    return tried[lr, rho]
+
+  def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(runs, key=lambda r: (r["validation_accuracy"], -abs(r["power"])))
+
+  grid = [trial(p, SAM_RHO) for p in powers(points)]
+  chosen, widened = best(grid), None
+  if chosen is grid[0] or chosen is grid[-1]:
+    edge = grid[0]["power"] - 1 if chosen is grid[0] else grid[-1]["power"] + 1
+    grid = sorted([*grid, trial(edge, SAM_RHO)], key=lambda r: r["power"])
+    chosen, widened = best(grid), default * factor**edge
+  inside = grid[0] is not chosen is not grid[-1]
+  rho_grid = []
+  if name in SAM_LIKE:
+    rho_grid = [trial(chosen["power"], rho) for rho in rhos]
+    rho = max(rho_grid, key=lambda r: (r["validation_accuracy"], r["rho"] == SAM_RHO))
+    chosen = rho
+  return {
+    "grid": grid,
+    "rho_grid": rho_grid,
+    "chosen": {"learning_rate": chosen["learning_rate"], "rho": chosen["rho"]},
+    "widened": widened,
+    "inside": inside,
+  }
+
+
+def markdown_table(tuning: dict[str, dict[str, Any]]) -> str:
+  """The grids and the choices as a markdown table."""
+  lines = [
+    "| optimizer | learning rate: validation accuracy | rho: validation accuracy "
+    "| chosen lr | chosen rho | inside the grid |",
+    "|---|---|---|---|---|---|",
+  ]
+  for name, t in tuning.items():
+    grid = ", ".join(f"{r['learning_rate']:.3g}: {r['validation_accuracy']:.3f}"
+                     for r in t["grid"])  # fmt: skip
+    rhos = ", ".join(f"{r['rho']:g}: {r['validation_accuracy']:.3f}"
+                     for r in t["rho_grid"]) or "-"  # fmt: skip
+    chosen = t["chosen"]
+    rho = f"{chosen['rho']:g}" if t["rho_grid"] else "-"
+    inside = "yes" if t["inside"] else "no (at an edge after widening)"
+    lines.append(
+      f"| {name} | {grid} | {rhos} | {chosen['learning_rate']:.3g} | {rho} | {inside} |"
+    )
+  return "\n".join(lines)
+
+
+def seconds_of(tuning: dict[str, dict[str, Any]]) -> float:
+  """The training-run seconds the tuning took (all its runs)."""
+  runs = {id(r): r for t in tuning.values() for r in [*t["grid"], *t["rho_grid"]]}
+  return math.fsum(r["seconds"] for r in runs.values())
