@@ -95,6 +95,7 @@ def draw_curves(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
     layout="constrained",
   )  # fmt: skip
   overview, *panels = axes.flat
+  floor = min(0.85, round(target - 0.1, 2))  # The enlarged panels' bottom.
   reference = next(iter(runs))
   ref_steps, ref_mean, _, _ = _curves(runs[reference])
   for i, ((name, name_runs), ax) in enumerate(zip(runs.items(), panels)):
@@ -104,7 +105,7 @@ def draw_curves(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
     ax.plot(steps, mean, color=f"C{i}", linewidth=1.2, label=name)
     if name != reference:
       ax.plot(ref_steps, ref_mean, color="gray", linewidth=0.8, label=reference)
-    ax.set(ylim=(0.85, 1.0))
+    ax.set(ylim=(floor, 1.0))
     ax.legend(loc="lower right", fontsize="small")
   for ax in axes.flat[len(runs) + 1 :]:
     ax.axis("off")
@@ -119,13 +120,17 @@ def draw_curves(data: dict, path: pathlib.Path, sha: str) -> tuple[str, str]:
     ax.set_xlabel("step")
   _save(fig, path, sha)
   args = data["args"]
+  length = f"{args['epochs']} epochs"
+  if args.get("max_steps"):
+    length = f"{args['max_steps']} steps"
+  tuned = ", each at its tuned settings" if data.get("tuning") else ""
   alt = f"Test accuracy against step of each optimizer, {args['dataset']}"
   return alt, (
     f"Test accuracy against training step, {args['dataset']} ({args['model']}, "
-    f"{args['epochs']} epochs, batch {args['batch_size']}, evaluated every "
-    f"{args['eval_every']} steps). Top left: the mean over "
+    f"{length}, batch {args['batch_size']}, evaluated every "
+    f"{args['eval_every']} steps{tuned}). Top left: the mean over "
     f"{len(runs[reference])} seeds of every optimizer. Other panels, enlarged "
-    f"to 0.85–1: one optimizer's mean (line) and the span from its lowest to "
+    f"to {floor:g}–1: one optimizer's mean (line) and the span from its lowest to "
     f"its highest seed (band), with {reference}'s mean in gray. Dotted: the "
     f"target of {target:g}."
   )

@@ -210,7 +210,8 @@ def tuning_table(data: dict) -> Table:
         or "—",
         f"{chosen['learning_rate']:.3g}",
         f"{chosen['rho']:g}" if t["rho_grid"] else "—",
-        "yes" if t["inside"] else "no",
+        ("yes" if t["inside"] else "no")
+        + (f" (widened {len(t['widened'])}×)" if t["widened"] else ""),
       ]
     )
   return header, rows
@@ -229,9 +230,9 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "compare_fashion_mnist": compare_table,
   "time_to_target": time_to_target_table,
   "trainer_time_to_target": trainer_time_to_target_table,
-  "tuned_digits_cnn": tuned_tables,
-  "tuned_fashion_mnist_cnn": tuned_tables,
-  "tuned_fashion_mnist_resnet20": tuned_tables,
+  "compare_tuned_digits_cnn": tuned_tables,
+  "compare_tuned_fashion_mnist_cnn": tuned_tables,
+  "compare_tuned_fashion_mnist_resnet20": tuned_tables,
 }
 """JSON file stem under ``docs/data`` -> the function that makes its table (or
 its titled tables)."""

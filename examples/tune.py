@@ -9,8 +9,8 @@ The protocol, the same for every optimizer:
    (``DEFAULT_LEARNING_RATES``): ``default * factor**p`` for ``points``
    consecutive powers ``p`` with the default inside (4 points: ``p`` in -2,
    -1, 0, 1). One run per rate (seed 0), judged by its final validation
-   accuracy. If the best rate is at an edge, the grid is widened once, by one
-   rate beyond that edge.
+   accuracy. While the best rate is at an edge, the grid is widened by one
+   rate beyond that edge (at most ``max_widen`` times).
 3. ``sam`` and ``layer_sam``: the radius ``rho`` over ``rhos`` at the chosen
    rate (the grid ran at the default radius).
 4. `compare` then runs the chosen settings for every seed and judges them on
@@ -52,6 +52,7 @@ def tune(
   points: int = 4,
   factor: float = 3.0,
   rhos: Sequence[float] = RHOS,
+  max_widen: int = 3,
 ) -> dict[str, Any]:
   """Tunes optimizer ``name``'s learning rate (and radius) on the validation split.
 
@@ -65,12 +66,13 @@ def tune(
     points: the size of the first grid.
     factor: the ratio of neighbouring rates.
     rhos: the radii of ``sam`` and ``layer_sam``.
+    max_widen: how many rates may be added beyond an edge, one at a time.
 
   Returns:
     ``grid`` (per run: ``learning_rate``, ``rho``, ``validation_accuracy``,
     ``seconds``), ``rho_grid`` (the same, for the radii), ``chosen``
-    (``learning_rate`` and ``rho``), ``widened`` (the rate added at an edge,
-    or ``None``) and ``inside``.
+    (``learning_rate`` and ``rho``), ``widened`` (the rates added beyond an
+    edge, in turn) and ``inside``.
   """
   if not config.validation:
     raise ValueError("tuning needs a validation split: set Config.validation")
@@ -98,12 +100,13 @@ def tune(
     return max(runs, key=lambda r: (r["validation_accuracy"], -abs(r["power"])))
 
   grid = [trial(p, SAM_RHO) for p in powers(points)]
-  chosen, widened = best(grid), None
-  if chosen is grid[0] or chosen is grid[-1]:
+  chosen, widened = best(grid), []
+  while chosen in (grid[0], grid[-1]) and len(widened) < max_widen:
     edge = grid[0]["power"] - 1 if chosen is grid[0] else grid[-1]["power"] + 1
     grid = sorted([*grid, trial(edge, SAM_RHO)], key=lambda r: r["power"])
-    chosen, widened = best(grid), default * factor**edge
-  inside = grid[0] is not chosen is not grid[-1]
+    chosen = best(grid)
+    widened.append(default * factor**edge)
+  inside = chosen not in (grid[0], grid[-1])
   rho_grid = []
   if name in SAM_LIKE:
     rho_grid = [trial(chosen["power"], rho) for rho in rhos]
@@ -133,6 +136,8 @@ def markdown_table(tuning: dict[str, dict[str, Any]]) -> str:
     chosen = t["chosen"]
     rho = f"{chosen['rho']:g}" if t["rho_grid"] else "-"
     inside = "yes" if t["inside"] else "no (at an edge after widening)"
+    if t["widened"]:
+      inside += f" (widened {len(t['widened'])}x)"
     lines.append(
       f"| {name} | {grid} | {rhos} | {chosen['learning_rate']:.3g} | {rho} | {inside} |"
     )

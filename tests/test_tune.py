@@ -75,23 +75,28 @@ def test_tune_judges_every_run_on_the_validation_split_at_seed_0():
     assert (run.evaluate_on, run.seed, run.robustness) == ("validation", 0, False)
     assert (run.optimizer, run.validation) == ("sgd", 100)
   assert result["chosen"]["learning_rate"] == pytest.approx(0.05)
-  assert result["inside"] and result["widened"] is None and result["rho_grid"] == []
+  assert result["inside"] and result["widened"] == [] and result["rho_grid"] == []
 
 
-def test_tune_widens_once_at_an_edge():
+def test_tune_widens_at_an_edge_until_the_best_is_inside():
   default = DEFAULT_LEARNING_RATES["adam"]
   fake = FakeTraining(best_lr=default * 9)  # Beyond the first grid's top.
   result = tune.tune(Config(validation=100), "adam", fake)
   rates = [r["learning_rate"] for r in result["grid"]]
-  assert rates == pytest.approx(default * 3.0 ** np.arange(-2, 3))
-  assert result["widened"] == pytest.approx(default * 9)
+  assert rates == pytest.approx(default * 3.0 ** np.arange(-2, 4))
+  assert result["widened"] == pytest.approx([default * 9, default * 27])
   assert result["chosen"]["learning_rate"] == pytest.approx(default * 9)
-  assert not result["inside"]  # Still at the edge: recorded, not hidden.
-  assert len(fake.runs) == 5
+  assert result["inside"] and len(fake.runs) == 6
 
-  fake = FakeTraining(best_lr=default * 3)  # The first grid's top edge.
+  fake = FakeTraining(best_lr=default / 1000)  # Far below: gives up, says so.
+  result = tune.tune(Config(validation=100), "adam", fake, max_widen=2)
+  assert result["widened"] == pytest.approx([default / 27, default / 81])
+  assert result["chosen"]["learning_rate"] == pytest.approx(default / 81)
+  assert not result["inside"]  # Still at the edge: recorded, not hidden.
+
+  fake = FakeTraining(best_lr=default)  # Inside at once: no widening.
   result = tune.tune(Config(validation=100), "adam", fake)
-  assert result["inside"] and result["widened"] == pytest.approx(default * 9)
+  assert result["inside"] and result["widened"] == [] and len(fake.runs) == 4
 
 
 def test_tune_chooses_rho_for_sam_at_the_chosen_rate():
