@@ -166,7 +166,11 @@ def layer_sam(
   function ``(params, i) -> gradients`` (``optax.contrib.sam``'s opaque mode),
   and optionally ``selection``: ``None`` chooses :math:`S` in the graph (the
   exact algorithm, at SAM's cost), a tuple of layer indices or names fixes it
-  at trace time, and XLA prunes the rest of the second pass. The
+  at trace time, and XLA prunes the rest of the second pass. Its optional
+  ``perturb`` says which steps run the second pass: ``None`` lets
+  ``schedule`` decide in the graph (under :func:`jax.lax.cond`), ``True`` /
+  ``False`` runs / skips it, chosen at trace time (two programs, no
+  conditional). The
   "Partial-layer SAM" page of the documentation has the maths of every option
   (ASAM, per-device perturbation, perturbation schedules, LookSAM's reuse).
 
@@ -214,7 +218,11 @@ def layer_sam(
     schedule: which steps run the second pass: ``"every"`` (every ``every``
       steps), ``"random"`` (with probability ``probability``) or
       ``"adaptive"`` (AE-SAM's rule).
-    every: the period of ``schedule="every"``, an int ``>= 1``.
+    every: the period of ``schedule="every"``, an int ``>= 1``. A loop that
+      counts its steps can decide on the host instead of in the graph:
+      ``update(..., perturb=(step % every == 0))``, with ``perturb`` a static
+      argument of the jitted step, gives the same run with no conditional
+      (the faster one on XLA:CPU for convolutional networks).
     probability: the probability of a perturbed step with
       ``schedule="random"``, in ``[0, 1]``.
     seed: the seed of the PRNG key of ``schedule="random"``, an int.
@@ -228,8 +236,10 @@ def layer_sam(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
-    ``params``, ``grad_fn`` and optionally ``selection``; other extra
-    arguments go to ``optimizer``.
+    ``params``, ``grad_fn`` and optionally ``selection`` and ``perturb``
+    (``None``, or a Python bool: whether this step runs the second pass,
+    whatever ``schedule`` says; the state records it as a step of that kind);
+    other extra arguments go to ``optimizer``.
 
   Raises:
     ValueError: for ``k < 1``, ``k`` larger than the number of layers,
@@ -241,7 +251,9 @@ def layer_sam(
       of other structures than the gradients, or a call from inside
       :func:`optax.partition`.
     TypeError: for an ``axis_name`` that is not ``None``, a str or a tuple
-      of str, and an ``every`` or ``seed`` that is not an int.
+      of str, an ``every`` or ``seed`` that is not an int, and (in
+      ``update``) a ``perturb`` that is not ``None`` or a Python bool (a
+      traced one: make it a static argument of the jitted step).
 
   References:
     Lee et al., `Layer-wise Adaptive Gradient Norm Penalizing Method for
@@ -315,9 +327,11 @@ def layer_sam(
     *,
     grad_fn: Optional[GradFn] = None,
     selection: _selection.Selection = None,
+    perturb: Optional[bool] = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, LayerSamState]:
     grad_fn = _check_update_arguments(updates, params, grad_fn)
+    _check_perturb(perturb)
     lay = spec(updates)
     _state_names.check_names(lay, state.names, updates)
     lay.flatten_as(params, "params")
@@ -338,7 +352,7 @@ def layer_sam(
 
     def sam_step():
       coef = perturbation_coefficients(lay, updates, params, sq, sel, state.count)
-      adv = perturb(lay_sel, params, updates, coef)
+      adv = perturbed_params(lay_sel, params, updates, coef)
       adv = _sharding.vary_like(adv, updates, axis_name)
       g2 = grad_fn(adv, 0)
       lay.flatten_as(g2, "grad_fn's output")
@@ -351,7 +365,10 @@ def layer_sam(
     total_sq = jnp.sum(sq)
     moments = sq_norm_moments(state, total_sq)
     key, draw = jax.random.split(state.key)
-    if always:
+    if perturb is not None:  # Chosen on the host: no conditional.
+      take = jnp.asarray(perturb, bool)
+      sam_grads, orthogonal = sam_step() if perturb else plain_step()
+    elif always:
       take = jnp.ones([], bool)
       sam_grads, orthogonal = sam_step()
     else:
@@ -451,7 +468,7 @@ def layer_sam(
     # on the weights.
     return scale * jnp.asarray(sel, f32)
 
-  def perturb(lay_sel, params, updates, coef):
+  def perturbed_params(lay_sel, params, updates, coef):
     """``w + coef * g`` (times ``T**2`` for ASAM) on the leaves that take part.
 
     The other leaves are the very same arrays as in ``params``, so that the
@@ -529,6 +546,26 @@ def _check_int(name: str, value: Any, *, lower: Optional[int] = None) -> None:
     raise TypeError(f"{name} must be an int, got {name}={value!r}.")
   if lower is not None and value < lower:
     raise ValueError(f"{name} must be an int >= {lower}, got {name}={value!r}.")
+
+
+def _check_perturb(perturb: Any) -> None:
+  """Raises a ``TypeError`` for a ``perturb`` that is not None or a Python bool."""
+  if perturb is None or isinstance(perturb, (bool, np.bool_)):
+    return
+  if isinstance(perturb, (jax.Array, jax.core.Tracer)):
+    raise TypeError(
+      f"perturb must be a Python bool, fixed at trace time, got a "
+      f"{type(perturb).__name__} (traced, or an array): make it a static "
+      "argument of the jitted step, "
+      "jax.jit(step, static_argnames='perturb') or "
+      "nnx.jit(step, static_argnames='perturb'), and pass a Python bool, "
+      "e.g. perturb=(step % every == 0); or leave perturb=None and let the "
+      "schedule decide in the graph."
+    )
+  raise TypeError(
+    f"perturb must be None (the schedule decides), True or False, got "
+    f"perturb={perturb!r} of type {type(perturb).__name__}."
+  )
 
 
 def select_layers(
