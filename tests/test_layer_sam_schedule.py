@@ -693,8 +693,9 @@ def test_benchmark_runs_tiny(tmp_path):
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for label in ("| SGD |", "| SAM |", "| SAM every=2 |", "| SAM every=5 |"):
-    assert label in proc.stdout, proc.stdout
+  for label in ("SGD", "SAM", "SAM every=2", "SAM every=5", "SAM every=2 (host)"):
+    assert f"| {label} |" in proc.stdout, proc.stdout
+  assert "- every=5 (host) <= 1.25x SGD: " in proc.stdout, proc.stdout
   result = json.loads(out.read_text())["results"]["cnn"]
   assert result["ratio_to_sgd"]["SGD"] == 1.0
   assert set(result["per_step_s"]) == {
@@ -704,5 +705,8 @@ def test_benchmark_runs_tiny(tmp_path):
     "every=2, perturbed step",
     "every=2, skipped step",
     "SAM every=5",
+    "SAM every=2 (host)",
+    "SAM every=5 (host)",
   }
+  assert len(result["targets"]) == 4
   assert all(isinstance(t["met"], bool) for t in result["targets"].values())
