@@ -56,6 +56,7 @@ from examples import input_pipeline
 RHO = 0.05
 LR = 0.05
 EVERY = (2, 5)
+HOST = {f"SAM every={every} (host)": every for every in EVERY}  # Label -> every.
 
 
 TASKS = ("resnet20", "cnn")
@@ -119,10 +120,9 @@ def measure(name: str, args) -> dict[str, Any]:
   fns, skipped_state = {}, {}
   for label, (tx, sam) in optimizers().items():
     carry = (task.params, task.stats, tx.init(task.params))
-    if label.endswith(" (host)"):
-      every = int(label.split("=")[1].split()[0])
+    if label in HOST:
       step = host_step(task, tx)
-      fns[label] = Steps(step, carry, batch, args.steps_per_call, every=every)
+      fns[label] = Steps(step, carry, batch, args.steps_per_call, every=HOST[label])
       continue
     step = jax.jit(_tasks.make_step(task, tx, sam=sam))
     fns[label] = Steps(step, carry, batch, args.steps_per_call)
