@@ -69,11 +69,14 @@ def _pgd(graphdef, state, images, labels, eps, step_size, start, *, steps):
   def project(x):
     return jnp.clip(jnp.clip(x, images - eps, images + eps), 0.0, 1.0)
 
-  def step(_, x):
+  # Unrolled, not a fori_loop: XLA:CPU runs the convolutions of a loop body
+  # as naive loops (ResNet-20, 256 images, 5 steps: 10.8 s a call looped,
+  # 1.8 s unrolled).
+  x = project(images + start)
+  for _ in range(steps):
     gradient = _input_gradient(graphdef, state, x, labels)
-    return project(x + step_size * jnp.sign(gradient))
-
-  return jax.lax.fori_loop(0, steps, step, project(images + start))
+    x = project(x + step_size * jnp.sign(gradient))
+  return x
 
 
 @jax.jit
