@@ -115,6 +115,15 @@ class Config:
   sam_probability: float = field(
     0.5, "sam_schedule=random: the probability that a step runs the second pass"
   )
+  sam_dispatch: str = field(
+    "auto",
+    "sam_schedule=every with sam_every > 1: decide each step's second pass on the "
+    "'host' (two programs, no conditional: on XLA:CPU the conditional's "
+    "convolutions are far slower) or in the 'graph' (lax.cond, one program); "
+    "'auto': host, but graph for static layer_sam (its selections would each "
+    "need two programs)",
+    choices=("auto", "host", "graph"),
+  )
   sam_skipped: str = field(
     "plain",
     "sam and layer_sam, steps without the second pass: 'plain' (the gradient) or "
@@ -226,6 +235,16 @@ def check(config: Config) -> None:
   for name in (*at_least_0, "layer_sam_payoff"):
     if getattr(config, name) < 0:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
+  if (
+    config.sam_dispatch == "host"
+    and config.optimizer == "layer_sam"
+    and config.layer_sam_mode == "static"
+  ):
+    raise UsageError(
+      "sam_dispatch=host does not combine with static layer_sam (each selection "
+      "would need two programs): use --sam_dispatch graph or --layer_sam_mode "
+      "dynamic"
+    )
   if not config.rho > 0:
     raise UsageError(f"rho={config.rho} must be positive")
   if config.evaluate_on == "validation" and not config.validation:
@@ -234,6 +253,22 @@ def check(config: Config) -> None:
     )
   if not 0 <= config.sam_probability <= 1:
     raise UsageError(f"sam_probability={config.sam_probability} must lie in [0, 1]")
+
+
+def host_schedule(config: Config) -> int:
+  """The period with which the trainer decides SAM's second pass on the host.
+
+  0 where the optimizer decides it in its graph (or perturbs every step).
+  """
+  if (
+    config.optimizer in ("sam", "layer_sam")
+    and config.sam_schedule == "every"
+    and config.sam_every > 1
+    and config.sam_dispatch != "graph"
+    and not (config.optimizer == "layer_sam" and config.layer_sam_mode == "static")
+  ):
+    return config.sam_every
+  return 0
 
 
 def _choices(field: dataclasses.Field) -> Sequence[str]:

@@ -36,6 +36,7 @@ from examples.config import (
   Config,
   UsageError,
   check,
+  host_schedule,
   parse,
   with_learning_rate,
 )
@@ -49,14 +50,15 @@ def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> jax.Arra
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-@nnx.jit(static_argnames="selection")
-def train_step(model, optimizer, images, labels, selection=None):
+@nnx.jit(static_argnames=("selection", "perturb"))
+def train_step(model, optimizer, images, labels, selection=None, perturb=None):
   """One step: the gradient, then the optimizer's update; returns the loss.
 
   ``grad_fn`` is the second pass of ``sam`` and ``layer_sam`` (the others
   ignore it); ``selection`` is static ``layer_sam``'s fixed selection (see
-  `optax_lgm.StaticSelection`). A non-finite batch leaves the BatchNorm
-  statistics as they were.
+  `optax_lgm.StaticSelection`), ``perturb`` whether this step runs their
+  second pass when the host decides it (``None``: their schedule does). A
+  non-finite batch leaves the BatchNorm statistics as they were.
   """
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   rest = nnx.as_pure(rest)  # The second pass leaves BatchNorm statistics alone.
@@ -70,7 +72,8 @@ def train_step(model, optimizer, images, labels, selection=None):
   loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
   new, ok = nnx.as_pure(nnx.state(model, nnx.BatchStat)), jnp.isfinite(loss)
   nnx.update(model, jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, statistics))
-  extra = {} if selection is None else {"selection": selection}
+  extra = {"selection": selection, "perturb": perturb}
+  extra = {name: value for name, value in extra.items() if value is not None}
   optimizer.update(model, grads, grad_fn=grad_fn, **extra)
   return loss
 
@@ -166,14 +169,18 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     model.train()
     return acc
 
-  def step(state, batch):
-    nonlocal compiled
+  every, programs = host_schedule(config), set()  # The host's SAM steps.
+
+  def step(state, indexed_batch):
+    i, batch = indexed_batch
     batch, t0 = distributed.shard_batch(batch, mesh), time.perf_counter()
-    losses.append(step_fn(model, optimizer, batch["image"], batch["label"]))
-    if not compiled:  # This process's first call compiles (or loads) it:
-      compiled, record = True, metrics.data["compile"]  # one program, its
-      record["critical_seconds"] += time.perf_counter() - t0  # seconds in all.
-      record["compilations"] = 1
+    extra = {"perturb": i % every == 0} if every else {}
+    losses.append(step_fn(model, optimizer, batch["image"], batch["label"], **extra))
+    if not static and (program := tuple(extra.values())) not in programs:
+      programs.add(program)  # This process's first call of a program compiles
+      record = metrics.data["compile"]  # (or loads) it: its seconds in all.
+      record["critical_seconds"] += time.perf_counter() - t0
+      record["compilations"] = len(programs)
     return state, losses[-1]
 
   def entry(step: int, acc: float) -> None:
@@ -221,11 +228,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     if config.resume and is_main:
       where = f"resuming {workdir} from step {start}"
       print(where if start else f"no checkpoint in {workdir}: starting from step 0")
-    compiled, began = static, (start, metrics.data["train_seconds"])
+    began = (start, metrics.data["train_seconds"])
     model.train()
     loop.run(
       step, (model, optimizer),
-      lambda i: input_pipeline.batch_at(train, config.batch_size, config.seed, i),
+      lambda i: (i, input_pipeline.batch_at(train, config.batch_size, config.seed, i)),
       range(start, total), metrics, evaluate=lambda _: accuracy(),
       eval_at=lambda i: not i % per_epoch
       or bool(config.eval_every and not i % config.eval_every),

@@ -193,3 +193,38 @@ def test_a_nan_batch_leaves_batchnorm_statistics_alone():
   after = nnx.to_pure_dict(nnx.state(model))
   jax.tree.map(np.testing.assert_array_equal, after, before)
   assert int(optimizer.opt_state.total_notfinite[...]) == 1
+
+
+@pytest.mark.parametrize("name", ["sam", "layer_sam"])
+def test_sam_every_decided_on_the_host_equals_the_graph(name, data_dir, tmp_path):
+  runs = {}
+  for dispatch in ("host", "graph"):
+    config = _config(
+      data_dir, optimizer=name, layer_sam_mode="dynamic", sam_every=2,
+      sam_dispatch=dispatch, max_steps=5,
+    )  # fmt: skip
+    results = train.train_and_evaluate(config, tmp_path / dispatch)
+    runs[dispatch] = results, _saved(tmp_path / dispatch)
+  (host, host_arrays), (graph, graph_arrays) = runs["host"], runs["graph"]
+  assert host["compile"]["compilations"] == 2  # A SAM step and a plain one.
+  assert graph["compile"]["compilations"] == 1  # One, with lax.cond.
+  for results in (host, graph):  # Steps 0, 2 and 4 ran the second pass.
+    perturbed = results["history"][-1]["layer_stats"]["sam_perturbed_steps"]
+    assert set(np.ravel(list(perturbed.values()))) == {3}
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    host_arrays, graph_arrays,
+  )  # fmt: skip
+
+
+def test_host_dispatch_is_refused_with_static_layer_sam_and_auto_avoids_it(
+  data_dir, tmp_path
+):
+  config = _config(data_dir, optimizer="layer_sam", sam_every=2, max_steps=3)
+  with pytest.raises(train.UsageError, match="sam_dispatch=host does not combine"):
+    train.train_and_evaluate(
+      dataclasses.replace(config, sam_dispatch="host"), tmp_path / "host"
+    )
+  results = train.train_and_evaluate(config, tmp_path / "auto")  # The graph's.
+  perturbed = results["history"][-1]["layer_stats"]["sam_perturbed_steps"]
+  assert set(np.ravel(list(perturbed.values()))) == {2}
