@@ -233,6 +233,7 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "compare_tuned_digits_cnn": tuned_tables,
   "compare_tuned_fashion_mnist_cnn": tuned_tables,
   "compare_tuned_fashion_mnist_resnet20": tuned_tables,
+  "compare_tuned_digits_resnet20": tuned_tables,
 }
 """JSON file stem under ``docs/data`` -> the function that makes its table (or
 its titled tables)."""
