@@ -25,6 +25,7 @@ than its data.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import pathlib
@@ -215,7 +216,7 @@ def draw_time_to_target(data: dict, path: pathlib.Path, sha: str) -> tuple[str, 
 
 
 def draw_trainer_time_to_target(
-  data: dict, path: pathlib.Path, sha: str
+  data: dict, path: pathlib.Path, sha: str, limit: float = 0.85
 ) -> tuple[str, str]:
   models = list(dict.fromkeys(key.split("/")[0] for key in data["summaries"]))
   fig, axes = plt.subplots(
@@ -234,24 +235,25 @@ def draw_trainer_time_to_target(
         ax.bar(x, summary[name]["median_time_to_target"] / sam, width, color=f"C{j}",
                alpha=0.7, label=name if i == 0 else None)  # fmt: skip
         ax.plot([x] * len(seeds), seeds, "o", color="black", markersize=3)
-    ax.axhline(0.85, color="black", linestyle="--", linewidth=0.8)
+    ax.axhline(limit, color="black", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(len(keys)), [k.split("/")[1] for k in keys])
     ax.set(title=model, ylabel="time to target / SAM's median")
     ax.grid(alpha=0.3, axis="y")
   np.atleast_1d(axes)[0].legend()
   _save(fig, path, sha)
-  alt = "Time to target of SGD, SAM and layer_sam relative to SAM, by run length"
+  contenders = ", ".join(names)
+  alt = f"Time to target of {contenders} relative to SAM, by run length"
   return alt, (
-    "Time to the target through the trainer, relative to SAM's median, at "
-    "three run lengths per model (bars: medians over seeds; dots: each seed; "
-    "dashed line: the 0.85 target)."
+    f"Time to the target through the trainer of {contenders}, relative to "
+    "SAM's median, at each run length (bars: medians over seeds; dots: each "
+    f"seed; dashed line: the {limit:g} target)."
   )
 
 
 def _figure(
   png: str, width: str, text: tuple[str, str], source: pathlib.Path, data: dict
 ) -> str:
-  if source.stem in ("time_to_target", "trainer_time_to_target"):
+  if not source.stem.startswith("compare_"):
     command = data["command"]
   else:
     command = compare_command(data)
@@ -278,6 +280,8 @@ def figures_for(name: str, data: dict) -> list[tuple[str, Drawer, str]]:
     return [("", draw_time_to_target, "70%")]
   if name == "trainer_time_to_target":
     return [("", draw_trainer_time_to_target, "100%")]
+  if name == "trainer_time_sparse":
+    return [("", functools.partial(draw_trainer_time_to_target, limit=0.7), "100%")]
   figures = [("_curves", draw_curves, "100%")]
   if "lgm" in data["runs"]:
     figures.append(("_lgm", draw_lgm, "100%"))
@@ -292,6 +296,7 @@ def make_figures(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path
   written = []
   sources = sorted(data_dir.glob("compare_*.json"))
   benchmarks = ("time_to_target.json", "trainer_time_to_target.json")
+  benchmarks += ("trainer_time_sparse.json",)
   sources += [data_dir / name for name in benchmarks if (data_dir / name).exists()]
   for source in sources:
     data = json.loads(source.read_text())
