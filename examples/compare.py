@@ -40,6 +40,7 @@ Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --epochs 10
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   runs: dict[str, list[dict]] = {}
   tuning: dict[str, dict] = {}
   with tempfile.TemporaryDirectory() as workdirs:
-    count = iter(range(1_000_000))
+    count = itertools.count()
 
     def run(settings: Config) -> dict:
       workdir = os.path.join(workdirs, f"{settings.optimizer}_{next(count)}")
