@@ -620,9 +620,9 @@ def test_mesh_run_equals_one_device():
   assert result.stdout.strip().endswith("ok mesh"), result.stdout
 
 
-def _mesh_step(tx, loss, p, s, x, y):
+def _mesh_step(tx, loss, p, s, x, y, perturb=None):
   g_fn = jax.grad(lambda q, _: loss(q, x, y))
-  updates, s = tx.update(g_fn(p, 0), s, p, grad_fn=g_fn)
+  updates, s = tx.update(g_fn(p, 0), s, p, grad_fn=g_fn, perturb=perturb)
   return optax.apply_updates(p, updates), s
 
 
@@ -668,6 +668,14 @@ def _mesh_check() -> None:
     chex.assert_trees_all_close(many, one, rtol=1e-5, atol=1e-6)
     for leaf in jax.tree.leaves(many[1]):
       assert leaf.sharding.is_fully_replicated, leaf.sharding
+  # The host's decision (perturb static, two programs) on the mesh equals the
+  # conditional's on one device: ``one`` is still the every=3 run.
+  host = jax.jit(functools.partial(_mesh_step, tx, loss), static_argnames="perturb")
+  many = jax.device_put((params, tx.init(params)), replicated)
+  for i in range(8):
+    many = host(*many, xs, ys, perturb=i % 3 == 0)
+  chex.assert_trees_all_close(many, one, rtol=1e-5, atol=1e-6)
+  assert int(many[1].perturbed_count) == 3
   print("ok mesh")
 
 
