@@ -17,12 +17,16 @@ infinite in a median.
 ``--cache`` also checks JAX's persistent compilation cache: one run of each
 contender twice in a fresh cache directory, and the compile seconds of each.
 
-``--optimizers`` also takes the time-sparse contenders of `CONTENDERS`
-(``sam_every2``, ``sam_every5``: SAM's second pass every 2 or 5 steps).
+``--optimizers`` also takes the contenders of `CONTENDERS`: SAM's second pass
+every 2 or 5 steps, and layer selection combined with every 5 steps.
 
-Run: ``python -m benchmarks.trainer_time_to_target [--models cnn,resnet20]
-[--lengths short,medium,long] [--optimizers sgd,sam,layer_sam,sam_every2]
-[--seeds 3] [--out results.json] [--cache]``.
+``--dataset fashion_mnist`` runs the CNN on Fashion-MNIST (the lengths are
+step budgets there, and accuracy is measured on 1,000 held-out training images).
+
+Run: ``python -m benchmarks.trainer_time_to_target [--dataset digits]
+[--models cnn,resnet20] [--lengths short,medium,long]
+[--optimizers sgd,sam,layer_sam,sam_every2] [--seeds 3] [--out results.json]
+[--cache]``.
 """
 
 import argparse
@@ -42,50 +46,84 @@ import numpy as np
 from examples import loop
 
 LENGTHS = {
-  "cnn": {
-    "short": (0.05, 0.95, 5),
-    "medium": (0.015, 0.95, 10),
-    "long": (0.005, 0.97, 30),
+  "digits": {
+    "cnn": {
+      "short": (0.05, 0.95, 5),
+      "medium": (0.015, 0.95, 10),
+      "long": (0.005, 0.97, 30),
+    },
+    "resnet20": {
+      "short": (0.05, 0.95, 5),
+      "medium": (0.001, 0.95, 10),
+      "long": (0.0004, 0.95, 25),
+    },
   },
-  "resnet20": {
-    "short": (0.05, 0.95, 5),
-    "medium": (0.001, 0.95, 10),
-    "long": (0.0004, 0.95, 25),
+  "fashion_mnist": {
+    "cnn": {
+      "short": (0.05, 0.74, 300),
+      "medium": (0.05, 0.82, 600),
+      "long": (0.015, 0.86, 1400),
+    },
   },
 }
-"""Run lengths by model: (learning rate, target accuracy, epochs of digits).
+"""Run lengths by dataset and model: (learning rate, target accuracy, length).
 
-SGD's steps to the target, seed 0: CNN 132, 264, 968; ResNet-20 100, 264, 572.
+The length is epochs on digits and steps (``--max_steps``) on Fashion-MNIST.
+SGD's steps to the target, seed 0: digits CNN 132, 264, 968; digits ResNet-20
+100, 264, 572; Fashion-MNIST CNN 120, 280, 960.
 """
+
+DATASET_FLAGS = {
+  "digits": "--epochs {}",
+  "fashion_mnist": "--dataset fashion_mnist --epochs 1 --max_steps {} "
+  "--validation 1000 --evaluate_on validation",
+}
+"""Each dataset's flags: on Fashion-MNIST, accuracy on 1,000 held-out images."""
 
 
 CONTENDERS = {
   "sam_every2": ("sam", "--sam_every", "2"),
   "sam_every5": ("sam", "--sam_every", "5"),
+  "layer_sam_every5": ("layer_sam", "--sam_every", "5"),
+  "layer_sam_dynamic_every5": (
+    "layer_sam",
+    *"--layer_sam_mode dynamic --sam_every 5".split(),
+  ),
 }
 """Contenders beyond the trainer's optimizers: name -> (optimizer, *flags).
 
 SAM's second pass every 2 or 5 steps, decided on the host (the trainer's
-default ``--sam_dispatch auto``: a SAM program and a plain one).
+default ``--sam_dispatch auto``: a SAM program and a plain one); and the
+combinations with layer selection: static ``layer_sam`` every 5 steps (the
+second pass under ``lax.cond``, one program per selection) and dynamic
+``layer_sam`` every 5 steps (decided on the host).
 """
 
 
 def run(
-  contender: str, model: str, seed: int, length: str, workdir: str, *flags: str
+  contender: str,
+  dataset: str,
+  model: str,
+  seed: int,
+  length: str,
+  workdir: str,
+  *flags: str,
 ) -> dict[str, Any]:
   """One training run in a new process; what its ``metrics.json`` holds."""
   optimizer, *more = CONTENDERS.get(contender, (contender,))
-  learning_rate, target, epochs = LENGTHS[model][length]
+  learning_rate, target, size = LENGTHS[dataset][model][length]
   command = [
     sys.executable, "-m", "examples.train", "--optimizer", optimizer, *more,
-    "--model", model, "--seed", str(seed), "--epochs", str(epochs),
+    "--model", model, "--seed", str(seed), *DATASET_FLAGS[dataset].format(size).split(),
     "--learning_rate", f"{learning_rate:g}", "--target_accuracy", f"{target:g}",
     "--batch_size", "32", "--eval_every", "20",
     "--no_robustness", "--no_checkpoints", "--no_progress", "--workdir", workdir,
     *flags,
   ]  # fmt: skip
   subprocess.run(command, check=True, capture_output=True, text=True)
-  return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+  metrics = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+  final = f"final_{metrics['evaluated_on']}_accuracy"
+  return {**metrics, "final_test_accuracy": metrics[final]}
 
 
 def summarize(runs: list[dict[str, Any]], optimizers: list[str]) -> dict[str, Any]:
@@ -171,7 +209,9 @@ def cache_check(model: str, optimizers: list[str]) -> dict[str, Any]:
       seconds = []
       for attempt in range(2):
         workdir = os.path.join(work, f"{name}_{attempt}")
-        result = run(name, model, 0, "short", workdir, "--compilation_cache", cache)
+        result = run(
+          name, "digits", model, 0, "short", workdir, "--compilation_cache", cache
+        )
         seconds.append(result["compile"]["critical_seconds"])
       found[name] = {"first_s": seconds[0], "rerun_s": seconds[1]}
     found["cache_files"] = len(os.listdir(cache))
@@ -181,6 +221,7 @@ def cache_check(model: str, optimizers: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the measurement and prints the table and the targets."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dataset", default="digits", choices=sorted(LENGTHS))
   parser.add_argument("--models", default="cnn,resnet20")
   parser.add_argument("--lengths", default="short,medium,long")
   parser.add_argument("--optimizers", default="sgd,sam,layer_sam")
@@ -198,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "command": " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]]),
     "commit": commit,
     "machine": args.machine,
-    "lengths": LENGTHS,
+    "dataset": args.dataset,
+    "lengths": LENGTHS[args.dataset],
     "runs": [],
     "summaries": {},
   }
@@ -210,8 +252,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           shift = seed % len(optimizers)
           for name in optimizers[shift:] + optimizers[:shift]:  # Interleaved.
             workdir = os.path.join(work, f"{model}_{length}_{name}_{seed}")
-            metrics = run(name, model, seed, length, workdir, "--compilation_cache", "")
+            metrics = run(
+              name, args.dataset, model, seed, length, workdir,
+              "--compilation_cache", "",
+            )  # fmt: skip
             entry = {
+              "dataset": args.dataset,
               "model": model,
               "length": length,
               "optimizer": name,
