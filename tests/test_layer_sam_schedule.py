@@ -1,9 +1,10 @@
 """Tests of layer_sam's perturbation schedules (LookSAM, RST, AE-SAM).
 
-The checks on a simulated 8-device mesh run this file as a script in a
-process of its own (``python tests/test_layer_sam_schedule.py mesh``) with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``, so that the rest of
-the suite keeps one device.
+The checks on a simulated 8-device mesh (and a 4x2 one) run this file as a
+script in a process of its own (``python tests/test_layer_sam_schedule.py mesh
+8``) with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, so that the
+rest of the suite keeps one device; it prints what it measured as JSON and the
+assertions are made in the test process.
 """
 
 import functools
@@ -602,14 +603,19 @@ def test_host_programs_have_no_conditional():
 
 
 # --------------------------------------------------------------------------
-# An 8-device mesh (in a process of its own) equals one device.
+# An 8-device mesh and a 4x2 mesh (in a process of their own) equal one device.
 # --------------------------------------------------------------------------
 
+MESH_CASES = ("random", "adaptive", "every", "host")
+"""The mesh runs: three in-graph schedules, and the host's decision."""
 
-def test_mesh_run_equals_one_device():
+
+@pytest.fixture(scope="module", params=["8", "4x2"])
+def mesh_run(request):
+  """What the mesh run measured, as JSON: one process per mesh shape."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = subprocess.run(
-    [sys.executable, __file__, "mesh"],
+    [sys.executable, __file__, "mesh", request.param],
     env=env,
     capture_output=True,
     text=True,
@@ -617,7 +623,19 @@ def test_mesh_run_equals_one_device():
     cwd=ROOT,
   )
   assert result.returncode == 0, result.stderr[-4000:]
-  assert result.stdout.strip().endswith("ok mesh"), result.stdout
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", MESH_CASES)
+def test_mesh_run_equals_one_device(mesh_run, case):
+  got = mesh_run[case]
+  assert got["decisions"] == got["decisions_one_device"], got
+  assert 0 < sum(got["decisions"]) < len(got["decisions"]), got
+  assert got["close"] <= 1.0, (
+    f"{case}: differs from one device by {got['close']:.3g} times the "
+    "tolerance (rtol=1e-5, atol=1e-6)"
+  )
+  assert got["unreplicated_scalars"] == [], got
 
 
 def _mesh_step(tx, loss, p, s, x, y, perturb=None):
@@ -626,8 +644,24 @@ def _mesh_step(tx, loss, p, s, x, y, perturb=None):
   return optax.apply_updates(p, updates), s
 
 
-def _mesh_check() -> None:
-  """A scheduled run with the batch over an 8-device mesh equals one device."""
+def _closeness(got, want, rtol=1e-5, atol=1e-6) -> float:
+  """The largest difference, in units of the tolerance (<= 1: close)."""
+  ratios = [
+    np.max(np.abs(np.asarray(a) - np.asarray(b)) / (atol + rtol * np.abs(b)))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    if np.size(b)
+  ]
+  return float(max(ratios))
+
+
+def _mesh_check(shape: str) -> dict:
+  """Scheduled runs with the batch over the mesh, and one device: both runs.
+
+  ``shape`` is ``"8"`` (the batch over 8 devices) or ``"4x2"`` (the batch
+  over 4 and the kernels' columns split over 2). The every-3 schedule is also
+  run with the host's decision (``perturb`` static: two programs) on the mesh,
+  against the conditional's run on one device.
+  """
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -644,45 +678,60 @@ def _mesh_check() -> None:
     h = jnp.tanh(x @ p["hidden"]["kernel"])
     return jnp.mean(jnp.square(h @ p["out"]["kernel"] - y))
 
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  data = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-  for kwargs in (
-    dict(schedule="random", probability=0.5, seed=4, skipped="orthogonal"),
-    dict(schedule="adaptive", threshold=0.0, skipped="orthogonal"),
-    dict(every=3),
-  ):
+  if shape == "8":
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    kernel = P()
+  else:
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    kernel = P(None, "model")
+  data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  placed = jax.device_put(params, NamedSharding(mesh, kernel))
+  xs, ys = jax.device_put(x, data), jax.device_put(y, data)
+  found = {}
+  schedules = {
+    "random": dict(schedule="random", probability=0.5, seed=4, skipped="orthogonal"),
+    "adaptive": dict(schedule="adaptive", threshold=0.0, skipped="orthogonal"),
+    "every": dict(every=3),
+  }
+  for name, kwargs in schedules.items():
     tx = optax_lgm.layer_sam(optax.sgd(0.1, momentum=0.9), 0.1, k=1, **kwargs)
     step = jax.jit(functools.partial(_mesh_step, tx, loss))
-
     one = (params, tx.init(params))
-    many = jax.device_put(one, replicated)
-    xs, ys = jax.device_put(x, data), jax.device_put(y, data)
-    taken = []
+    many = (placed, jax.device_put(tx.init(params), replicated))
+    decisions, decisions_one = [], []
     for _ in range(8):
-      one = step(*one, x, y)
-      many = step(*many, xs, ys)
-      assert int(many[1].perturbed) == int(one[1].perturbed), kwargs
-      taken.append(int(one[1].perturbed))
-    assert 0 < sum(taken) < 8, (kwargs, taken)
-    chex.assert_trees_all_close(many, one, rtol=1e-5, atol=1e-6)
-    for leaf in jax.tree.leaves(many[1]):
-      assert leaf.sharding.is_fully_replicated, leaf.sharding
-  # The host's decision (perturb static, two programs) on the mesh equals the
-  # conditional's on one device: ``one`` is still the every=3 run.
+      one, many = step(*one, x, y), step(*many, xs, ys)
+      decisions.append(int(many[1].perturbed))
+      decisions_one.append(int(one[1].perturbed))
+    scalars = [leaf for leaf in jax.tree.leaves(many[1]) if leaf.ndim == 0]
+    found[name] = {
+      "decisions": decisions,
+      "decisions_one_device": decisions_one,
+      "close": _closeness(many, one),
+      "unreplicated_scalars": [
+        str(leaf.sharding) for leaf in scalars if not leaf.sharding.is_fully_replicated
+      ],
+    }
+  # ``one`` and ``tx`` are still the every-3 run's.
   host = jax.jit(functools.partial(_mesh_step, tx, loss), static_argnames="perturb")
-  many = jax.device_put((params, tx.init(params)), replicated)
+  many = (placed, jax.device_put(tx.init(params), replicated))
+  decisions = []
   for i in range(8):
     many = host(*many, xs, ys, perturb=i % 3 == 0)
-  chex.assert_trees_all_close(many, one, rtol=1e-5, atol=1e-6)
-  assert int(many[1].perturbed_count) == 3
-  print("ok mesh")
+    decisions.append(int(many[1].perturbed))
+  found["host"] = {
+    "decisions": decisions,
+    "decisions_one_device": found["every"]["decisions_one_device"],
+    "close": _closeness(many, one),
+    "unreplicated_scalars": [],
+  }
+  return found
 
 
 if __name__ == "__main__":
-  if sys.argv[1:] != ["mesh"]:
-    sys.exit(f"usage: {sys.argv[0]} mesh")
-  _mesh_check()
+  if len(sys.argv) != 3 or sys.argv[1] != "mesh" or sys.argv[2] not in ("8", "4x2"):
+    sys.exit(f"usage: {sys.argv[0]} mesh 8|4x2")
+  print(json.dumps(_mesh_check(sys.argv[2])))
 
 
 # --------------------------------------------------------------------------
