@@ -43,10 +43,12 @@ SLOW = os.environ.get("OPTAX_LGM_SLOW", "") not in ("", "0")
 CASES = {
   **{name: [f"--optimizer={name}"] for name in OPTIMIZERS},
   "layer_sam_dynamic": ["--optimizer=layer_sam", "--layer_sam_mode=dynamic"],
+  "sam_every2": ["--optimizer=sam", "--sam_every=2"],
 }
-"""Trainer arguments of each case: every optimizer, and layer_sam's two modes."""
+"""Trainer arguments of each case: every optimizer, layer_sam's two modes, and
+SAM's second pass every 2 steps decided on the host (two programs)."""
 
-FAST = ("layer_sam", "layer_sam_dynamic")
+FAST = ("layer_sam", "layer_sam_dynamic", "sam_every2")
 """The cases run without ``OPTAX_LGM_SLOW``."""
 
 EXTRA_XLA_FLAGS = os.environ.get("OPTAX_LGM_XLA_FLAGS", "")
