@@ -477,20 +477,28 @@ def loss_with_dot(params, i=0):
 # --------------------------------------------------------------------------
 
 
-def _mlp():
-  rng = np.random.default_rng(3)
+def _mlp_problem(seed, rows, sizes, scale):
+  """An MLP's params, a batch and its squared loss ``loss(p, x, y)``."""
+  rng = np.random.default_rng(seed)
+  n_in, hidden, n_out = sizes
   params = {
-    "hidden": {"kernel": jnp.asarray(rng.normal(size=(5, 8)) * 0.5, jnp.float32)},
-    "out": {"kernel": jnp.asarray(rng.normal(size=(8, 2)) * 0.5, jnp.float32)},
+    "hidden": {"kernel": jnp.asarray(rng.normal(size=(n_in, hidden)) * scale)},
+    "out": {"kernel": jnp.asarray(rng.normal(size=(hidden, n_out)) * scale)},
   }
-  x = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(12, 2)), jnp.float32)
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  x = jnp.asarray(rng.normal(size=(rows, n_in)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(rows, n_out)), jnp.float32)
 
-  def loss(p, i=0):
+  def loss(p, x, y):
     h = jnp.tanh(x @ p["hidden"]["kernel"])
     return jnp.mean(jnp.square(h @ p["out"]["kernel"] - y))
 
-  return params, loss
+  return params, x, y, loss
+
+
+def _mlp():
+  params, x, y, loss = _mlp_problem(3, 12, (5, 8, 2), 0.5)
+  return params, lambda p, i=0: loss(p, x, y)
 
 
 def _conv_net():
@@ -666,18 +674,7 @@ def _mesh_check(shape: str) -> dict:
   from jax.sharding import PartitionSpec as P
 
   assert jax.device_count() == 8, jax.devices()
-  rng = np.random.default_rng(0)
-  params = {
-    "hidden": {"kernel": jnp.asarray(rng.normal(size=(8, 16)) * 0.3, jnp.float32)},
-    "out": {"kernel": jnp.asarray(rng.normal(size=(16, 4)) * 0.3, jnp.float32)},
-  }
-  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
-
-  def loss(p, x, y):
-    h = jnp.tanh(x @ p["hidden"]["kernel"])
-    return jnp.mean(jnp.square(h @ p["out"]["kernel"] - y))
-
+  params, x, y, loss = _mlp_problem(0, 64, (8, 16, 4), 0.3)
   if shape == "8":
     mesh = Mesh(np.array(jax.devices()), ("data",))
     kernel = P()
