@@ -43,6 +43,13 @@ def _percent(target: float) -> str:
   return f"{100 * target:g}%"
 
 
+def markdown(table: Table) -> str:
+  """A table as markdown, for a terminal (``python -m examples.compare``)."""
+  header, rows = table
+  lines = [header, ["---"] * len(header), *rows]
+  return "\n".join("| " + " | ".join(row) + " |" for row in lines)
+
+
 ROBUSTNESS = {
   "clean": "clean (robustness subset)",
   "fgsm@0.0314": "FGSM 8/255",
@@ -54,12 +61,26 @@ ROBUSTNESS = {
 """The robustness columns of a comparison: key in the JSON -> header."""
 
 
-def compare_table(data: dict) -> Table:
+PERFORMANCE = (
+  "images/s",
+  "compile s, first seed (critical / background)",
+  "compilations",
+  "selection changes",
+)
+"""The cost columns that ``python -m examples.compare`` adds to its table."""
+
+
+def compare_table(
+  data: dict, robustness: dict[str, str] = ROBUSTNESS, performance: bool = False
+) -> Table:
   """``python -m examples.compare``'s ``results.json``: one row per optimizer.
 
   Mean ± std over seeds; steps to the target over the runs that reached it,
   with how many did; seconds to the target as the median over seeds, a miss
-  counting as infinite.
+  counting as infinite. ``robustness`` maps the robustness keys shown to their
+  headers; ``performance`` adds the `PERFORMANCE` columns: throughput, the
+  first seed's compile seconds (the later seeds reuse its programs), and the
+  medians of compilations and selection changes.
   """
   target = _percent(data["args"]["target"])
   header = [
@@ -68,7 +89,8 @@ def compare_table(data: dict) -> Table:
     "test acc",
     f"steps to {target} (runs)",
     f"seconds to {target} (median)",
-    *ROBUSTNESS.values(),
+    *(PERFORMANCE if performance else ()),
+    *robustness.values(),
   ]
   rows = []
   for name, summary in data["summary"].items():
@@ -77,6 +99,15 @@ def compare_table(data: dict) -> Table:
     times = [float("inf") if t is None else t for t in summary["time_to_target"]]
     median = statistics.median(times)
     robust = summary.get("robustness", {})
+    cost = []
+    if performance:
+      cost = [
+        _mean_std(summary["images_per_s"], 0),
+        f"{summary['compile_seconds'][0]:.1f} / "
+        f"{summary['background_compile_seconds'][0]:.1f}",
+        f"{statistics.median(summary['compilations']):g}",
+        f"{statistics.median(summary['selection_changes']):g}",
+      ]
     rows.append(
       [
         name,
@@ -85,7 +116,8 @@ def compare_table(data: dict) -> Table:
         _mean_std(summary["test_accuracy"], 4),
         f"{_mean_std(steps, 0)} {runs}" if steps else f"— {runs}",
         "—" if median == float("inf") else f"{median:.1f}",
-        *(_mean_std(robust[key], 3) if key in robust else "—" for key in ROBUSTNESS),
+        *cost,
+        *(_mean_std(robust[key], 3) if key in robust else "—" for key in robustness),
       ]
     )
   return header, rows

@@ -2,23 +2,17 @@
 
 The protocol, the same for every optimizer:
 
-1. A validation split is carved from the training set (``Config.validation``
-   examples, the same draw in every run); every run of the protocol trains on
-   the rest, and tuning never looks at the test set.
-2. A log grid of learning rates around the optimizer's default
-   (``DEFAULT_LEARNING_RATES``): ``default * factor**p`` for ``points``
-   consecutive powers ``p`` with the default inside (4 points: ``p`` in -2,
-   -1, 0, 1). One run per rate (seed 0), judged by its final validation
-   accuracy. While the best rate is at an edge, the grid is widened by one
-   rate beyond that edge (at most ``max_widen`` times).
-3. ``sam`` and ``layer_sam``: the radius ``rho`` over ``rhos`` at the chosen
-   rate (the grid ran at the default radius).
-4. `compare` then runs the chosen settings for every seed and judges them on
-   the test set.
+1. Every run trains on the training set less a validation split
+   (``Config.validation`` examples, the same draw in every run) and is judged
+   by its final accuracy on that split, never on the test set.
+2. A log grid of learning rates ``default * factor**p`` for ``points``
+   consecutive powers ``p`` around 0 (`powers`), the default being
+   ``DEFAULT_LEARNING_RATES``; one run per rate, at seed 0. While the best rate
+   is at an edge, the grid grows by one rate beyond it (``max_widen`` times).
+3. ``sam`` and ``layer_sam``: the radius ``rho`` over ``rhos`` at that rate.
 
-The best run is the highest validation accuracy; of runs that tie, the one
-nearest the default. ``inside`` records whether the chosen rate lies strictly
-inside the grid that ran.
+The best run has the highest validation accuracy; of runs that tie, the one
+nearest the default.
 """
 
 import dataclasses
@@ -57,22 +51,21 @@ def tune(
   """Tunes optimizer ``name``'s learning rate (and radius) on the validation split.
 
   Args:
-    config: the settings of every run (``validation`` must be set); the
-      optimizer, learning rate, radius, seed, evaluation split and robustness
-      are set here.
+    config: the settings of every run (``validation`` must be set).
     name: the optimizer.
-    train: runs one training run (`examples.train.train_and_evaluate` in its
-      work directory); returns its results.
+    train: runs one training (`examples.train.train_and_evaluate` in its work
+      directory); returns its results.
     points: the size of the first grid.
     factor: the ratio of neighbouring rates.
     rhos: the radii of ``sam`` and ``layer_sam``.
     max_widen: how many rates may be added beyond an edge, one at a time.
 
   Returns:
-    ``grid`` (per run: ``learning_rate``, ``rho``, ``validation_accuracy``,
-    ``seconds``), ``rho_grid`` (the same, for the radii), ``chosen``
-    (``learning_rate`` and ``rho``), ``widened`` (the rates added beyond an
-    edge, in turn) and ``inside``.
+    ``grid`` (per run: ``learning_rate``, ``power``, ``rho``,
+    ``validation_accuracy``, ``seconds``), ``rho_grid`` (the same, for the
+    radii), ``chosen`` (``learning_rate`` and ``rho``), ``widened`` (the rates
+    added beyond an edge, in turn) and ``inside`` (whether the chosen rate lies
+    strictly inside the grid that ran).
   """
   if not config.validation:
     raise ValueError("tuning needs a validation split: set Config.validation")
@@ -107,11 +100,11 @@ def tune(
     chosen = best(grid)
     widened.append(default * factor**edge)
   inside = chosen not in (grid[0], grid[-1])
-  rho_grid = []
-  if name in SAM_LIKE:
-    rho_grid = [trial(chosen["power"], rho) for rho in rhos]
-    rho = max(rho_grid, key=lambda r: (r["validation_accuracy"], r["rho"] == SAM_RHO))
-    chosen = rho
+  rho_grid = [trial(chosen["power"], rho) for rho in rhos] if name in SAM_LIKE else []
+  if rho_grid:  # Of radii that tie, the default.
+    chosen = max(
+      rho_grid, key=lambda r: (r["validation_accuracy"], r["rho"] == SAM_RHO)
+    )
   return {
     "grid": grid,
     "rho_grid": rho_grid,
@@ -119,29 +112,6 @@ def tune(
     "widened": widened,
     "inside": inside,
   }
-
-
-def markdown_table(tuning: dict[str, dict[str, Any]]) -> str:
-  """The grids and the choices as a markdown table."""
-  lines = [
-    "| optimizer | learning rate: validation accuracy | rho: validation accuracy "
-    "| chosen lr | chosen rho | inside the grid |",
-    "|---|---|---|---|---|---|",
-  ]
-  for name, t in tuning.items():
-    grid = ", ".join(f"{r['learning_rate']:.3g}: {r['validation_accuracy']:.3f}"
-                     for r in t["grid"])  # fmt: skip
-    rhos = ", ".join(f"{r['rho']:g}: {r['validation_accuracy']:.3f}"
-                     for r in t["rho_grid"]) or "-"  # fmt: skip
-    chosen = t["chosen"]
-    rho = f"{chosen['rho']:g}" if t["rho_grid"] else "-"
-    inside = "yes" if t["inside"] else "no (at an edge after widening)"
-    if t["widened"]:
-      inside += f" (widened {len(t['widened'])}x)"
-    lines.append(
-      f"| {name} | {grid} | {rhos} | {chosen['learning_rate']:.3g} | {rho} | {inside} |"
-    )
-  return "\n".join(lines)
 
 
 def seconds_of(tuning: dict[str, dict[str, Any]]) -> float:
