@@ -1,26 +1,17 @@
 """The cost of every optax_lgm transformation against its Optax peers.
 
-Prints a markdown report and (with ``--json``) writes the figures as JSON.
-Every figure is the median over interleaved rounds after compilation, as a
-ratio to a baseline measured in the same run (see ``benchmarks/_timing.py``):
-
-1. ``update``: one jitted ``tx.update`` (params given) on a ResNet-50-shaped
-   tree (25.6M parameters, 161 leaves) and on a tree of about 1,000 leaves,
-   against ``optax.scale_by_adam``;
-2. ``compile``: trace + lower + compile of the same updates on the many-leaf
-   tree, against ``optax.scale_by_adam``'s;
-3. ``memory``: bytes of the optimizer state, against Adam's;
-4. ``train``: a jitted training step of a ResNet-20 (batch 128, CIFAR-shaped)
-   per optimizer, against SGD with momentum.
-
-The device is named in the report; on a GPU machine the same command gives
-the report there.
+Prints a markdown report (`benchmarks.report`) of four sections, each a ratio
+to a baseline timed in the same run (medians over interleaved rounds after
+compilation, see ``benchmarks/_timing.py``): ``update``, one jitted
+``tx.update`` on a ResNet-50-shaped tree and a many-leaf tree, against
+``optax.scale_by_adam``; ``compile``, its compile time on the many-leaf tree;
+``memory``, the bytes of the optimizer state, against Adam's; ``train``, a
+jitted ResNet-20 training step, against SGD with momentum. ``--json`` writes
+the figures; ``--quick`` runs tiny sizes with XLA's optimisations off (a smoke
+test: its figures mean nothing). Progress goes to stderr.
 
 Run from the repository root: ``python -m benchmarks [--reps 20]
-[--train-reps 5] [--compile-reps 1] [--sizes batch=64,leaves=500]
-[--only update,memory] [--json out.json]``; ``--quick`` runs tiny sizes with
-XLA's optimisations off (the smoke test: its figures mean nothing). Progress
-goes to stderr, the report to stdout.
+[--sizes batch=64,leaves=500] [--only update,memory] [--json out.json]``.
 """
 
 import argparse
@@ -52,15 +43,9 @@ DEFAULT_SIZES: dict[str, Any] = dict(
   width=16,  # and width.
 )
 QUICK_SIZES: dict[str, Any] = dict(
-  resnet50_width=0.0625,
-  resnet50_depth=14,
-  leaves=21,
-  leaf_dim=8,
-  batch=4,
-  image=8,
-  depth=8,
-  width=4,
-)
+  resnet50_width=0.0625, resnet50_depth=14, leaves=21, leaf_dim=8,
+  batch=4, image=8, depth=8, width=4,
+)  # fmt: skip
 
 
 def parse_sizes(text: str | None, base: dict[str, Any]) -> dict[str, Any]:
@@ -88,39 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks", description=__doc__.splitlines()[0]
   )
-  parser.add_argument(
-    "--sizes",
-    default=None,
-    help="comma-separated key=value overrides of the sizes: "
-    + ", ".join(f"{k}={v}" for k, v in DEFAULT_SIZES.items()),
-  )
-  parser.add_argument(
-    "--reps",
-    type=int,
-    default=None,
-    help="interleaved rounds of the update timings (20)",
-  )
-  parser.add_argument(
-    "--train-reps",
-    type=int,
-    default=None,
-    help="interleaved rounds of the train-step timing (5)",
-  )
-  parser.add_argument(
-    "--compile-reps",
-    type=int,
-    default=None,
-    help="interleaved rounds of the compile timing (1: compiles are slow)",
-  )
-  parser.add_argument("--json", default=None, metavar="PATH", help="write JSON here")
-  parser.add_argument(
-    "--quick", action="store_true", help="tiny sizes and few rounds (smoke test)"
-  )
-  parser.add_argument(
-    "--only",
-    default=",".join(SECTIONS),
-    help=f"comma-separated sections to run, of {','.join(SECTIONS)}",
-  )
+  add = parser.add_argument
+  sizes = ", ".join(f"{k}={v}" for k, v in DEFAULT_SIZES.items())
+  add("--sizes", help=f"comma-separated key=value overrides of the sizes: {sizes}")
+  add("--reps", type=int, help="interleaved rounds of the update timings (20)")
+  add("--train-reps", type=int, help="interleaved rounds of the train step (5)")
+  add("--compile-reps", type=int, default=1, help="rounds of the compile timing")
+  add("--json", metavar="PATH", help="write JSON here")
+  add("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
+  add("--only", default=",".join(SECTIONS), help=f"sections, of {','.join(SECTIONS)}")
   args = parser.parse_args(argv)
   args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
   unknown = set(args.sections) - set(SECTIONS)
@@ -131,8 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.reps = 3 if args.quick else 20
   if args.train_reps is None:
     args.train_reps = 2 if args.quick else 5
-  if args.compile_reps is None:
-    args.compile_reps = 1
   return args
 
 
@@ -140,11 +99,8 @@ def _progress(section: str):
   start = time.perf_counter()
 
   def say(message: str) -> None:
-    print(
-      f"[{section} {time.perf_counter() - start:6.1f}s] {message}",
-      file=sys.stderr,
-      flush=True,
-    )
+    seconds = time.perf_counter() - start
+    print(f"[{section} {seconds:6.1f}s] {message}", file=sys.stderr, flush=True)
 
   return say
 
@@ -161,30 +117,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   start, cpu_start = time.perf_counter(), time.process_time()
   device = jax.devices()[0]
   kind = getattr(device, "device_kind", device.platform)
-  meta: dict[str, Any] = dict(
-    device=f"{device.platform}: {kind}",
-    device_count=jax.device_count(),
-    gpu_note=(
+  gpu_note = f"Section 5: this is the report on {kind}."
+  if device.platform == "cpu":
+    gpu_note = (
       "No GPU in this run: section 5 (the same report on a GPU) needs a GPU "
       "machine; run the same command there."
-      if device.platform == "cpu"
-      else f"Section 5: this is the report on {kind}."
-    ),
-    cpu_count=os.cpu_count(),
-    load_start=_load(),
-    jax=jax.__version__,
-    jaxlib=jaxlib.__version__,
-    optax=optax.__version__,
-    flax=flax.__version__,
-    optax_lgm=optax_lgm.__version__,
-    python=platform.python_version(),
-    sizes=args.sizes,
-    reps=args.reps,
-    train_reps=args.train_reps,
-    compile_reps=args.compile_reps,
-    sections=args.sections,
-    quick=args.quick,
-  )
+    )
+  versions = {m.__name__: m.__version__ for m in (jax, jaxlib, optax, flax, optax_lgm)}
+  settings = ("sizes", "reps", "train_reps", "compile_reps", "sections", "quick")
+  meta: dict[str, Any] = {
+    "device": f"{device.platform}: {kind}",
+    "device_count": jax.device_count(),
+    "gpu_note": gpu_note,
+    "cpu_count": os.cpu_count(),
+    "load_start": _load(),
+    **versions,
+    "python": platform.python_version(),
+    **{key: getattr(args, key) for key in settings},
+  }
   results: dict[str, Any] = dict(meta=meta)
   # Where compile time is not the figure, compile on every core at once.
   workers = max(1, min(4, os.cpu_count() or 1))

@@ -25,28 +25,26 @@ import json
 import os
 import pathlib
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-import matplotlib
+from examples import distributed, loop, train, tune
+from examples.config import Config, Parser, UsageError, with_learning_rate
+from examples.optimizers import OPTIMIZERS
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from examples import distributed, loop, train, tune  # noqa: E402
-from examples.config import Config, Parser, UsageError, with_learning_rate  # noqa: E402
-from examples.optimizers import OPTIMIZERS  # noqa: E402
-
-# The results page's tables (docs/make_tables.py), printed here as markdown.
+# The results page's tables and figures (docs/), here of one comparison.
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "docs"))
+import make_figures  # noqa: E402
 import make_tables  # noqa: E402
 
 PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png")
-"""The file names of the plots (the last two only with lgm / layer_sam)."""
+"""The file names of the plots (the last two only with lgm / layer_sam): the
+results page's figures of test accuracy against step, LGM's per-layer factors
+and ``layer_sam``'s selection count per layer."""
 
 
 def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
@@ -63,7 +61,7 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
       "time_to_target": list(seconds),
       # Epochs after the first: without compilation.
       "images_per_s": [
-        float(np.mean([h["images_per_s"] for h in r["history"][1:] or r["history"]]))
+        statistics.fmean(h["images_per_s"] for h in r["history"][1:] or r["history"])
         for r in results
       ],
       "compile_seconds": [c["critical_seconds"] for c in compiles],
@@ -80,47 +78,14 @@ def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
   return summary
 
 
-def plot(runs: dict[str, list[dict]], out: pathlib.Path, target: float) -> list[str]:
-  """Writes the PNG plots (`PLOTS`, the last two where they apply); their paths."""
-  figures = {name: plt.subplots(figsize=(7, 4.5)) for name in PLOTS}
-  _, ax = figures["learning_curves.png"]
-  for name, results in runs.items():
-    points = [(p["step"], p["test_accuracy"]) for r in results for p in r["curve"]]
-    steps = sorted({step for step, _ in points})
-    mean = [np.mean([acc for s, acc in points if s == step]) for step in steps]
-    ax.plot(steps, mean, label=name)
-  ax.axhline(target, color="gray", linestyle=":", linewidth=1)
-  ax.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1))
-  ax.set_title("Test accuracy (mean over seeds)")
-  ax.legend()
-  if "lgm" in runs:
-    _, ax = figures["lgm_layer_scale.png"]
-    history = [r["history"] for r in runs["lgm"]]
-    epochs = [e["epoch"] for e in history[0]]
-    for layer in history[0][0]["layer_stats"].get("lgm_scale", {}):
-      scale = [
-        [np.mean(e["layer_stats"]["lgm_scale"][layer]) for e in h] for h in history
-      ]
-      ax.plot(epochs, np.mean(scale, axis=0), marker="o", label=layer)
-    ax.set(xlabel="epoch", ylabel="LGM scale", yscale="log")
-    ax.set_title("LGM per-layer scale (mean over seeds)")
-    ax.legend(fontsize="small")
-  if "layer_sam" in runs:
-    _, ax = figures["layer_sam_selection.png"]
-    counts = [r["history"][-1]["layer_stats"] for r in runs["layer_sam"]]
-    counts = [stats["sam_selected_count"] for stats in counts]
-    layers = list(counts[0])
-    ax.bar(range(len(layers)), [np.mean([c[n] for c in counts]) for n in layers])
-    ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
-    ax.set(ylabel="steps selected")
-    ax.set_title("layer_sam: selection count per layer (mean over seeds)")
+def plot(results: dict[str, Any], out: pathlib.Path) -> list[str]:
+  """Draws `PLOTS` (those that apply) of ``results``, saved as ``out/results.json``."""
+  sha = make_figures.sha256(out / "results.json")
+  names = dict(zip(("_curves", "_lgm", "_layer_sam"), PLOTS))
   written = []
-  for name, (fig, ax) in figures.items():
-    if ax.has_data():
-      fig.tight_layout()
-      fig.savefig(out / name, dpi=100)
-      written.append(str(out / name))
-    plt.close(fig)
+  for suffix, draw, _ in make_figures.figures_for("compare", results):
+    draw(results, out / names[suffix], sha)
+    written.append(str(out / names[suffix]))
   return written
 
 
@@ -231,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(results["table"])
   with open(out / "results.json", "w") as f:
     json.dump(results, f, indent=2)
-  results["plots"] = plot(runs, out, target)
+  results["plots"] = plot(results, out)
   print(f"wrote {out / 'results.json'} and {', '.join(results['plots'])}")
   return results
 
