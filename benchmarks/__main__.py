@@ -51,20 +51,13 @@ QUICK_SIZES: dict[str, Any] = dict(
 def parse_sizes(text: str | None, base: dict[str, Any]) -> dict[str, Any]:
   """Applies ``key=value,...`` overrides to ``base``."""
   sizes = dict(base)
-  if not text:
-    return sizes
-  for item in text.split(","):
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or key not in sizes:
-      raise SystemExit(
-        f"--sizes takes key=value pairs with keys in {sorted(sizes)}, got {item!r}."
-      )
+  for item in text.split(",") if text else []:
+    key, _, value = (part.strip() for part in item.partition("="))
     try:
-      number = float(value)
-    except ValueError:
-      raise SystemExit(f"--sizes: {key} takes a number, got {value!r}.") from None
-    sizes[key] = number if isinstance(base[key], float) else int(number)
+      sizes[key] = type(base[key])(float(value))  # int sizes stay ints.
+    except (KeyError, ValueError):
+      message = f"--sizes: {item!r} is not key=number with a key in {', '.join(sizes)}"
+      raise SystemExit(message) from None
   return sizes
 
 
@@ -140,34 +133,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   workers = max(1, min(4, os.cpu_count() or 1))
   shapes = update_cost.tree_shapes(args.sizes)
   titles = update_cost.tree_titles(args.sizes)
-  if "memory" in args.sections:
+
+  def tree(name: str, section: str, **kwargs) -> dict[str, Any]:
+    progress = _progress(f"{section}/{name}")
+    kwargs.update(title=titles[name], reps=args.reps, progress=progress)
+    return update_cost.run_tree(shapes[name], **kwargs)
+
+  sections = args.sections
+  if "memory" in sections:
     results["memory"] = update_cost.run_memory(shapes, titles, _progress("memory"))
-  if "update" in args.sections:
-    results["update"] = {
-      "resnet50": update_cost.run_tree(
-        shapes["resnet50"],
-        title=titles["resnet50"],
-        reps=args.reps,
-        compile_reps=1,
-        workers=workers,
-        progress=_progress("update/resnet50"),
-      )
-    }
-  if "update" in args.sections or "compile" in args.sections:
+  if "update" in sections:
+    resnet50 = tree("resnet50", "update", compile_reps=1, workers=workers)
+    results["update"] = {"resnet50": resnet50}
+  if "update" in sections or "compile" in sections:
     # One set of compilations serves both sections.
-    many = update_cost.run_tree(
-      shapes["many_leaves"],
-      title=titles["many_leaves"],
-      reps=args.reps,
-      compile_reps=args.compile_reps if "compile" in args.sections else 1,
-      progress=_progress("update+compile/many_leaves"),
-      time_updates="update" in args.sections,
+    reps = args.compile_reps if "compile" in sections else 1
+    updates = "update" in sections
+    many = tree(
+      "many_leaves", "update+compile", compile_reps=reps, time_updates=updates
     )
-    if "update" in args.sections:
+    if "update" in sections:
       results["update"]["many_leaves"] = many
-    if "compile" in args.sections:
+    if "compile" in sections:
       results["compile"] = many
-  if "train" in args.sections:
+  if "train" in sections:
     results["train"] = train_step.run(
       args.sizes,
       reps=args.train_reps,

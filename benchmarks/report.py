@@ -48,9 +48,8 @@ def update_section(results: dict[str, Any]) -> list[str]:
 
   def cells(row):
     u = row.get("update")
-    ms = "-" if u is None else f"{u['median_s'] * 1e3:.2f}"
-    ratio = "-" if u is None else _ratio(u)
-    return [ms, ratio, f"{row['passes']:.1f}", _kernels(row["compile"])]
+    timing = ["-", "-"] if u is None else [f"{u['median_s'] * 1e3:.2f}", _ratio(u)]
+    return [*timing, f"{row['passes']:.1f}", _kernels(row["compile"])]
 
   for tree in results.values():
     lines += ["", f"### {_tree_title(tree)}", "", *_table(header, tree["rows"], cells)]

@@ -1,28 +1,22 @@
 """Compares the optimizers of `examples.train` over several seeds.
 
 Trains every optimizer (default: all of `examples.optimizers.OPTIMIZERS`) for
-``--seeds`` seeds on one dataset and model, and prints a markdown table of mean
-± std over seeds: final test accuracy, steps and seconds to the target accuracy
-(AlgoPerf's rule: training seconds to the first evaluation at or above it,
-compilation included; the median over seeds, a miss counting as infinite),
-throughput, compile cost and FGSM / PGD / noise accuracies. Writes
-``OUT/results.json`` and the plots `PLOTS` into ``OUT``.
+``--seeds`` seeds and prints a markdown table of mean ± std over seeds: the
+results page's columns (test accuracy, steps and seconds to the target as
+`examples.loop` defines them, FGSM / PGD / noise accuracies) and the cost
+(throughput, compilation). Writes ``OUT/results.json`` and the plots `PLOTS`.
 
-With ``--tune``, each optimizer first gets its own learning rate (and ``sam``
-and ``layer_sam`` their radius) by `examples.tune`'s protocol, on a validation
-split held out of the training set (``--validation``, default a sixth of it);
-the seeds then run at the chosen settings and are judged on the test set.
+With ``--tune``, each optimizer first gets its own learning rate (and radius)
+by `examples.tune`, on a validation split of the training set
+(``--validation``, default a sixth of it); the seeds then run at the chosen
+settings and are judged on the test set. Every `examples.config.Config`
+setting is a flag too (``--help``).
 
-Every setting of `examples.config.Config` is a flag too (``--help``).
-
-Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --epochs 10
---out results --tune]``.
+Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --tune]``.
 """
 
 import dataclasses
-import itertools
 import json
-import os
 import pathlib
 import shlex
 import statistics
@@ -137,10 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   runs: dict[str, list[dict]] = {}
   tuning: dict[str, dict] = {}
   with tempfile.TemporaryDirectory() as workdirs:
-    count = itertools.count()
 
     def run(settings: Config) -> dict:
-      workdir = os.path.join(workdirs, f"{settings.optimizer}_{next(count)}")
+      workdir = tempfile.mkdtemp(prefix=f"{settings.optimizer}_", dir=workdirs)
       return train.train_and_evaluate(with_learning_rate(settings), workdir)
 
     try:
