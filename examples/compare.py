@@ -85,13 +85,12 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[str]:
 
 def commit() -> str | None:
   """The git commit of this checkout (``None`` outside a git checkout)."""
-  git = ["git", "rev-parse", "--short", "HEAD"]
-  here = pathlib.Path(__file__).parent
+  here = str(pathlib.Path(__file__).parent)
+  git = ["git", "-C", here, "rev-parse", "--short", "HEAD"]
   try:
-    run = subprocess.run(git, cwd=here, capture_output=True, text=True, check=True)
+    return subprocess.check_output(git, text=True, stderr=subprocess.DEVNULL).strip()
   except (OSError, subprocess.CalledProcessError):
     return None
-  return run.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,12 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   add("--seeds", type=int, default=3, help="runs per optimizer (seeds 0, 1, ...)")
   add("--out", default="results", metavar="DIR", help="for results.json and plots")
   add = parser.add_argument_group("tuning (examples/tune.py)").add_argument
-  add(
-    "--tune", action="store_true",
-    help="first tune each optimizer's learning rate (sam and layer_sam: and rho) "
-    "on a validation split of the training set, then run the seeds at the "
-    "chosen settings (default --validation: a sixth of the training set)",
-  )  # fmt: skip
+  about = "first tune each optimizer's learning rate (and rho) on --validation "
+  add("--tune", action="store_true", help=about + "examples (default: a sixth)")
   add("--tune_points", type=int, default=4, help="the rates of the first grid")
   add("--tune_factor", type=float, default=3.0, help="ratio of neighbouring rates")
   arguments = sys.argv[1:] if argv is None else argv

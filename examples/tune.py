@@ -1,18 +1,12 @@
 """Each optimizer at its own learning rate: the tuning of ``compare --tune``.
 
-The protocol, the same for every optimizer:
-
-1. Every run trains on the training set less a validation split
-   (``Config.validation`` examples, the same draw in every run) and is judged
-   by its final accuracy on that split, never on the test set.
-2. A log grid of learning rates ``default * factor**p`` for ``points``
-   consecutive powers ``p`` around 0 (`powers`), the default being
-   ``DEFAULT_LEARNING_RATES``; one run per rate, at seed 0. While the best rate
-   is at an edge, the grid grows by one rate beyond it (``max_widen`` times).
-3. ``sam`` and ``layer_sam``: the radius ``rho`` over ``rhos`` at that rate.
-
-The best run has the highest validation accuracy; of runs that tie, the one
-nearest the default.
+Every run trains on the training set less a validation split
+(``Config.validation`` examples, the same draw in every run) and is judged by
+its final accuracy on that split, never on the test set, at seed 0. The
+learning rates form a log grid around the optimizer's default (`powers`),
+widened by one rate beyond an edge while the best rate is there; ``sam`` and
+``layer_sam`` then try each radius at that rate. Of runs that tie, the one
+nearest the default wins.
 """
 
 import dataclasses
