@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   add("--out", default="results", metavar="DIR", help="for results.json and plots")
   add = parser.add_argument_group("tuning (examples/tune.py)").add_argument
   about = "first tune each optimizer's learning rate (and rho) on --validation "
-  add("--tune", action="store_true", help=about + "examples (default: a sixth)")
+  add("--tune", action="store_true", help=about + "training examples (default 1/6)")
   add("--tune_points", type=int, default=4, help="the rates of the first grid")
   add("--tune_factor", type=float, default=3.0, help="ratio of neighbouring rates")
   arguments = sys.argv[1:] if argv is None else argv
