@@ -31,7 +31,6 @@ Run: ``python -m benchmarks.trainer_time_to_target [--dataset digits]
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import platform
@@ -44,6 +43,9 @@ from typing import Any
 import numpy as np
 
 from examples import loop
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "docs"))
+import make_tables  # noqa: E402  (docs/make_tables.py: the results page's cells)
 
 LENGTHS = {
   "digits": {
@@ -144,33 +146,6 @@ def summarize(runs: list[dict[str, Any]], optimizers: list[str]) -> dict[str, An
       ],
     }
   return summary
-
-
-def table(results: dict[str, Any]) -> str:
-  """A markdown table of every model and length."""
-  header = (
-    "| model | length | optimizer | time to target (median s) | x SAM "
-    "| steps to target | final acc | compile s critical / background "
-    "| compilations | changes |"
-  )
-  lines = [header, "|" + "---|" * 10]
-  for key, summary in results["summaries"].items():
-    model, length = key.split("/")
-    sam = summary.get("sam", {}).get("median_time_to_target")
-    for name, s in summary.items():
-      ratio = s["median_time_to_target"] / sam if sam else math.nan
-      acc = s["final_test_accuracy"]
-      steps = [x for x in s["steps_to_target"] if x is not None]
-      lines.append(
-        f"| {model} | {length} | {name} | {s['median_time_to_target']:.1f} | "
-        f"{ratio:.2f} | {np.median(steps) if steps else math.inf:.0f} | "
-        f"{np.mean(acc):.4f} ± {np.std(acc):.4f} | "
-        f"{np.median(s['compile_critical_s']):.1f} / "
-        f"{np.median(s['compile_background_s']):.1f} | "
-        f"{np.median(s['compilations']):g} | "
-        f"{np.median([len(c) for c in s['selection_changes']]):g} |"
-      )
-  return "\n".join(lines)
 
 
 def targets(results: dict[str, Any]) -> list[str]:
@@ -289,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cache:
       results["cache"] = cache_check(args.models.split(",")[-1], optimizers)
   results["wall_seconds"] = time.perf_counter() - began
-  print(table(results))
+  print(make_tables.markdown(make_tables.trainer_time_to_target_table(results)))
   print("\n".join(targets(results)))
   if "cache" in results:
     print("persistent cache (compile seconds, first run / rerun):", results["cache"])
