@@ -1,13 +1,8 @@
 """Orbax checkpoints of `examples.train`: save, resume, and fall back on damage.
 
-A checkpoint ``WORKDIR/checkpoints/STEP`` holds ``nnx.state(model)``
-(parameters and BatchNorm statistics), ``nnx.state(optimizer)`` (the step
-count and the optax state) and, as JSON, the run's progress: the step, the
-losses of the current epoch, the metrics so far, the training time and the
-host state of `optax_lgm.StaticSelection`. The last two checkpoints are kept,
-so that a damaged latest one (a truncated or missing file) leaves the one
-before: `Checkpoints.restore` reports the damage in one line, deletes the
-damaged checkpoint and resumes from the previous one.
+A checkpoint ``WORKDIR/checkpoints/STEP`` holds the arrays of the model and
+the optimizer, and as JSON the run's `progress`. The last `KEEP` are kept, so
+that a damaged latest one leaves the one before to resume from.
 """
 
 import os
@@ -21,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from examples.config import UsageError
+from examples.config import RESUME_KEYS, UsageError
 
 KEEP = 2
 """How many checkpoints are kept: the latest and the one before it."""
@@ -57,6 +52,16 @@ def load(node: nnx.Module | nnx.Optimizer, saved: dict) -> None:
   nnx.update(node, state)
 
 
+def progress(step: int, metrics: Any, losses: Sequence, selection: Any) -> dict:
+  """A checkpoint's JSON: step, metrics, losses of the epoch, a selection's state."""
+  return {
+    "step": step,
+    "metrics": metrics.copy(),  # Not the run's own: orbax writes in the background.
+    "losses": [float(x) for x in jax.device_get(losses)],  # Exact.
+    "static_selection": selection.state_dict() if selection else {},
+  }
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
@@ -73,12 +78,9 @@ class Checkpoints:
   """
 
   def __init__(
-    self,
-    directory: str | os.PathLike[str],
-    *,
-    resume: bool,
+    self, directory: str | os.PathLike[str], *, resume: bool,
     log: Callable[[str], None] | None = None,
-  ):
+  ):  # fmt: skip
     self.directory = pathlib.Path(directory)
     self.log = log or (lambda line: print(line, file=sys.stderr))
     if not resume:
@@ -105,74 +107,66 @@ class Checkpoints:
     )
 
   def restore(
-    self,
-    model: nnx.Module,
-    optimizer: nnx.Optimizer,
-    config: Any,
-    same: Sequence[str],
-  ) -> dict | None:
+    self, model: nnx.Module, optimizer: nnx.Optimizer, config: Any,
+    same: Sequence[str] = RESUME_KEYS,
+  ) -> dict | None:  # fmt: skip
     """Loads the latest readable checkpoint into ``model`` and ``optimizer``.
 
-    A checkpoint that cannot be read is reported in one line and deleted, and
-    the one before it is tried.
-
-    Args:
-      model: the model, built as at the start of the run.
-      optimizer: its optimizer, built as at the start of the run.
-      config: the settings of this run (a dataclass).
-      same: the settings a checkpoint must share with ``config``; checked
-        before any array is read.
+    ``model`` and ``optimizer`` are built as at the start of the run; a
+    checkpoint must share the settings ``same`` with ``config`` (checked
+    before any array is read). One that cannot be read is reported, deleted,
+    and the one before it tried. Process 0 says where the run starts.
 
     Returns:
-      The ``progress`` given to `save`, or ``None`` if the folder holds no
-      checkpoint.
+      The `progress` saved, or ``None`` if the folder holds no checkpoint.
 
     Raises:
       UsageError: if the checkpoint was written with other ``same`` settings,
         or if there were checkpoints but none could be read.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
-    target = jax.tree.map(
-      ocp.utils.to_shape_dtype_struct,
-      {"model": saveable(model), "optimizer": saveable(optimizer)},
-    )
+    target = {"model": saveable(model), "optimizer": saveable(optimizer)}
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     for step in steps:
       try:
-        progress = self.manager.restore(
-          step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
-        )["progress"]
+        progress = self._read(step, progress=ocp.args.JsonRestore())["progress"]
+        self._check(progress["metrics"]["config"], config, same)
+        arrays = self._read(step, **{
+          name: ocp.args.StandardRestore(tree) for name, tree in target.items()
+        })  # fmt: skip
+      except UsageError:
+        raise
       except Exception as error:  # noqa: BLE001 Orbax raises many kinds.
         self._damaged(step, error)
         continue
-      saved = progress["metrics"]["config"]
-      if changed := [k for k in same if saved[k] != getattr(config, k)]:
-        raise UsageError(  # Before orbax reads arrays of another shape.
-          f"cannot resume from {os.fspath(self.directory)!r}: it was written with "
-          + ", ".join(f"{k}={saved[k]!r}" for k in changed)
-          + "; this run has "
-          + ", ".join(f"{k}={getattr(config, k)!r}" for k in changed)
-          + " (run without --resume to start over)"
-        )
-      try:
-        restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(target["model"]),
-            optimizer=ocp.args.StandardRestore(target["optimizer"]),
-          ),
-        )
-      except Exception as error:  # noqa: BLE001
-        self._damaged(step, error)
-        continue
-      load(model, restored["model"])
-      load(optimizer, restored["optimizer"])
+      load(model, arrays["model"])
+      load(optimizer, arrays["optimizer"])
+      self._say(f"resuming {self.directory.parent} from step {step}")
       return progress
     if steps:
       raise UsageError(
         f"no checkpoint in {os.fspath(self.directory)!r} could be read; delete "
         "the folder or run without --resume to start over"
       )
+    self._say(f"no checkpoint in {self.directory.parent}: starting from step 0")
     return None
+
+  def _read(self, step: int, **items: Any) -> Any:
+    return self.manager.restore(step, args=ocp.args.Composite(**items))
+
+  def _check(self, saved: dict, config: Any, same: Sequence[str]) -> None:
+    if changed := [k for k in same if saved.get(k) != getattr(config, k)]:
+      raise UsageError(  # Before orbax reads arrays of another shape.
+        f"cannot resume from {os.fspath(self.directory)!r}: it was written with "
+        + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        + "; this run has "
+        + ", ".join(f"{k}={getattr(config, k)!r}" for k in changed)
+        + " (run without --resume to start over)"
+      )
+
+  def _say(self, line: str) -> None:
+    if jax.process_index() == 0:
+      print(line)
 
   def _damaged(self, step: int, error: BaseException) -> None:
     self.log(

@@ -1,17 +1,15 @@
 """The settings of `examples.train` and `examples.compare`, and their command line.
 
-`Config` lists every setting with its default and its help text; `parse` and
-`Parser` turn it into a command line with simple-parsing (the dataclass-to-
-argparse library that tensorflow-datasets already depends on): ``--name
-VALUE`` for each field, ``--name`` and ``--no_name`` for booleans. A new
-setting is one new field. `check` rejects settings that cannot work, with a
-`UsageError` saying what is wrong and how to fix it; the command line prints
-it in one line and exits with status 2.
+`Config` lists every setting with its default and help text; `parse` and
+`Parser` make it a command line with simple-parsing (``--name VALUE``, and
+``--name``/``--no_name`` for booleans). `check` rejects settings that cannot
+work with a `UsageError` that says what to change.
 """
 
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -110,7 +108,12 @@ class Config:
     choices=SAM_SCHEDULES,
   )
   sam_every: int = field(
-    1, "sam_schedule=every: run the second pass every this many steps (1: every step)"
+    1,
+    "sam_schedule=every: run the second pass every this many steps (1: every "
+    "step). Decided on the host (--sam_dispatch), it counts trainer steps, those "
+    "skipped as non-finite with --skip_nonfinite included; in the graph (lax.cond: "
+    "static layer_sam, or --sam_dispatch graph) it counts finite steps only, so "
+    "the two differ after a skipped step",
   )
   sam_probability: float = field(
     0.5, "sam_schedule=random: the probability that a step runs the second pass"
@@ -190,27 +193,19 @@ class Config:
   )
 
 
-RESUME_KEYS = (
-  "dataset",
-  "model",
-  "optimizer",
-  "learning_rate",
-  "rho",
-  "validation",
-  "batch_size",
-  "grad_accum",
-  "dtype",
-  "seed",
-  "layer_sam_mode",
-  "reselect_every",
-  "layer_sam_start",
-  "skip_nonfinite",
-  "sam_schedule",
-  "sam_every",
-  "sam_probability",
-  "sam_skipped",
+RESUME_KEYS = tuple(
+  """
+  dataset model optimizer learning_rate rho validation batch_size grad_accum dtype
+  seed layer_sam_mode reselect_every layer_sam_start skip_nonfinite sam_schedule
+  sam_every sam_probability sam_skipped
+""".split()
 )
 """Settings that a resumed run must share with the run of its checkpoint."""
+
+
+def static_layer_sam(config: Config) -> bool:
+  """Whether ``config`` trains ``layer_sam`` through `optax_lgm.StaticSelection`."""
+  return config.optimizer == "layer_sam" and config.layer_sam_mode == "static"
 
 
 def check(config: Config) -> None:
@@ -231,15 +226,10 @@ def check(config: Config) -> None:
     if getattr(config, name) is not None and getattr(config, name) < 1:
       raise UsageError(f"{name}={getattr(config, name)} must be at least 1")
   at_least_0 = ("eval_every", "checkpoint_every", "skip_nonfinite", "pgd_steps")
-  at_least_0 += ("validation",)
-  for name in (*at_least_0, "layer_sam_payoff"):
+  for name in (*at_least_0, "validation", "layer_sam_payoff"):
     if getattr(config, name) < 0:
       raise UsageError(f"{name}={getattr(config, name)} must be 0 or more")
-  if (
-    config.sam_dispatch == "host"
-    and config.optimizer == "layer_sam"
-    and config.layer_sam_mode == "static"
-  ):
+  if config.sam_dispatch == "host" and static_layer_sam(config):
     raise UsageError(
       "sam_dispatch=host does not combine with static layer_sam (each selection "
       "would need two programs): use --sam_dispatch graph or --layer_sam_mode "
@@ -255,17 +245,32 @@ def check(config: Config) -> None:
     raise UsageError(f"sam_probability={config.sam_probability} must lie in [0, 1]")
 
 
-def host_schedule(config: Config) -> int:
-  """The period with which the trainer decides SAM's second pass on the host.
+def steps(config: Config, num_examples: int) -> tuple[int, int]:
+  """The steps per epoch and in all, for a training split of ``num_examples``."""
+  per_epoch = num_examples // config.batch_size
+  if not per_epoch:
+    raise UsageError(
+      f"batch_size={config.batch_size} exceeds the {num_examples} training "
+      f"examples of {config.dataset!r}"
+    )
+  return per_epoch, int(min(config.epochs * per_epoch, config.max_steps or math.inf))
 
-  0 where the optimizer decides it in its graph (or perturbs every step).
+
+def host_schedule(config: Config) -> int:
+  """The period of SAM's second pass where the trainer decides it on the host.
+
+  The host counts trainer steps, steps skipped as non-finite
+  (``--skip_nonfinite``) included; the in-graph schedule (``lax.cond``: static
+  ``layer_sam``, or ``--sam_dispatch graph``) counts finite steps only, so the
+  two differ after a skipped step. 0 where the optimizer decides in its graph
+  (or perturbs every step).
   """
   if (
     config.optimizer in ("sam", "layer_sam")
     and config.sam_schedule == "every"
     and config.sam_every > 1
     and config.sam_dispatch != "graph"
-    and not (config.optimizer == "layer_sam" and config.layer_sam_mode == "static")
+    and not static_layer_sam(config)
   ):
     return config.sam_every
   return 0

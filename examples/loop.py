@@ -1,17 +1,11 @@
 """One training loop, one clock and one time to target, for examples and benchmarks.
 
-`run` calls a pure step ``step(state, batch) -> (state, loss)`` for the steps
-of a ``range``, each fed ``data(step)``: a batch is a function of the seed and
-the step (`examples.input_pipeline.batch_at`), so a resumed run starts at its
-step with no offsets or skipped batches. `Metrics` holds what a run records
-and its training clock.
-
+`run` calls a step ``step(state, batch) -> (state, loss)`` for the steps of a
+``range``, each fed ``data(step)``, so a resumed run starts at its step.
 Training time follows AlgoPerf's rule: it runs from the first step,
-compilation included, and stops (after ``block_until_ready``) while the model
-is evaluated. `time_to_target` is the training time at the first evaluation
-at or above the target accuracy; in a median over seeds (`median_time`) a run
-that missed counts as infinite. `examples.train`, `examples.compare` and the
-benchmarks all use these definitions.
+compilation included, and stops while the model is evaluated. The time to
+target is the training time at the first evaluation at or above the target
+accuracy; in a median over seeds a miss counts as infinite.
 """
 
 import json
@@ -29,10 +23,7 @@ import optax_lgm
 
 
 def time_to_target(curve: Sequence[dict], target: float) -> tuple[Any, Any]:
-  """``(seconds, step)`` of the first point of ``curve`` at or above ``target``.
-
-  ``(None, None)`` if the run never reached it.
-  """
+  """``(seconds, step)`` of the first point at or above ``target``, or ``None``s."""
   for point in curve:
     if point["test_accuracy"] >= target:
       return point["seconds"], point["step"]
@@ -78,14 +69,10 @@ def summary(results: dict[str, Any]) -> str:
 class Metrics:
   """What a run records (``data``, JSON) and its training clock.
 
-  ``data`` holds ``history`` (entries the caller appends), ``curve`` (per
-  evaluation: ``step``, ``test_accuracy``, ``seconds`` of training so far),
+  ``data`` holds ``history`` (`add_entry`), ``curve`` (per evaluation:
+  ``step``, ``test_accuracy``, ``seconds`` of training so far),
   ``train_seconds``, ``time_to_target`` and ``steps_to_target`` (``None``
-  until reached), and the ``extra`` entries.
-
-  Args:
-    target_accuracy: the test accuracy of ``time_to_target``.
-    **extra: further entries of ``data`` (such as the settings).
+  until reached), and the ``extra`` entries (such as the settings).
   """
 
   def __init__(self, target_accuracy: float, **extra: Any):
@@ -95,6 +82,25 @@ class Metrics:
       "time_to_target": None, "steps_to_target": None,
     }  # fmt: skip
     self._started: float | None = None
+    self._since = (0, 0.0)  # The step and training time of the last entry.
+
+  def resume(self, data: dict[str, Any], step: int) -> None:
+    """Goes on from ``data`` saved at ``step``; this run's ``config`` stays."""
+    self.data = {**data, "config": self.data["config"]}
+    self._since = (step, data["train_seconds"])
+
+  def add_entry(
+    self, step: int, epoch: int, batch_size: int, train_loss: float,
+    test_accuracy: float, layer_stats: dict,
+  ) -> None:  # fmt: skip
+    """Appends the entry of ``step``, its images per second since the last entry."""
+    steps, seconds = step - self._since[0], self.data["train_seconds"] - self._since[1]
+    self.data["history"].append({
+      "epoch": epoch, "step": step, "train_loss": train_loss,
+      "test_accuracy": test_accuracy, "images_per_s": steps * batch_size / seconds,
+      "layer_stats": layer_stats,
+    })  # fmt: skip
+    self._since = (step, self.data["train_seconds"])
 
   def start_clock(self) -> None:
     """Starts counting training time."""
@@ -149,14 +155,10 @@ def run(
     metrics: its clock counts the steps; it records every evaluation.
     evaluate: the test accuracy of a state.
     eval_at: whether to evaluate after the step of this number (1-based).
-    evaluated: called after an evaluation, with the clock stopped
-      (bookkeeping: history entries, files, checkpoints).
+    evaluated: called after an evaluation, off the clock (bookkeeping).
     after_step: called after each step (and its evaluation), on the clock.
     progress: the label of a progress bar (``None``: no bar).
     stop_at_target: stop after the evaluation that reaches the target.
-
-  Returns:
-    The state after the last step.
   """
   bar = tqdm.tqdm(
     total=steps.stop, initial=steps.start, leave=False, desc=progress,
