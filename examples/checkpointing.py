@@ -52,13 +52,13 @@ def load(node: nnx.Module | nnx.Optimizer, saved: dict) -> None:
   nnx.update(node, state)
 
 
-def progress(step: int, metrics: Any, losses: Sequence, selection: Any) -> dict:
-  """A checkpoint's JSON: step, metrics, losses of the epoch, a selection's state."""
+def progress(step: int, metrics: Any, losses: Sequence, step_fn: Any) -> dict:
+  """A checkpoint's JSON: the step, the metrics, the epoch's losses, the step's."""
   return {
     "step": step,
     "metrics": metrics.copy(),  # Not the run's own: orbax writes in the background.
     "losses": [float(x) for x in jax.device_get(losses)],  # Exact.
-    "static_selection": selection.state_dict() if selection else {},
+    "step_fn": step_fn.state_dict(),  # `loop.Compilations` or a `StaticSelection`.
   }
 
 

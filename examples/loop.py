@@ -66,6 +66,47 @@ def summary(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+class Compilations:
+  """A jitted step that records its compilations, as `optax_lgm.StaticSelection`.
+
+  The first call of each program in this process compiles it (or loads it
+  from the persistent cache): its seconds count as compilation time.
+  """
+
+  def __init__(self, step: Callable[..., Any]):
+    self.step, self.programs, self.seconds = step, set(), 0.0
+
+  def __call__(self, *args: Any, **static: Any) -> Any:
+    """Calls the step; ``static`` are its static arguments (a program each)."""
+    began = time.perf_counter()
+    outputs = self.step(*args, **static)
+    if (program := tuple(static.items())) not in self.programs:
+      self.programs.add(program)
+      self.seconds += time.perf_counter() - began
+    return outputs
+
+  @property
+  def compilations(self) -> int:
+    """How many programs this process has run."""
+    return len(self.programs)
+
+  def log(self) -> dict[str, Any]:
+    """The compile seconds, keyed as `optax_lgm.StaticSelection.log`'s."""
+    seconds = {"critical": self.seconds, "background": 0.0}
+    return {f"compile_seconds_{k}": v for k, v in seconds.items()}
+
+  def state_dict(self) -> dict[str, Any]:
+    """The compile seconds so far, for a checkpoint."""
+    return {"seconds": [self.seconds]}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    """Goes on from the seconds of `state_dict`."""
+    self.seconds = state["seconds"][0]
+
+  def close(self) -> None:
+    """Nothing to wait for (as `optax_lgm.StaticSelection.close`)."""
+
+
 class Metrics:
   """What a run records (``data``, JSON) and its training clock.
 

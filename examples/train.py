@@ -12,7 +12,6 @@ import functools
 import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +99,7 @@ def create(config: Config, meta, total: int, mesh: jax.sharding.Mesh):
   for node in (model, optimizer):
     nnx.update(node, distributed.replicate(nnx.state(node), mesh))
   if not config_lib.static_layer_sam(config):
-    return model, optimizer, train_step
+    return model, optimizer, loop.Compilations(train_step)
   return model, optimizer, optax_lgm.StaticSelection(
     train_step, every=config.reselect_every, total_steps=total,
     start=model.output_layers if config.layer_sam_start == "output" else None,
@@ -124,28 +123,21 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   train, test, meta = splits(config)
   per_epoch, total = config_lib.steps(config, len(train["label"]))
   model, optimizer, step_fn = create(config, meta, total, mesh)
-  static = isinstance(step_fn, optax_lgm.StaticSelection)
   metrics = loop.Metrics(
     config.target_accuracy, config=dataclasses.asdict(config),
     learning_rate=config_lib.with_learning_rate(config).learning_rate,
     devices={"data": mesh.devices.size, "processes": jax.process_count()},
     evaluated_on=config.evaluate_on,
-    compile={"compilations": 0, "critical_seconds": 0.0, "background_seconds": 0.0},
   )  # fmt: skip
   checkpoints = checkpointing.Checkpoints(workdir / "checkpoints", resume=config.resume)
-  losses, programs = [], set()  # The losses of this epoch so far; the programs run.
+  losses = []  # The losses of this epoch so far.
   every = config_lib.host_schedule(config)  # The host's SAM steps (0: none).
 
   def step(state, indexed_batch):
     i, batch = indexed_batch
-    batch, t0 = distributed.shard_batch(batch, mesh), time.perf_counter()
+    batch = distributed.shard_batch(batch, mesh)
     extra = {"perturb": i % every == 0} if every else {}
     losses.append(step_fn(model, optimizer, batch["image"], batch["label"], **extra))
-    if not static and (program := tuple(extra.values())) not in programs:
-      programs.add(program)  # This process's first call of a program compiles
-      record = metrics.data["compile"]  # (or loads) it: its seconds in all.
-      record["critical_seconds"] += time.perf_counter() - t0
-      record["compilations"] = len(programs)
     return state, losses[-1]
 
   def accuracy() -> float:
@@ -161,16 +153,16 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
 
   def save(step: int) -> None:
     if config.checkpoints:
-      selection = step_fn if static else None
-      progress = checkpointing.progress(step, metrics, losses, selection)
+      progress = checkpointing.progress(step, metrics, losses, step_fn)
       checkpoints.save(model, optimizer, progress)
 
   def write() -> None:
-    if static:
-      log = metrics.data["layer_sam_static"] = step_fn.log()
-      metrics.data["compile"] = {"compilations": step_fn.compilations} | {
-        f"{k}_seconds": log[f"compile_seconds_{k}"] for k in ("critical", "background")
-      }
+    log = step_fn.log()
+    metrics.data["compile"] = {"compilations": step_fn.compilations} | {
+      f"{k}_seconds": log[f"compile_seconds_{k}"] for k in ("critical", "background")
+    }
+    if isinstance(step_fn, optax_lgm.StaticSelection):
+      metrics.data["layer_sam_static"] = log
     metrics.data["skipped_steps"] = nonfinite_steps(optimizer.opt_state)[1]
     if jax.process_index() == 0:
       metrics.write(workdir / "metrics.json")
@@ -199,8 +191,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     if config.resume and (progress := checkpoints.restore(model, optimizer, config)):
       start, losses[:] = progress["step"], map(np.float32, progress["losses"])
       metrics.resume(progress["metrics"], start)
-      if static:
-        step_fn.load_state_dict(progress["static_selection"])
+      step_fn.load_state_dict(progress["step_fn"])
     model.train()
     loop.run(
       step, (model, optimizer),
@@ -218,8 +209,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       write()
   finally:
     checkpoints.close()  # Waits for the checkpoints being written.
-    if static:
-      step_fn.close()
+    step_fn.close()
   results, history = metrics.data, metrics.data["history"]
   results[f"final_{config.evaluate_on}_accuracy"] = (
     history[-1]["test_accuracy"] if history else accuracy()
