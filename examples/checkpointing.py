@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -105,6 +106,19 @@ class Checkpoints:
         progress=ocp.args.JsonSave(progress),
       ),
     )
+
+  def resume(self, model, optimizer, step_fn, metrics, losses: list, config) -> int:
+    """`restore`, and the run's step function, metrics and epoch's losses with it.
+
+    Returns:
+      The step to go on from (0 without a checkpoint).
+    """
+    if not (progress := self.restore(model, optimizer, config)):
+      return 0
+    losses[:] = map(np.float32, progress["losses"])
+    metrics.resume(progress["metrics"], progress["step"])
+    step_fn.load_state_dict(progress["step_fn"])
+    return progress["step"]
 
   def restore(
     self, model: nnx.Module, optimizer: nnx.Optimizer, config: Any,

@@ -1,10 +1,8 @@
 """Trains an image classifier with one optimizer and evaluates its robustness.
 
-`train_and_evaluate(config, workdir)` trains a model of `examples.models` with
-`train_step` through `examples.loop.run` and writes ``workdir/metrics.json``.
-A batch is a function of the seed and the step, so a run resumed with
-``--resume`` ends as a run never stopped, bit for bit.
-``python -m examples.train --help`` lists the settings (`Config`).
+`train_and_evaluate(config, workdir)` trains with `train_step` and writes
+``workdir/metrics.json``; a run resumed with ``--resume`` ends as a run never
+stopped, bit for bit. ``python -m examples.train --help`` lists the settings.
 """
 
 import dataclasses
@@ -43,11 +41,8 @@ def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> jax.Arra
 def train_step(model, optimizer, images, labels, selection=None, perturb=None):
   """One step: the gradient, then the optimizer's update; returns the loss.
 
-  ``grad_fn`` is the second pass of ``sam`` and ``layer_sam`` (the others
-  ignore it); ``selection`` is static ``layer_sam``'s selection (see
-  `optax_lgm.StaticSelection`), ``perturb`` whether this step runs the second
-  pass when the host decides it. A non-finite batch leaves the BatchNorm
-  statistics as they were.
+  ``grad_fn`` is SAM's second pass; ``selection`` static ``layer_sam``'s (see
+  `optax_lgm.StaticSelection`); ``perturb`` the host's decision to run it.
   """
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   rest = nnx.as_pure(rest)  # The second pass leaves BatchNorm statistics alone.
@@ -130,7 +125,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
     evaluated_on=config.evaluate_on,
   )  # fmt: skip
   checkpoints = checkpointing.Checkpoints(workdir / "checkpoints", resume=config.resume)
-  losses = []  # The losses of this epoch so far.
+  losses, start = [], 0  # The losses of this epoch so far; the first step.
   every = config_lib.host_schedule(config)  # The host's SAM steps (0: none).
 
   def step(state, indexed_batch):
@@ -187,11 +182,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       save(step)  # Not again at an epoch's end (Checkpoints.save skips it).
 
   try:
-    start = 0
-    if config.resume and (progress := checkpoints.restore(model, optimizer, config)):
-      start, losses[:] = progress["step"], map(np.float32, progress["losses"])
-      metrics.resume(progress["metrics"], start)
-      step_fn.load_state_dict(progress["step_fn"])
+    if config.resume:
+      start = checkpoints.resume(model, optimizer, step_fn, metrics, losses, config)
     model.train()
     loop.run(
       step, (model, optimizer),
@@ -210,20 +202,17 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   finally:
     checkpoints.close()  # Waits for the checkpoints being written.
     step_fn.close()
-  results, history = metrics.data, metrics.data["history"]
-  results[f"final_{config.evaluate_on}_accuracy"] = (
-    history[-1]["test_accuracy"] if history else accuracy()
-  )
-  results["robustness"] = {}
+  history, n = metrics.data["history"], config.robustness_examples
+  final = history[-1]["test_accuracy"] if history else accuracy()
+  metrics.data[f"final_{config.evaluate_on}_accuracy"] = final
+  metrics.data["robustness"] = {}
   if config.robustness:
-    settings = {k: getattr(config, k) for k in ("eps_list", "sigmas", "pgd_steps")}
-    n = config.robustness_examples
-    results["robustness"] = robustness.evaluate_robustness(
+    metrics.data["robustness"] = robustness.evaluate_robustness(
       model, test["image"][:n], test["label"][:n], key=jax.random.key(config.seed + 1),
-      **settings,
+      eps_list=config.eps_list, sigmas=config.sigmas, pgd_steps=config.pgd_steps,
     )  # fmt: skip
   write()
-  return results
+  return metrics.data
 
 
 def main(argv: list[str] | None = None) -> dict:
