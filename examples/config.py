@@ -22,15 +22,6 @@ from examples.models import MODELS
 OPTIMIZERS = ("sgd", "adam", "lars", "sam", "lgm", "dgs", "layer_sam")
 """Names of the optimizers of `examples.optimizers.make_optimizer`."""
 
-SAM_SCHEDULES = ("every", "random", "adaptive")
-"""Perturbation schedules of ``sam`` and ``layer_sam`` (``layer_sam(schedule=)``)."""
-
-SAM_SKIPPED = ("plain", "orthogonal")
-"""What ``sam`` and ``layer_sam`` hand on at steps without the second pass."""
-
-DTYPES = ("float32", "bfloat16")
-"""Computation dtypes; parameters and optimizer states stay float32."""
-
 
 class UsageError(ValueError):
   """Settings that cannot work; the message says what to change."""
@@ -67,7 +58,7 @@ class Config:
   dtype: str = field(
     "float32",
     "computation dtype; parameters and optimizer states stay float32",
-    choices=DTYPES,
+    choices=("float32", "bfloat16"),
   )
   seed: int = field(0, "seed of the initialisation, the data order and the attacks")
   data_dir: str | None = field(None, "the TFDS data dir (default: TFDS's)")
@@ -105,7 +96,7 @@ class Config:
     "steps), 'random' (with probability sam_probability) or 'adaptive' (AE-SAM: "
     "when the squared gradient norm is high against its running mean, the "
     "threshold rising from -1 to 1 standard deviations over the run)",
-    choices=SAM_SCHEDULES,
+    choices=("every", "random", "adaptive"),
   )
   sam_every: int = field(
     1,
@@ -121,10 +112,9 @@ class Config:
   sam_dispatch: str = field(
     "auto",
     "sam_schedule=every with sam_every > 1: decide each step's second pass on the "
-    "'host' (two programs, no conditional: on XLA:CPU the conditional's "
-    "convolutions are far slower) or in the 'graph' (lax.cond, one program); "
-    "'auto': host, but graph for static layer_sam (its selections would each "
-    "need two programs)",
+    "'host' (two programs; XLA:CPU runs convolutions under lax.cond far slower) or "
+    "in the 'graph' (lax.cond, one program); 'auto': host, but graph for static "
+    "layer_sam (each of its selections would need two programs)",
     choices=("auto", "host", "graph"),
   )
   sam_skipped: str = field(
@@ -132,13 +122,12 @@ class Config:
     "sam and layer_sam, steps without the second pass: 'plain' (the gradient) or "
     "'orthogonal' (LookSAM: add the stored component of the last SAM gradient "
     "orthogonal to its gradient)",
-    choices=SAM_SKIPPED,
+    choices=("plain", "orthogonal"),
   )
   layer_sam_start: str = field(
     "output",
-    "static layer_sam's first selection: 'output' (the model's two layers nearest "
-    "the output, a step that costs about SGD's) or 'dynamic' (step 0 in dynamic "
-    "mode)",
+    "static layer_sam's first selection: 'output' (the two layers nearest the "
+    "output, a step costing about SGD's) or 'dynamic' (step 0 in dynamic mode)",
     choices=("output", "dynamic"),
   )
   layer_sam_compile: str = field(
@@ -184,9 +173,7 @@ class Config:
     500, "also checkpoint every this many steps (0: at epoch ends and max_steps only)"
   )
   resume: bool = field(
-    False,
-    "go on from the latest checkpoint of WORKDIR (without it, old checkpoints are "
-    "deleted)",
+    False, "go on from the latest checkpoint of WORKDIR (without: delete old ones)"
   )
   mesh: str = field(
     "auto", "data-parallel devices: 'auto' (all) or 'data=N' (the first N)"
