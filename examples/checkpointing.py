@@ -36,11 +36,7 @@ def saveable(node: nnx.Module | nnx.Optimizer) -> dict:
 
 
 def load(node: nnx.Module | nnx.Optimizer, saved: dict) -> None:
-  """Puts arrays from `saveable` back into ``node``.
-
-  Only arrays are saved: the static parts of the optimizer state (such as the
-  layer names of `optax_lgm.lgm`) come from ``node``, built afresh.
-  """
+  """Puts arrays from `saveable` back into ``node`` (built afresh: its static parts)."""
   state = nnx.state(node)
   saved = jax.tree.map(
     lambda x, y: (
@@ -124,19 +120,12 @@ class Checkpoints:
     self, model: nnx.Module, optimizer: nnx.Optimizer, config: Any,
     same: Sequence[str] = RESUME_KEYS,
   ) -> dict | None:  # fmt: skip
-    """Loads the latest readable checkpoint into ``model`` and ``optimizer``.
+    """Loads the latest readable checkpoint; returns its `progress` (or ``None``).
 
-    ``model`` and ``optimizer`` are built as at the start of the run; a
-    checkpoint must share the settings ``same`` with ``config`` (checked
-    before any array is read). One that cannot be read is reported, deleted,
-    and the one before it tried. Process 0 says where the run starts.
-
-    Returns:
-      The `progress` saved, or ``None`` if the folder holds no checkpoint.
-
-    Raises:
-      UsageError: if the checkpoint was written with other ``same`` settings,
-        or if there were checkpoints but none could be read.
+    ``model`` and ``optimizer`` are built as at the start of the run. A
+    checkpoint that cannot be read is reported, deleted, and the one before it
+    tried; one written with other ``same`` settings than ``config``, or none
+    readable, raises `UsageError`. Process 0 says where the run starts.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     target = {"model": saveable(model), "optimizer": saveable(optimizer)}

@@ -282,13 +282,7 @@ class _HelpFormatter(sp.SimpleHelpFormatter):
 
 
 class Parser(sp.ArgumentParser):
-  """A command line with one flag per `Config` field; errors in one line.
-
-  Args:
-    description: what the program does, for ``--help``.
-    defaults: the settings the flags start from.
-    **kwargs: passed to ``argparse.ArgumentParser``.
-  """
+  """One flag per `Config` field, starting from ``defaults``; errors in one line."""
 
   def __init__(self, description: str, defaults: Config | None = None, **kwargs):
     super().__init__(description=description, formatter_class=_HelpFormatter, **kwargs)
@@ -301,11 +295,9 @@ class Parser(sp.ArgumentParser):
 
 
 def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namespace:
-  """Parses the trainer's command line.
+  """The trainer's command line: ``config``, ``workdir``, ``distributed``, ``cluster``.
 
-  Returns:
-    A namespace with ``config`` (a `Config`, its ``learning_rate`` the one the
-    run uses), ``workdir``, and the ``distributed`` settings.
+  ``config.learning_rate`` is the one the run uses (`with_learning_rate`).
   """
   parser = Parser("Trains an image classifier with one optimizer.", **parser_kwargs)
   parser.add_argument(
