@@ -113,7 +113,10 @@ class Checkpoints:
       return 0
     losses[:] = map(np.float32, progress["losses"])
     metrics.resume(progress["metrics"], progress["step"])
-    step_fn.load_state_dict(progress["step_fn"])
+    # Checkpoints written before the step function's state had its own key
+    # hold StaticSelection's under "static_selection" (and {} for a plain step).
+    if state := progress.get("step_fn", progress.get("static_selection")):
+      step_fn.load_state_dict(state)
     return progress["step"]
 
   def restore(
