@@ -1,41 +1,15 @@
 """Input pipeline: TFDS random-access data sources and a NumPy batch iterator.
 
 Data is read with ``tfds.data_source`` (ArrayRecord files, random access, no
-TensorFlow needed at read time) and batched on the host as NumPy arrays.
+TensorFlow needed at read time) and batched on the host as NumPy arrays. A
+`Batch` keeps images on the [0, 1] pixel scale: the models of
+``examples.models`` standardise with ``DatasetMetadata.mean`` / ``.std``, so
+that adversarial perturbations and noise act on pixels.
 
-Public API::
-
-  get_datasets(name, data_dir=None, *, download=False)
-      -> (train_source, test_source, DatasetMetadata)
-  iterate(source_or_arrays, batch_size, *, seed=0, epoch=0, shuffle=True,
-          drop_remainder=True) -> Iterator[Batch]
-  batch_at(split, batch_size, seed, step) -> Batch   (the batch of a step)
-  hold_out(split, num_examples) -> (rest, held_out)   (a validation split)
-  load_split(source, *, batch_size=1024) -> Batch   (a whole split, decoded)
-  get_metadata(name) -> DatasetMetadata
-  DATASETS                  the supported names: "digits", "mnist",
-                            "fashion_mnist", "cifar10", "cifar100"
-  DatasetMetadata           num_classes, input_shape, per-channel mean/std
-  DatasetNotFoundError      a dataset is not prepared under ``data_dir``
-  Digits                    the TFDS builder of the offline "digits" dataset
-  FashionMnistFromFiles     TFDS's ``fashion_mnist``, prepared from local files
-  FASHION_MNIST_DIR         where Debian's ``dataset-fashion-mnist`` puts them
-
-A ``Batch`` is ``{'image': float32 [B, H, W, C] on [0, 1], 'label': int32 [B]}``.
-Images stay on the [0, 1] pixel scale: the models in ``examples.models``
-normalise with ``DatasetMetadata.mean`` / ``.std`` inside their ``__call__``,
-so that adversarial perturbations and noise act on pixels.
-
-``digits`` is scikit-learn's bundled copy of the UCI 8x8 handwritten digits
-(1,797 real images, no download). Its builder writes ArrayRecord files into the
-TFDS data dir (``data_dir``, else ``$TFDS_DATA_DIR``, else
-``~/tensorflow_datasets``) the first time it is asked for, in well under a
-second. ``fashion_mnist`` is TFDS's dataset of that name, prepared on first
-use (30 s on 2 cores) from the four original idx files found in ``manual_dir``
-(default `FASHION_MNIST_DIR`, where ``apt-get install dataset-fashion-mnist``
-puts them), with no download; see `FashionMnistFromFiles`. The other datasets
-must already be prepared there in the ``array_record`` format; see
-``DatasetNotFoundError``.
+``digits`` (scikit-learn's 8x8 digits, `Digits`) and ``fashion_mnist`` (from
+local idx files, `FashionMnistFromFiles`) are prepared offline on first use;
+the other `DATASETS` must be prepared in the ``array_record`` format, or
+downloaded with ``download=True`` (see `DatasetNotFoundError`).
 
 Example::
 
@@ -44,7 +18,6 @@ Example::
   for epoch in range(3):
     for batch in input_pipeline.iterate(train, 64, seed=0, epoch=epoch):
       ...
-  test = input_pipeline.load_split(test)
 """
 
 import dataclasses
@@ -67,6 +40,8 @@ Batch = dict[str, np.ndarray]
 Source = Sequence[Mapping[str, Any]] | Batch
 """A random-access data source of examples, or a whole split in memory."""
 
+PathLike = str | os.PathLike[str]
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetMetadata:
@@ -77,8 +52,7 @@ class DatasetMetadata:
     num_classes: number of labels.
     input_shape: shape ``(height, width, channels)`` of one image.
     mean: per-channel mean of the training pixels on the [0, 1] scale.
-    std: per-channel standard deviation of the training pixels on the same
-      scale.
+    std: per-channel standard deviation of the training pixels on that scale.
   """
 
   name: str
@@ -90,6 +64,7 @@ class DatasetMetadata:
 
 # Statistics of the training splits, pixels scaled to [0, 1]. The digits values
 # come from the split defined by `Digits` (tests check them against the data).
+_CIFAR = (32, 32, 3)
 _METADATA = {
   m.name: m
   for m in (
@@ -97,25 +72,16 @@ _METADATA = {
     DatasetMetadata("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,)),
     DatasetMetadata("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,)),
     DatasetMetadata(
-      "cifar10",
-      10,
-      (32, 32, 3),
-      (0.4914, 0.4822, 0.4465),
-      (0.2470, 0.2435, 0.2616),
+      "cifar10", 10, _CIFAR, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     ),
     DatasetMetadata(
-      "cifar100",
-      100,
-      (32, 32, 3),
-      (0.5071, 0.4865, 0.4409),
-      (0.2673, 0.2564, 0.2762),
+      "cifar100", 100, _CIFAR, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     ),
   )
 }
 
 DATASETS = tuple(_METADATA)
 """Names accepted by `get_datasets` and `get_metadata`."""
-
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's package ``dataset-fashion-mnist`` installs the idx files."""
@@ -125,24 +91,20 @@ class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not prepared (in the ``array_record`` format) under data_dir."""
 
 
+def _png(image: np.ndarray) -> PIL.Image.Image:
+  # TFDS would encode NumPy images with TensorFlow, which the examples lack.
+  return PIL.Image.fromarray(image)
+
+
 class Digits(tfds.core.GeneratorBasedBuilder):
   """The UCI 8x8 handwritten digits, as bundled with scikit-learn.
 
-  1,797 grey-scale 8x8 images of the digits 0-9: the test part of the UCI
-  optdigits data, which scikit-learn ships as ``sklearn.datasets.load_digits``.
-  Pixels are counts 0..16 in the source; they are stored as ``uint8``
-  ``round(x * 255 / 16)``.
-
-  Splits (fixed; version 1.0.0): the images are put in the order of
-  ``np.random.RandomState(0).permutation(1797)`` (NumPy's legacy generator,
-  whose stream NumPy keeps fixed); the first 36 images of each class in that
-  order form ``test`` (360 images, class-balanced), the other 1,437 form
-  ``train``. Example keys are the indices into ``load_digits()``. The source
-  does not record who wrote each digit, so the splits share writers.
-
-  Nothing is downloaded, so ``download_and_prepare`` works offline. Prepare
-  it with ``file_format="array_record"`` to read it with ``tfds.data_source``,
-  as `get_datasets` does.
+  1,797 grey-scale images of the digits 0-9 (``sklearn.datasets.load_digits``),
+  pixel counts 0..16 stored as ``uint8`` ``round(x * 255 / 16)``. Nothing is
+  downloaded. Splits (version 1.0.0): in the order of
+  ``np.random.RandomState(0).permutation(1797)``, the first 36 images of each
+  class form ``test`` (360 images), the other 1,437 ``train``. Example keys
+  are the indices into ``load_digits()``.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -194,40 +156,25 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       "test": self._generate_examples(images, labels, np.sort(test)),
     }
 
-  def _generate_examples(
-    self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
-  ) -> Iterator[tuple[int, dict[str, Any]]]:
-    # Hand PNG encoding to PIL: TFDS encodes NumPy images with TensorFlow,
-    # which the examples do not depend on.
+  def _generate_examples(self, images, labels, indices):
     for i in indices:
-      yield (
-        int(i),
-        {
-          "image": PIL.Image.fromarray(images[i]),
-          "label": int(labels[i]),
-        },
-      )
+      yield int(i), {"image": _png(images[i]), "label": int(labels[i])}
 
 
 class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
   """TFDS's ``fashion_mnist`` (version 3.0.1), prepared from local idx files.
 
-  The same dataset as TFDS's own builder (name, version, features, class
-  names, splits and example keys), which downloads the four original files of
-  Xiao et al. (2017); this one reads them from ``manual_dir`` instead, through
-  TFDS's manual-download mechanism::
+  The same dataset as TFDS's own builder, which downloads the four original
+  files of Xiao et al. (2017); this one reads them (gzipped or not, named as in
+  `FILES`) from ``manual_dir`` through TFDS's manual-download mechanism::
 
     builder = FashionMnistFromFiles(data_dir=..., file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=FASHION_MNIST_DIR)
     )
 
-  ``manual_dir`` must hold ``train-images-idx3-ubyte.gz``,
-  ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz`` and
-  ``t10k-labels-idx1-ubyte.gz`` (gzipped or not). What it writes is where TFDS's
-  own builder would write it (``data_dir/fashion_mnist/3.0.1``), so
-  ``tfds.data_source("fashion_mnist")`` reads it too. Images are handed to PIL
-  for PNG encoding, so no TensorFlow is needed.
+  It writes where TFDS's own builder would, so
+  ``tfds.data_source("fashion_mnist")`` reads the result.
   """
 
   name = "fashion_mnist"
@@ -246,15 +193,11 @@ class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     directory = epath.Path(dl_manager.manual_dir)
     return {
-      split: self._generate_examples(
-        *(_find_idx_file(directory, name) for name in files)
-      )
+      split: self._generate_examples(*(_find_idx_file(directory, f) for f in files))
       for split, files in self.FILES.items()
     }
 
-  def _generate_examples(
-    self, images_path: epath.Path, labels_path: epath.Path
-  ) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(self, images_path: epath.Path, labels_path: epath.Path):
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
       raise ValueError(
@@ -263,61 +206,34 @@ class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
         "[N, 28, 28] and [N]."
       )
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-      yield i, {"image": PIL.Image.fromarray(image), "label": int(label)}
-
-
-def fashion_mnist_files(directory: str | os.PathLike[str]) -> list[epath.Path]:
-  """The paths of the four Fashion-MNIST idx files in ``directory``.
-
-  Raises:
-    FileNotFoundError: if one is missing; the one-line message says how to get
-      them.
-  """
-  directory = epath.Path(directory)
-  try:
-    return [
-      _find_idx_file(directory, name)
-      for files in FashionMnistFromFiles.FILES.values()
-      for name in files
-    ]
-  except FileNotFoundError:
-    raise FileNotFoundError(
-      f"Fashion-MNIST is not in {os.fspath(directory)!r}: install it with "
-      "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or, where "
-      "there is internet, call get_datasets('fashion_mnist', download=True)."
-    ) from None
+      yield i, {"image": _png(image), "label": int(label)}
 
 
 def _find_idx_file(directory: epath.Path, name: str) -> epath.Path:
+  """``name.gz`` or ``name`` in ``directory``; a one-line error says how to get it."""
   for path in (directory / f"{name}.gz", directory / name):
     if path.exists():
       return path
   raise FileNotFoundError(
-    f"Neither {name}.gz nor {name} is in {os.fspath(directory)!r}."
+    f"Fashion-MNIST is not in {os.fspath(directory)!r} (no {name}): install it "
+    "with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or, "
+    "where there is internet, call get_datasets('fashion_mnist', download=True)."
   )
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-  """Reads an unsigned-byte idx file (the MNIST format), gzipped or not.
+def read_idx(path: PathLike) -> np.ndarray:
+  """Reads an unsigned-byte idx file (the MNIST format) into a ``uint8`` array.
 
-  The format: two zero bytes, the type code ``0x08`` (unsigned byte), the
-  number of dimensions ``d``, ``d`` big-endian int32 sizes, then the data in
-  C order.
-
-  Args:
-    path: the file; read through gzip if its name ends in ``.gz``.
-
-  Returns:
-    A ``uint8`` array of the sizes in the header.
-
-  Raises:
-    ValueError: if the header is not that of an unsigned-byte idx file, or the
-      data does not have the size it announces.
+  The file is gzipped if its name ends in ``.gz``. Raises a ValueError if the
+  header is not that of an unsigned-byte idx file, or the data does not have
+  the size it announces.
   """
   path = epath.Path(path)
   raw = path.read_bytes()
   if path.name.endswith(".gz"):
     raw = gzip.decompress(raw)
+  # Two zero bytes, type 0x08 (unsigned byte), the number of dimensions d, d
+  # big-endian int32 sizes, then the data in C order.
   if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
     raise ValueError(
       f"{os.fspath(path)!r} is not an unsigned-byte idx file (header {raw[:4]!r})."
@@ -333,45 +249,25 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def get_metadata(name: str) -> DatasetMetadata:
-  """Returns the `DatasetMetadata` of a supported dataset.
-
-  Args:
-    name: one of `DATASETS`.
-
-  Returns:
-    The dataset's number of classes, image shape and pixel statistics.
-
-  Raises:
-    ValueError: if ``name`` is not supported.
-  """
-  try:
-    return _METADATA[name]
-  except KeyError:
-    raise ValueError(
-      f"Unknown dataset name={name!r}; expected one of {DATASETS}."
-    ) from None
+  """Returns the `DatasetMetadata` of one of `DATASETS`, else a ValueError."""
+  if name not in _METADATA:
+    raise ValueError(f"Unknown dataset name={name!r}; expected one of {DATASETS}.")
+  return _METADATA[name]
 
 
 def get_datasets(
   name: str,
-  data_dir: str | os.PathLike[str] | None = None,
+  data_dir: PathLike | None = None,
   *,
   download: bool = False,
-  manual_dir: str | os.PathLike[str] = FASHION_MNIST_DIR,
+  manual_dir: PathLike = FASHION_MNIST_DIR,
 ) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]], DatasetMetadata]:
   """Returns the train and test data sources of a dataset, and its metadata.
 
-  The sources are TFDS random-access data sources (``tfds.data_source``):
-  ``len(source)`` examples, ``source[i]`` and ``source.__getitems__(keys)``
-  return dicts with a ``uint8`` ``'image'`` ``[H, W, C]`` and an integer
-  ``'label'``. Batch them with `iterate` or `load_split`.
-
-  ``digits`` is prepared on first use (offline, under a second).
-  ``fashion_mnist``, if not prepared yet, is prepared from the idx files in
-  ``manual_dir`` (offline, 30 s on 2 cores; `FashionMnistFromFiles`), or, when
-  they are missing and ``download=True``, downloaded by TFDS's own builder.
-  Other datasets are only downloaded when ``download=True``; otherwise they
-  must already be prepared in the ``array_record`` format under ``data_dir``.
+  The sources are ``tfds.data_source``: ``source[i]`` and
+  ``source.__getitems__(keys)`` give dicts with a ``uint8`` ``'image'``
+  ``[H, W, C]`` and an integer ``'label'``; batch them with `iterate` or
+  `load_split`.
 
   Args:
     name: one of `DATASETS`.
@@ -379,8 +275,8 @@ def get_datasets(
       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
     download: whether TFDS may download and prepare a missing dataset (needs
       internet access, and TensorFlow to encode the images).
-    manual_dir: the folder of the Fashion-MNIST idx files; only read for
-      ``fashion_mnist``, and only until it is prepared.
+    manual_dir: the folder of the Fashion-MNIST idx files, read only to
+      prepare ``fashion_mnist``.
 
   Returns:
     ``(train_source, test_source, metadata)``.
@@ -388,47 +284,14 @@ def get_datasets(
   Raises:
     ValueError: if ``name`` is not supported.
     FileNotFoundError: if ``fashion_mnist`` is neither prepared nor in
-      ``manual_dir`` and ``download=False``; the one-line message says how to
-      get it.
-    DatasetNotFoundError: (a ``FileNotFoundError``) if another dataset is not
-      prepared under ``data_dir`` and was not downloaded. The message says how
-      to get it.
+      ``manual_dir`` and ``download=False``.
+    DatasetNotFoundError: if another dataset is not prepared under
+      ``data_dir`` and was not downloaded.
   """
   metadata = get_metadata(name)
   if name == "fashion_mnist":
     _prepare_fashion_mnist(data_dir, manual_dir, download=download)
   prepare = download or name == "digits"
-  train, test = _data_sources(name, data_dir, prepare=prepare)
-  return train, test, metadata
-
-
-def _prepare_fashion_mnist(
-  data_dir: str | os.PathLike[str] | None,
-  manual_dir: str | os.PathLike[str],
-  *,
-  download: bool,
-) -> None:
-  """Prepares ``fashion_mnist`` from the files in ``manual_dir`` if need be.
-
-  Leaves it to TFDS's own builder when the files are missing and ``download``.
-  """
-  builder = FashionMnistFromFiles(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
-    return
-  try:
-    fashion_mnist_files(manual_dir)
-  except FileNotFoundError:
-    if download:
-      return
-    raise
-  config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-  builder.download_and_prepare(download_config=config)
-
-
-def _data_sources(
-  name: str, data_dir: str | os.PathLike[str] | None, *, prepare: bool
-) -> list[Sequence[Mapping[str, Any]]]:
-  """``tfds.data_source`` of the train and test splits, or a clear error."""
   try:
     train, test = tfds.data_source(
       name,
@@ -441,24 +304,43 @@ def _data_sources(
     # TFDS's ways of saying "no splits prepared here" and "prepared, but in a
     # format without random access".
     raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from None
-  return [train, test]
+  return train, test, metadata
 
 
-def _not_prepared_message(name: str, data_dir: str | os.PathLike[str] | None) -> str:
+def _prepare_fashion_mnist(
+  data_dir: PathLike | None, manual_dir: PathLike, *, download: bool
+) -> None:
+  """Prepares ``fashion_mnist`` from ``manual_dir``, unless TFDS may download it."""
+  builder = FashionMnistFromFiles(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return
+  try:
+    for files in FashionMnistFromFiles.FILES.values():
+      for file in files:
+        _find_idx_file(epath.Path(manual_dir), file)
+  except FileNotFoundError:
+    if download:
+      return
+    raise
+  config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  builder.download_and_prepare(download_config=config)
+
+
+def _not_prepared_message(name: str, data_dir: PathLike | None) -> str:
   builder = tfds.builder(name, data_dir=data_dir)
-  version_dir = builder.data_path
-  root = version_dir.parent.parent
+  version_dir = os.fspath(builder.data_path)
+  root = builder.data_path.parent.parent
   if builder.is_prepared():
     return (
-      f"Dataset {name!r} is prepared in {os.fspath(version_dir)!r}, but in the "
+      f"Dataset {name!r} is prepared in {version_dir!r}, but in the "
       f"{builder.info.file_format.value} format, which has no random access. "
       "Convert it (this needs TensorFlow) with\n"
-      f"    tfds convert_format --dataset_version_dir={os.fspath(version_dir)} "
+      f"    tfds convert_format --dataset_version_dir={version_dir} "
       "--out_file_format=array_record"
     )
   return (
     f"Dataset {name!r} is not prepared under data_dir={os.fspath(root)!r} "
-    f"(looked in {os.fspath(version_dir)!r}) and download=False. To get it, "
+    f"(looked in {version_dir!r}) and download=False. To get it, "
     "on a machine with internet access and TensorFlow installed run\n"
     f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
     f"and copy DIR/{name} to {os.fspath(root / name)!r}; or call "
@@ -477,34 +359,20 @@ def iterate(
 ) -> Iterator[Batch]:
   """Yields the batches of one epoch over a data source or in-memory arrays.
 
-  The order is a permutation drawn from ``np.random.default_rng((seed,
-  epoch))``: the same for the same ``(seed, epoch)``, different across
-  epochs. From a data source, each batch is read with one
-  ``source.__getitems__(keys)`` call where the source has it (TFDS data sources
-  do), else with ``source[i]``, and its images are decoded. Decoding dominates
-  the cost for small images (about 0.3 ms per image), so for a small dataset
-  `load_split` it once and iterate over the arrays.
-
   Args:
-    source: a sequence of examples, each a mapping with a uint8 ``'image'``
-      ``[H, W, C]`` and a ``'label'`` (e.g. a source from `get_datasets`); or
-      a `Batch` of a whole split (from `load_split`).
+    source: a data source of `get_datasets` (or any sequence of examples with
+      a uint8 ``'image'`` ``[H, W, C]`` and a ``'label'``), decoded batch by
+      batch; or a whole split from `load_split`, faster for small datasets.
     batch_size: number of examples per batch.
-    seed: seed of the shuffling.
-    epoch: the epoch, mixed into the seed.
+    seed: with ``epoch``, the seed of the permutation
+      ``np.random.default_rng((seed, epoch))``.
+    epoch: the epoch.
     shuffle: whether to permute the examples; if ``False`` they come in order.
-    drop_remainder: whether to drop the last batch if it is smaller than
-      ``batch_size``.
-
-  Yields:
-    Batches ``{'image': float32 [B, H, W, C] on [0, 1], 'label': int32 [B]}``.
-
-  Raises:
-    ValueError: if ``batch_size`` is not positive.
+    drop_remainder: whether to drop a last batch smaller than ``batch_size``.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got batch_size={batch_size}.")
-  num_examples = len(source["label"]) if _is_batch(source) else len(source)
+  num_examples = len(source["label"]) if isinstance(source, Mapping) else len(source)
   order = _order(num_examples, seed, epoch) if shuffle else np.arange(num_examples)
   stop = num_examples - num_examples % batch_size if drop_remainder else num_examples
   for start in range(0, stop, batch_size):
@@ -525,9 +393,9 @@ def batch_at(split: Batch, batch_size: int, seed: int, step: int) -> Batch:
 def hold_out(split: Batch, num_examples: int) -> tuple[Batch, Batch]:
   """``(rest, held_out)``: ``num_examples`` examples of ``split`` set aside.
 
-  The examples held out are the same whatever the run (a fixed draw, not the
-  run's seed), so every run of a tuning protocol is judged on the same
-  validation split and trains on the same rest; both keep ``split``'s order.
+  The examples held out are a fixed draw, not the run's seed, so that every
+  run of a tuning protocol is judged on the same validation split; both parts
+  keep ``split``'s order.
   """
   n = len(split["label"])
   if not 0 < num_examples < n:
@@ -547,32 +415,14 @@ def _order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def load_split(source: Sequence[Mapping[str, Any]], *, batch_size: int = 1024) -> Batch:
-  """Reads and decodes a whole (small) data source into memory, in order.
-
-  Args:
-    source: a data source as taken by `iterate`.
-    batch_size: number of examples read at a time.
-
-  Returns:
-    ``{'image': float32 [N, H, W, C] on [0, 1], 'label': int32 [N]}`` with all
-    ``N = len(source)`` examples.
-  """
-  # Read in chunks directly (not through `iterate`, which the training loop
-  # uses and tests may replace).
-  n = len(source)
-  batches = [
-    _read(source, np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)
-  ]
+  """Reads and decodes a whole (small) data source, ``batch_size`` at a time."""
+  batches = list(iterate(source, batch_size, shuffle=False, drop_remainder=False))
   return {key: np.concatenate([b[key] for b in batches]) for key in ("image", "label")}
-
-
-def _is_batch(source: Source) -> bool:
-  return isinstance(source, Mapping)
 
 
 def _read(source: Source, indices: np.ndarray) -> Batch:
   """Reads the examples at ``indices`` into a `Batch`."""
-  if _is_batch(source):
+  if isinstance(source, Mapping):
     return {key: source[key][indices] for key in ("image", "label")}
   keys = indices.tolist()
   getitems = getattr(source, "__getitems__", None)

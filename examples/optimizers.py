@@ -1,27 +1,11 @@
 """The optimizers of `examples.train`, by name.
 
-`make_optimizer(name, learning_rate, layer_axes, *, grad_accum, skip_nonfinite)`
-builds one of `OPTIMIZERS`: the library's ``lgm``, ``dgs`` and ``layer_sam``
-and, to compare with, ``sgd``, ``adam``, ``lars`` and ``optax.contrib.sam``.
-
-Gradient accumulation (``grad_accum > 1``, ``optax.MultiSteps``) applies the
-mean gradient of ``grad_accum`` batches in one update. For ``sam`` and
-``layer_sam`` the perturbation is per micro-batch: each batch is perturbed at
-its own gradient, and ``MultiSteps`` wraps the base optimizer, so what is
-accumulated is the gradient at each batch's perturbed point. (Wrapping the
-whole of SAM instead would perturb at the mean gradient so far and take the
-second-pass gradient of the last batch only.)
-
-The perturbation schedule (``sam_schedule``, ``sam_every``,
-``sam_probability``, ``sam_skipped``: ``layer_sam``'s ``schedule``, ``every``,
-``probability`` and ``skipped``) applies to ``layer_sam`` and to ``sam``. With
-the default (every step perturbed) ``sam`` is ``optax.contrib.sam``; with
-another schedule it is ``layer_sam`` with every layer selected and
-``unselected="recompute"``, which is ``optax.contrib.sam`` at every step (the
-tests check it; it holds for models without size-1 leaves, which layer_sam
-does not perturb: none of `examples.models` has one), with the second pass
-under the schedule's ``lax.cond``. ``"adaptive"`` uses AE-SAM's threshold,
-rising linearly from -1 to 1 over ``total_steps``.
+`make_optimizer` builds one of `OPTIMIZERS`: the library's ``lgm``, ``dgs`` and
+``layer_sam`` and, to compare with, ``sgd``, ``adam``, ``lars`` and
+``optax.contrib.sam``. Under a perturbation schedule other than every step,
+``sam`` is ``layer_sam`` with every layer selected and
+``unselected="recompute"``: ``optax.contrib.sam`` at every step that runs the
+second pass (for models without size-1 leaves, as those of `examples.models`).
 """
 
 import functools
@@ -34,21 +18,10 @@ from examples.config import OPTIMIZERS, Config
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LEARNING_RATES", "SAM_RHO", "make_optimizer"]
 
-DEFAULT_LEARNING_RATES = {
-  "sgd": 0.05,
-  "adam": 1e-3,
-  "lars": 2.0,
-  "sam": 0.05,
-  "lgm": 0.05,
-  "dgs": 3e-4,
-  "layer_sam": 0.05,
-}
-"""Learning rates checked to train the digits CNN above 90% in a few epochs.
-
-``dgs`` (its mean denominator and momentum 0.9), batch 64, seed 0: 3e-4
-reached 0.96 test accuracy at epoch 4 (0.94 at epoch 5); 5e-4 oscillated
-between 0.88 and 0.95 over 10 epochs; 1e-3 and above diverged.
-"""
+DEFAULT_LEARNING_RATES = dict(
+  sgd=0.05, adam=1e-3, lars=2.0, sam=0.05, lgm=0.05, dgs=3e-4, layer_sam=0.05
+)
+"""Learning rates checked to train the digits CNN above 90% in a few epochs."""
 
 SAM_RHO = Config.rho
 """The default perturbation radius of ``sam`` and ``layer_sam``."""
@@ -76,14 +49,12 @@ def make_optimizer(
     layer_axes: the ``layer_axes`` of ``lgm``, ``dgs`` and ``layer_sam``
       (``model.layer_axes`` of `examples.models`).
     grad_accum: apply the mean of this many gradients in one update
-      (``optax.MultiSteps``). ``sam`` and ``layer_sam`` perturb each batch at
-      its own gradient and accumulate the perturbed gradients: ``MultiSteps``
-      wraps their base optimizer.
+      (``optax.MultiSteps``; for ``sam`` and ``layer_sam`` it wraps the base
+      optimizer, so each batch is perturbed at its own gradient).
     skip_nonfinite: if positive, skip updates whose gradient is not finite
       (``optax.apply_if_finite`` with this ``max_consecutive_errors``).
-    sam_schedule: ``sam`` and ``layer_sam``: which steps run the second pass
-      (``layer_sam``'s ``schedule``: ``"every"``, ``"random"``,
-      ``"adaptive"``).
+    sam_schedule: ``layer_sam``'s ``schedule`` (``"every"``, ``"random"``,
+      ``"adaptive"``), for ``sam`` and ``layer_sam``.
     sam_every: the ``every`` of ``sam_schedule="every"``.
     sam_probability: the ``probability`` of ``sam_schedule="random"``.
     sam_skipped: what a step without the second pass hands on (``"plain"``
@@ -100,30 +71,28 @@ def make_optimizer(
   lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else learning_rate
 
   def accumulate(tx):
+    if grad_accum == 1:
+      return tx  # The same state as without.
     return optax.MultiSteps(tx, grad_accum).gradient_transformation()
 
-  if grad_accum == 1:
-    accumulate = lambda tx: tx  # noqa: E731 The same state as without.
-  schedule = dict(
-    schedule=sam_schedule,
-    every=sam_every,
-    probability=sam_probability,
-    skipped=sam_skipped,
-    threshold=(optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0),
-  )
-  every_step = sam_schedule == "every" and sam_every == 1
-  if name == "sam" and every_step:
-    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+  if name in ("sam", "layer_sam"):
     base = accumulate(optax.sgd(lr, momentum=0.9))
-    tx = optax.contrib.sam(base, adversary, opaque_mode=True)
-  elif name == "sam":  # SAM under a schedule: layer_sam with every layer.
-    base = accumulate(optax.sgd(lr, momentum=0.9))
-    tx = optax_lgm.layer_sam(
-      base, rho, k=None, unselected="recompute", layer_axes=layer_axes, **schedule
-    )
-  elif name == "layer_sam":
-    base = accumulate(optax.sgd(lr, momentum=0.9))
-    tx = optax_lgm.layer_sam(base, rho=rho, k=2, layer_axes=layer_axes, **schedule)
+    if name == "sam" and sam_schedule == "every" and sam_every == 1:
+      adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+      tx = optax.contrib.sam(base, adversary, opaque_mode=True)
+    else:
+      selection = dict(k=None, unselected="recompute") if name == "sam" else {}
+      tx = optax_lgm.layer_sam(
+        base,
+        rho,
+        layer_axes=layer_axes,
+        schedule=sam_schedule,
+        every=sam_every,
+        probability=sam_probability,
+        skipped=sam_skipped,
+        threshold=optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0,
+        **selection,
+      )
   else:
     tx = accumulate(
       {
@@ -143,8 +112,8 @@ cached_optimizer = functools.cache(make_optimizer)
 """`make_optimizer`, the same transformation for the same arguments.
 
 ``nnx.jit`` compiles once per graph of its arguments, which holds the
-transformation: runs that share it (several seeds, a run and its resumption)
-share the compiled step.
+transformation: runs that share it (seeds, a run and its resumption) share the
+compiled step.
 """
 
 
