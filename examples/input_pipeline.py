@@ -1,10 +1,8 @@
 """Input pipeline: TFDS random-access data sources and a NumPy batch iterator.
 
-Data is read with ``tfds.data_source`` (ArrayRecord files, random access, no
-TensorFlow needed at read time) and batched on the host as NumPy arrays. A
-`Batch` keeps images on the [0, 1] pixel scale: the models of
-``examples.models`` standardise with ``DatasetMetadata.mean`` / ``.std``, so
-that adversarial perturbations and noise act on pixels.
+Data is read with ``tfds.data_source`` (ArrayRecord files, no TensorFlow
+needed) and batched on the host as NumPy arrays, images on the [0, 1] pixel
+scale (the models of ``examples.models`` standardise them).
 
 ``digits`` (scikit-learn's 8x8 digits, `Digits`) and ``fashion_mnist`` (from
 local idx files, `FashionMnistFromFiles`) are prepared offline on first use;
@@ -91,11 +89,6 @@ class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not prepared (in the ``array_record`` format) under data_dir."""
 
 
-def _png(image: np.ndarray) -> PIL.Image.Image:
-  # TFDS would encode NumPy images with TensorFlow, which the examples lack.
-  return PIL.Image.fromarray(image)
-
-
 class Digits(tfds.core.GeneratorBasedBuilder):
   """The UCI 8x8 handwritten digits, as bundled with scikit-learn.
 
@@ -157,24 +150,18 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, images, labels, indices):
+    # PIL images: TFDS would encode NumPy ones with TensorFlow, not installed.
     for i in indices:
-      yield int(i), {"image": _png(images[i]), "label": int(labels[i])}
+      yield int(i), {"image": PIL.Image.fromarray(images[i]), "label": int(labels[i])}
 
 
 class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
   """TFDS's ``fashion_mnist`` (version 3.0.1), prepared from local idx files.
 
-  The same dataset as TFDS's own builder, which downloads the four original
-  files of Xiao et al. (2017); this one reads them (gzipped or not, named as in
-  `FILES`) from ``manual_dir`` through TFDS's manual-download mechanism::
-
-    builder = FashionMnistFromFiles(data_dir=..., file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=FASHION_MNIST_DIR)
-    )
-
-  It writes where TFDS's own builder would, so
-  ``tfds.data_source("fashion_mnist")`` reads the result.
+  The dataset of TFDS's own builder, which downloads the four original files
+  of Xiao et al. (2017), written where that builder writes it; this one reads
+  the files (`FILES`, gzipped or not) from the ``manual_dir`` of the
+  ``download_config`` given to ``download_and_prepare``, as `get_datasets` does.
   """
 
   name = "fashion_mnist"
@@ -206,7 +193,7 @@ class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
         "[N, 28, 28] and [N]."
       )
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-      yield i, {"image": _png(image), "label": int(label)}
+      yield i, {"image": PIL.Image.fromarray(image), "label": int(label)}
 
 
 def _find_idx_file(directory: epath.Path, name: str) -> epath.Path:
@@ -264,8 +251,7 @@ def get_datasets(
 ) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]], DatasetMetadata]:
   """Returns the train and test data sources of a dataset, and its metadata.
 
-  The sources are ``tfds.data_source``: ``source[i]`` and
-  ``source.__getitems__(keys)`` give dicts with a ``uint8`` ``'image'``
+  The sources (``tfds.data_source``) hold dicts with a ``uint8`` ``'image'``
   ``[H, W, C]`` and an integer ``'label'``; batch them with `iterate` or
   `load_split`.
 

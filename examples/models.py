@@ -1,10 +1,8 @@
 """Flax NNX image classifiers for the examples.
 
 Every model maps images ``float32 [B, H, W, C]`` on the [0, 1] pixel scale to
-logits ``[B, num_classes]``, standardising them inside ``__call__`` with the
-per-channel ``mean`` and ``std`` given at construction (from
-``examples.input_pipeline.DatasetMetadata``), so that the attacks and noise of
-``examples.robustness`` act on pixels.
+logits ``[B, num_classes]``, standardising them inside ``__call__`` (so that
+the attacks and noise of ``examples.robustness`` act on pixels).
 
 Every model has ``model.layer_axes``, the ``layer_axes`` argument of the
 transformations of ``optax_lgm`` for its parameters (``None`` except for the
@@ -14,11 +12,11 @@ output as ``layer_sam`` names them (the start selection of
 
 The models take ``(num_classes, input_shape, mean, std, *, ..., dtype, rngs)``:
 the number of outputs, ``(height, width, channels)`` of one image, the
-per-channel mean and standard deviation of the [0, 1] pixels, the computation
-dtype (``jnp.bfloat16`` computes in bfloat16; parameters stay float32) and the
-random number generators of the initialisation. They are created in training
-mode; ``model.eval()`` switches BatchNorm (only in `ResNet`) to its running
-statistics and ``model.train()`` back.
+per-channel mean and standard deviation of the [0, 1] pixels (from
+``examples.input_pipeline.DatasetMetadata``), the computation dtype (the
+parameters stay float32) and the random number generators of the
+initialisation. They are created in training mode; ``model.eval()`` switches
+BatchNorm (only in `ResNet`) to its running statistics, ``model.train()`` back.
 """
 
 import functools
@@ -90,12 +88,11 @@ class CNN(_Classifier):
       raise ValueError(
         f"CNN needs images of at least 4x4 pixels, got input_shape={input_shape}."
       )
-    self.conv1 = nnx.Conv(channels, features[0], (3, 3), dtype=dtype, rngs=rngs)
-    self.conv2 = nnx.Conv(features[0], features[1], (3, 3), dtype=dtype, rngs=rngs)
-    self.dense = nnx.Linear(
-      height * width * features[1], hidden, dtype=dtype, rngs=rngs
-    )
-    self.head = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
+    kwargs = dict(dtype=dtype, rngs=rngs)
+    self.conv1 = nnx.Conv(channels, features[0], (3, 3), **kwargs)
+    self.conv2 = nnx.Conv(features[0], features[1], (3, 3), **kwargs)
+    self.dense = nnx.Linear(height * width * features[1], hidden, **kwargs)
+    self.head = nnx.Linear(hidden, num_classes, **kwargs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Returns the logits ``[B, num_classes]`` of images ``[B, H, W, C]``."""
@@ -290,12 +287,10 @@ class TransformerClassifier(_Classifier):
   plus a learned position embedding; ``depth`` encoder blocks
   (`EncoderBlock`); a LayerNorm, the mean over tokens and the output layer.
 
-  With ``stacked=True`` the blocks are created with ``nnx.vmap`` and applied
-  with ``jax.lax.scan``: ``blocks`` is one `EncoderBlock` whose parameters have
-  a leading axis of size ``depth`` (``blocks/mlp_in/kernel``), where the
-  unstacked model has one per index (``blocks/0/mlp_in/kernel``). Both compute
-  the same function of the same weights; pass ``layer_axes=model.layer_axes``
-  to ``optax_lgm`` so that each stacked block is a layer of its own.
+  With ``stacked=True``, ``blocks`` is one `EncoderBlock` (``nnx.vmap``, applied
+  with ``jax.lax.scan``) whose parameters have a leading axis of size ``depth``,
+  the same function of the same weights as the list of blocks; pass
+  ``layer_axes=model.layer_axes`` to ``optax_lgm`` to keep one layer per block.
 
   Args (beside those of every model):
     patch_size: side of the square patches, dividing the image's height and

@@ -109,12 +109,9 @@ def make_optimizer(
 
 
 cached_optimizer = functools.cache(make_optimizer)
-"""`make_optimizer`, the same transformation for the same arguments.
-
-``nnx.jit`` compiles once per graph of its arguments, which holds the
-transformation: runs that share it (seeds, a run and its resumption) share the
-compiled step.
-"""
+"""`make_optimizer`, the same transformation for the same arguments, so that
+runs that share it (seeds, a run and its resumption) share ``nnx.jit``'s
+compiled step."""
 
 
 def optimizer_of(config: Any, layer_axes: Any, total_steps: int):

@@ -157,11 +157,9 @@ def evaluate_robustness(
 ) -> dict[str, float]:
   """Accuracy on clean, adversarial and noisy versions of a test set.
 
-  Keys of the result: ``'clean'``; ``'fgsm@EPS'`` and ``'pgd@EPS'`` for each
-  ``eps`` (PGD from a random start, with the default step size);
-  ``'noise@SIGMA'`` for each ``sigma`` (the same noise draws, scaled, for every
-  ``sigma``). Numbers are written with ``format(x, '.3g')``: ``'fgsm@0.0314'``
-  for 8/255, ``'pgd@0.1'`` for 0.1.
+  Keys of the result: ``'clean'``; ``'fgsm@EPS'`` and ``'pgd@EPS'`` (from a
+  random start, default step size) for each ``eps``; ``'noise@SIGMA'`` for each
+  ``sigma`` (the same draws, scaled); numbers as ``format(x, '.3g')``.
 
   Args:
     model: a classifier of [0, 1] pixels.
