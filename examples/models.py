@@ -61,9 +61,9 @@ class CNN(_Classifier):
   """A small convolutional network, after Flax's ``examples/mnist``.
 
   Two 3x3 convolutions, each followed by a ReLU and 2x2 average pooling, then
-  a hidden dense layer and the output layer.
+  a hidden dense layer and the output layer; images of at least 4x4 pixels.
 
-  Args (beside those of every model; images at least 4x4):
+  Args (beside those of every model):
     features: output channels of the two convolutions.
     hidden: width of the hidden dense layer.
   """
@@ -124,15 +124,13 @@ def _conv_bn(
 class BasicBlock(nnx.Module):
   """A residual block of two 3x3 convolutions (He et al., 2016).
 
-  Args:
+  Args (beside ``dtype`` and ``rngs``, as for every model):
     in_features: input channels.
     out_features: output channels.
     strides: stride of the first convolution and of the shortcut.
     shortcut: where the shape changes, ``"padding"`` (option A of He et al.:
       the identity, subsampled and zero-padded; no parameters) or
       ``"projection"`` (option B: a strided 1x1 convolution and BatchNorm).
-    dtype: the computation dtype (parameters are float32).
-    rngs: random number generators for the initialisation.
   """
 
   def __init__(
@@ -249,12 +247,10 @@ def resnet32(*args: Any, **kwargs: Any) -> ResNet:
 class EncoderBlock(nnx.Module):
   """A pre-LayerNorm transformer encoder block with a GELU MLP.
 
-  Args:
+  Args (beside ``dtype`` and ``rngs``, as for every model):
     dim: width of the token embeddings.
     num_heads: number of attention heads.
     mlp_dim: hidden width of the MLP.
-    dtype: the computation dtype (parameters are float32).
-    rngs: random number generators for the initialisation.
   """
 
   def __init__(
