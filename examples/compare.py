@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     try:
       if args.tune and not config.validation:
-        examples = len(train.load_dataset(config.dataset, config.data_dir)[0]["label"])
+        examples = len(train.splits(config)[0]["label"])
         config = dataclasses.replace(config, validation=examples // 6)
       for name in optimizers:
         settings = dataclasses.replace(config, optimizer=name)

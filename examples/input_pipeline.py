@@ -394,6 +394,35 @@ def hold_out(split: Batch, num_examples: int) -> tuple[Batch, Batch]:
   return _read(split, np.flatnonzero(~held)), _read(split, np.flatnonzero(held))
 
 
+@functools.lru_cache(maxsize=1)
+def load(name: str, data_dir: PathLike | None = None) -> tuple[Batch, Batch, Any]:
+  """The decoded train and test splits and the `DatasetMetadata` of ``name``.
+
+  The last dataset read stays in memory, for the next run of the same process.
+  """
+  train, test, meta = get_datasets(name, data_dir)
+  return load_split(train), load_split(test), meta
+
+
+def splits(
+  name: str, data_dir: PathLike | None = None, validation: int = 0,
+  evaluate_on: str = "test",
+) -> tuple[Batch, Batch, Any]:  # fmt: skip
+  """The training split, the evaluation split and the metadata of ``name``.
+
+  With ``validation``, that many training examples are held out (`hold_out`);
+  they are the evaluation split where ``evaluate_on="validation"``.
+  """
+  train, test, meta = load(name, data_dir)
+  if validation:
+    try:
+      train, held = hold_out(train, validation)
+    except ValueError as error:
+      raise ValueError(f"validation={validation}: {error}") from error
+    test = held if evaluate_on == "validation" else test
+  return train, test, meta
+
+
 @functools.lru_cache(maxsize=4)
 def _order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The order of the examples in an epoch."""

@@ -125,6 +125,16 @@ class Metrics:
     self._started: float | None = None
     self._since = (0, 0.0)  # The step and training time of the last entry.
 
+  def record(self, step_fn: Any, skipped_steps: int) -> None:
+    """Records the step function's compilations and the steps skipped."""
+    log = step_fn.log()
+    self.data["compile"] = {"compilations": step_fn.compilations} | {
+      f"{k}_seconds": log[f"compile_seconds_{k}"] for k in ("critical", "background")
+    }
+    if isinstance(step_fn, optax_lgm.StaticSelection):
+      self.data["layer_sam_static"] = log
+    self.data["skipped_steps"] = skipped_steps
+
   def resume(self, data: dict[str, Any], step: int) -> None:
     """Goes on from ``data`` saved at ``step``; this run's ``config`` stays."""
     self.data = {**data, "config": self.data["config"]}

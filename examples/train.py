@@ -6,7 +6,6 @@ stopped, bit for bit. ``python -m examples.train --help`` lists the settings.
 """
 
 import dataclasses
-import functools
 import os
 import pathlib
 import sys
@@ -62,26 +61,13 @@ def train_step(model, optimizer, images, labels, selection=None, perturb=None):
   return loss
 
 
-@functools.lru_cache(maxsize=1)
-def load_dataset(name: str, data_dir: str | None):
-  """The decoded train and test splits and the metadata (the last one read stays)."""
+def splits(config: Config):
+  """`input_pipeline.splits` of ``config``: train, evaluation, metadata."""
+  data = (config.dataset, config.data_dir, config.validation, config.evaluate_on)
   try:
-    train, test, meta = input_pipeline.get_datasets(name, data_dir)
+    return input_pipeline.splits(*data)
   except (ValueError, FileNotFoundError) as error:  # Unknown or missing data.
     raise UsageError(str(error)) from error
-  return input_pipeline.load_split(train), input_pipeline.load_split(test), meta
-
-
-def splits(config: Config):
-  """The training split, the evaluation split and the metadata of ``config``."""
-  train, test, meta = load_dataset(config.dataset, config.data_dir)
-  if config.validation:  # Training loses them in any case; evaluation may use them.
-    try:
-      train, validation = input_pipeline.hold_out(train, config.validation)
-    except ValueError as error:
-      raise UsageError(f"--validation: {error}") from error
-    test = validation if config.evaluate_on == "validation" else test
-  return train, test, meta
 
 
 def create(config: Config, meta, total: int, mesh: jax.sharding.Mesh):
@@ -152,13 +138,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
       checkpoints.save(model, optimizer, progress)
 
   def write() -> None:
-    log = step_fn.log()
-    metrics.data["compile"] = {"compilations": step_fn.compilations} | {
-      f"{k}_seconds": log[f"compile_seconds_{k}"] for k in ("critical", "background")
-    }
-    if isinstance(step_fn, optax_lgm.StaticSelection):
-      metrics.data["layer_sam_static"] = log
-    metrics.data["skipped_steps"] = nonfinite_steps(optimizer.opt_state)[1]
+    metrics.record(step_fn, skipped_steps=nonfinite_steps(optimizer.opt_state)[1])
     if jax.process_index() == 0:
       metrics.write(workdir / "metrics.json")
 

@@ -128,7 +128,7 @@ def test_train_evaluates_on_the_held_out_examples(data_dir, tmp_path, monkeypatc
   results = train.train_and_evaluate(config, tmp_path / "validation")
   assert sizes == [200] and results["evaluated_on"] == "validation"
   assert "final_test_accuracy" not in results
-  test_size = len(train.load_dataset("digits", data_dir)[1]["label"])
+  test_size = len(input_pipeline.load("digits", data_dir)[1]["label"])
   sizes.clear()
   config = dataclasses.replace(config, evaluate_on="test")
   results = train.train_and_evaluate(config, tmp_path / "test")
