@@ -1,13 +1,14 @@
 """What the benchmarks share: the digits data, models as pure losses, their steps.
 
-A library for the benchmark scripts (it has no ``__main__``). Every benchmark
-that trains does so through `examples.loop.run`, the loop of the example
-trainer, with `train_pure` (a `Task`'s pure step) or `train_nnx` (the
-trainer's own `examples.train.train_step`); their data is
-`examples.input_pipeline`'s digits, indexed by step (``batch_at``).
+Every benchmark that trains does so through `examples.loop.run`, the example
+trainer's loop, with `train_pure` (a `Task`'s pure step) or `train_nnx` (the
+trainer's own `examples.train.train_step`), on `examples.input_pipeline`'s
+digits indexed by step (``batch_at``).
 """
 
+import argparse
 import functools
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,6 +99,18 @@ def make_step(task: Task, tx, *, sam: bool, traces: list | None = None):
     return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
   return step
+
+
+def jit_step(task: Task, tx, *, sam: bool, traces: list | None = None, options=None):
+  """`make_step` jitted, ``selection`` static, with the XLA compiler ``options``."""
+  step = make_step(task, tx, sam=sam, traces=traces)
+  return jax.jit(step, static_argnames="selection", compiler_options=options)
+
+
+def opaque_sam(base: optax.GradientTransformation, rho: float):
+  """``optax.contrib.sam`` in opaque mode around ``base``, with radius ``rho``."""
+  adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+  return optax.contrib.sam(base, adversary, opaque_mode=True)
 
 
 def train_pure(
@@ -196,6 +209,45 @@ def forward_order(names: Sequence[str]) -> list[str]:
   return sorted(names, key=key)
 
 
+def output_side(names: Sequence[str], k: int) -> tuple[list[str], tuple[int, ...]]:
+  """The ``k`` layers of ``names`` nearest the output, and their indices."""
+  side = forward_order(names)[-k:]
+  return side, tuple(sorted(names.index(n) for n in side))
+
+
 def cost_gflops(compiled) -> float:
   """XLA's FLOP count of a compiled step, in GFLOP (`benchmarks._timing.cost`)."""
   return float(_timing.cost(compiled).get("flops", float("nan"))) / 1e9
+
+
+def write_json(path: str | None, data: Any, indent: int = 2) -> None:
+  """Writes ``data`` as JSON to ``path`` (the ``--json`` flag), if one is given."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(data, f, indent=indent)
+
+
+HELP = {
+  "budget": "comma-separated layer-name prefixes a budgeted selection may perturb",
+  "json": "write the results here",
+}
+"""Help texts of the flags that several benchmarks share (`parser`)."""
+
+
+def parser(doc: str, **flags: Any) -> argparse.ArgumentParser:
+  """A benchmark's command line: ``--name`` for each keyword ``name=default``.
+
+  The flag takes values of the default's type (``False``: a switch; ``None``: a
+  string); ``name=(default, help)`` gives a help text (else `HELP`'s).
+  Underscores in the name become dashes.
+  """
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  for name, spec in flags.items():
+    default, text = spec if isinstance(spec, tuple) else (spec, HELP.get(name))
+    flag = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+      parser.add_argument(flag, action="store_true", help=text)
+    else:
+      kind = str if default is None else type(default)
+      parser.add_argument(flag, type=kind, default=default, help=text)
+  return parser

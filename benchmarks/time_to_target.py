@@ -1,40 +1,26 @@
 """Time to a target accuracy, after AlgoPerf's rule, on a ResNet-20.
 
-What a user pays for is the wall-clock time to reach an accuracy, compilation
-included. For each contender and seed this benchmark trains the CIFAR-shaped
-ResNet-20 of ``examples.models`` on the digits of ``benchmarks._tasks``
-(upscaled to 32x32x3; the TFDS train/test split) for ``--steps`` steps through
-the example trainer's loop (``examples.loop``), evaluates the test accuracy
-every ``--eval-every`` steps, and reports
+For each contender and seed, trains the CIFAR-shaped ResNet-20 of
+``examples.models`` on the digits upscaled to 32x32x3 (``benchmarks._tasks``)
+through the example trainer's loop (``examples.loop``), evaluating the test
+accuracy every ``--eval-every`` steps, and reports the **time to target**: the
+training wall-clock, compilation included and evaluations excluded, to the first
+evaluation at or above ``--target`` (``examples.loop.time_to_target``); its
+median over seeds, a seed that missed counting as infinite; the seeds that
+reached it, the steps to target, the final accuracy (mean of the last three
+evaluations), the time per step and the compilations. The defaults put the
+target after some 200 SGD steps, so that compilation does not decide it.
 
-* **time to target**: the training wall-clock from the start of training to
-  the first evaluation at or above ``--target``, compilation included,
-  evaluation time excluded (``examples.loop.time_to_target``); the median over
-  seeds, a seed that missed counting as infinite, and the number of
-  seeds that reached the target;
-* the steps to target, the final accuracy (the mean of the last three
-  evaluations; mean ± std over seeds), the training time per step
-  (compilation included) and the compilations.
-
-The defaults (batch 16, 400 steps, target 97%) put the target after at
-least 200 SGD steps (220 and 260 steps for two seeds), so that compilation
-does not decide the result.
-
-Contenders: SGD (momentum 0.9), ``optax.contrib.sam`` (opaque mode, the same
-SGD), ``layer_sam`` in dynamic mode, ``layer_sam`` in static mode through
-``optax_lgm.StaticSelection`` (starting from `OUTPUT_LAYERS`, compiling new
-selections in the background), the same with a selection budget (candidates
-restricted by ``mask`` to the output-side layers named by ``--budget``),
-``lgm`` and ``dgs``. The seeds run one after another, each through every
-contender in a new random order, so that a slow spell of a shared machine
-does not fall on one contender. Every step is compiled with XLA's
-``reshape-mover`` pass off, as the trainer's command line does on a CPU host.
+Contenders (`CONTENDERS`): SGD (momentum 0.9), ``optax.contrib.sam`` (opaque,
+the same SGD), ``layer_sam`` dynamic, ``layer_sam`` static through
+``optax_lgm.StaticSelection`` (from `OUTPUT_LAYERS`), the same with candidates
+restricted by ``mask`` to the layers of ``--budget``, ``lgm`` and ``dgs``. Each
+seed runs every contender in a new random order; every step is compiled with
+``reshape-mover`` off, as the trainer does on a CPU host.
 
 Run: ``python -m benchmarks.time_to_target [--seeds 3 --json out.json]``.
 """
 
-import argparse
-import json
 import math
 import platform
 import sys
@@ -47,7 +33,7 @@ import optax
 
 import optax_lgm
 from benchmarks import _tasks
-from benchmarks._tasks import SHARE_FORWARD, budget_mask, make_step
+from benchmarks._tasks import SHARE_FORWARD, budget_mask
 from examples import loop
 
 OUTPUT_LAYERS = ("blocks/8/bn2", "head")
@@ -69,9 +55,7 @@ def make_optimizer(name: str, args) -> optax.GradientTransformation:
   if name == "sgd":
     return sgd
   if name == "sam":
-    return optax.contrib.sam(
-      sgd, optax.chain(optax.contrib.normalize(), optax.sgd(args.rho)), opaque_mode=True
-    )
+    return _tasks.opaque_sam(sgd, args.rho)
   if name.startswith("layer_sam"):
     mask = budget_mask(args.budget) if name.endswith("budget") else None
     return optax_lgm.layer_sam(sgd, rho=args.rho, k=args.k, mask=mask)
@@ -87,24 +71,14 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
   task = _tasks.Task(train_data["image"], seed=seed)
   tx = make_optimizer(name, args)
   traces: list = []
-  step = jax.jit(
-    make_step(
-      task, tx, sam=name == "sam" or name.startswith("layer_sam"), traces=traces
-    ),
-    static_argnames="selection",
-    compiler_options=SHARE_FORWARD,  # As the trainer does on a CPU host.
-  )
-  helper = None
+  sam = name == "sam" or name.startswith("layer_sam")
+  step = _tasks.jit_step(task, tx, sam=sam, traces=traces, options=SHARE_FORWARD)
   if name in ("layer_sam static", "layer_sam budget"):
-    helper = optax_lgm.StaticSelection(
-      step,
-      every=args.every,
-      margin=args.margin,
-      max_compilations=args.max_compilations,
+    step = optax_lgm.StaticSelection(
+      step, every=args.every, margin=args.margin,
+      max_compilations=args.max_compilations, total_steps=args.steps,
       start=OUTPUT_LAYERS if name == "layer_sam static" else None,
-      total_steps=args.steps,
-    )
-    step = helper
+    )  # fmt: skip
 
   _, metrics = _tasks.train_pure(
     task, tx, step, train_data, test_data, steps=args.steps, batch=args.batch,
@@ -123,8 +97,8 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
     "compilations": len(traces),
     "curve": curve,
   }
-  if helper is not None:
-    out.update(helper.log())
+  if isinstance(step, optax_lgm.StaticSelection):
+    out.update(step.log())
   return out
 
 
@@ -137,16 +111,17 @@ def summarize(runs: dict[str, list[dict]], args) -> dict[str, dict]:
   rows = {}
   for name, results in runs.items():
     seconds = [r["seconds_to_target"] for r in results]
+    steps = [r["steps_to_target"] for r in results]
     median = loop.median_time(seconds)
     rows[name] = {
       "seconds": seconds,
-      "steps": [r["steps_to_target"] for r in results],
+      "steps": steps,
       "final_accuracy": [r["final_accuracy"] for r in results],
       "compilations": [r["compilations"] for r in results],
       # AlgoPerf's rule: a seed that missed counts as infinite (None: the
       # median is).
       "median_seconds": None if math.isinf(median) else median,
-      "median_steps": _median([r["steps_to_target"] for r in results]),
+      "median_steps": _median(steps),
       "seconds_per_step": float(
         np.median([r["train_seconds"] / r["steps"] for r in results])
       ),
@@ -177,43 +152,27 @@ def markdown(rows: dict[str, dict], args) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--contenders", default=",".join(CONTENDERS))
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=400, help="steps per run")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--eval-every", type=int, default=20, help="steps")
-  parser.add_argument("--target", type=float, default=0.97, help="test accuracy")
-  parser.add_argument("--lr", type=float, default=0.05, help="SGD-based contenders")
-  parser.add_argument("--dgs-lr", type=float, default=0.01, help="dgs")
-  parser.add_argument("--rho", type=float, default=0.05)
-  parser.add_argument("--k", type=int, default=2)
-  parser.add_argument("--every", type=int, default=10, help="StaticSelection")
-  parser.add_argument("--margin", type=float, default=0.05, help="StaticSelection")
-  parser.add_argument("--max-compilations", type=int, default=4)
-  parser.add_argument(
-    "--budget",
-    default="blocks/8,head",
-    help="comma-separated layer-name prefixes a budgeted selection may perturb",
-  )
-  parser.add_argument("--stop-at-target", action="store_true")
-  parser.add_argument("--json", default=None)
+  parser = _tasks.parser(
+    __doc__, contenders=",".join(CONTENDERS), seeds=3, steps=(400, "steps per run"),
+    batch=16, eval_every=(20, "steps"), target=(0.97, "test accuracy"),
+    lr=(0.05, "SGD-based contenders"), dgs_lr=(0.01, "dgs"), rho=0.05, k=2,
+    every=(10, "StaticSelection"), margin=(0.05, "StaticSelection"),
+    max_compilations=4, budget="blocks/8,head", stop_at_target=False, json=None,
+  )  # fmt: skip
   args = parser.parse_args(argv)
   names = args.contenders.split(",")
-  for name in names:
-    if name not in CONTENDERS:
-      parser.error(f"unknown contender {name!r}; expected some of {CONTENDERS}")
+  if unknown := [name for name in names if name not in CONTENDERS]:
+    parser.error(f"unknown contender {unknown[0]!r}; expected some of {CONTENDERS}")
   train_data, test_data, _ = _tasks.digits(32)
   runs: dict[str, list[dict]] = {name: [] for name in names}
   order = np.random.default_rng(0)
   wall = time.perf_counter()
   for seed in range(args.seeds):
     for j in order.permutation(len(names)):
-      name = names[j]
-      r = train(name, seed, args, train_data, test_data)
-      runs[name].append(r)
+      r = train(names[j], seed, args, train_data, test_data)
+      runs[names[j]].append(r)
       print(
-        f"seed {seed} {name}: target at {r['seconds_to_target']} s "
+        f"seed {seed} {names[j]}: target at {r['seconds_to_target']} s "
         f"(step {r['steps_to_target']}), final {r['final_accuracy']:.4f}, "
         f"{r['compilations']} compilations"
         + (f", changes {r['selection_changes']}" if "selection_changes" in r else ""),
@@ -228,25 +187,19 @@ def main(argv: list[str] | None = None) -> dict:
   command = "python -m benchmarks.time_to_target " + " ".join(argv)
   print(
     f"\nResNet-20, digits 32x32 ({len(train_data['label'])} train / "
-    f"{len(test_data['label'])} "
-    f"test), batch {args.batch}, {args.steps} steps, eval every {args.eval_every}, "
-    f"lr {args.lr} (dgs {args.dgs_lr}), rho {args.rho}, k {args.k}, "
-    f"StaticSelection every {args.every} margin {args.margin} max "
-    f"{args.max_compilations}, budget {args.budget}; {args.seeds} seeds; {machine}; "
+    f"{len(test_data['label'])} test), batch {args.batch}, {args.steps} steps, "
+    f"eval every {args.eval_every}, lr {args.lr} (dgs {args.dgs_lr}), "
+    f"rho {args.rho}, k {args.k}, StaticSelection every {args.every} margin "
+    f"{args.margin} max {args.max_compilations}, budget {args.budget}; "
+    f"{args.seeds} seeds; {machine}; "
     f"{time.perf_counter() - wall:.0f} s in all\n"
   )
   print(markdown(rows, args))
-  result = {
-    "command": command.strip(),
-    "machine": machine,
-    "target": args.target,
-    "settings": vars(args),
-    "contenders": rows,
-    "runs": runs,
-  }
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  result = dict(
+    command=command.strip(), machine=machine, target=args.target,
+    settings=vars(args), contenders=rows, runs=runs,
+  )  # fmt: skip
+  _tasks.write_json(args.json, result)
   return result
 
 
