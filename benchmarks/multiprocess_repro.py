@@ -1,40 +1,31 @@
 """XLA:CPU with Gloo collectives: a two-pass step differs from one process.
 
 A pure-JAX reproduction (no ``optax_lgm``) of the discrepancy described in
-``docs/guides/sharding.rst`` ("Several processes"): a small CNN trained with
-a sharpness-aware step that perturbs only the two layers of largest gradient
-norm (the computation of ``optax_lgm.layer_sam``, written out in ``step``),
-data-parallel on a 4-device ``"data"`` axis. Run::
+``docs/guides/sharding.rst`` ("Several processes"): a small CNN trained with a
+sharpness-aware step that perturbs only the two layers of largest gradient norm
+(``layer_sam``'s computation, written out in ``step``), data-parallel on a
+4-device ``"data"`` axis. Run::
 
   python -m benchmarks.multiprocess_repro [--steps 4] [--xla_flags FLAGS]
 
-It trains the same steps three times, each in fresh processes started here:
-
-* ``reference``: one process, 4 CPU devices, no ``jax.distributed`` (the
-  collectives run in-process);
-* ``gloo, one process``: one process, 4 CPU devices, ``jax.distributed``
-  initialised (XLA:CPU then runs every collective through Gloo);
-* ``gloo, two processes``: two processes with 2 CPU devices each, as two
-  hosts would.
-
-and prints, for the two Gloo runs, the largest absolute and relative
+It trains the same steps three times, each in fresh processes: ``reference``
+(one process, 4 CPU devices, no ``jax.distributed``), ``gloo, one process``
+(the same with ``jax.distributed`` initialised, so XLA:CPU runs every collective
+through Gloo) and ``gloo, two processes`` (2 CPU devices each, as two hosts
+would). For the two Gloo runs it prints the largest absolute and relative
 difference of each parameter from the reference, then ``equal`` or
-``DIFFERENT`` (relative tolerance 1e-5). ``--xla_flags`` is added to the
-``XLA_FLAGS`` of every run, to try a workaround, e.g.
-``--xla_flags=--xla_disable_hlo_passes=cse``. The exit status is 1 when a
-Gloo run differs.
+``DIFFERENT`` (relative tolerance 1e-5; the exit status is then 1).
+``--xla_flags`` is added to every run's ``XLA_FLAGS``, to try a workaround
+(e.g. ``--xla_flags=--xla_disable_hlo_passes=cse``).
 
-Status (jax 0.10.2): this plain step does NOT reproduce the discrepancy; its
-three runs agreed to a relative 1e-7 (9.4e-8 after 4 steps on random data,
-1.0e-7 after 4 and 1.9e-7 after 12 steps on the digits). The trainer's
-``layer_sam`` in dynamic mode does (``tests/test_multiprocess.py``), so the
-difference lies in what ``optax_lgm.layer_sam``'s graph holds beyond this
-one (its per-layer statistics, the finiteness guard, the state). It is kept
-as the starting point of a reduction and as a check of Gloo against
-in-process collectives.
+This plain step does not reproduce the discrepancy (its runs agree to rounding),
+while the trainer's ``layer_sam`` in dynamic mode does
+(``tests/test_multiprocess.py``): it is kept as the starting point of a
+reduction and as a check of Gloo against in-process collectives.
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -52,6 +43,14 @@ BATCH = 128
 RHO, K, LEARNING_RATE, MOMENTUM = 0.05, 2, 0.05, 0.9
 """Perturbation radius, layers perturbed, and the SGD settings."""
 
+SHAPES = {
+  "conv1": (3, 3, 1, 32),
+  "conv2": (3, 3, 32, 64),
+  "dense": (2 * 2 * 64, 256),
+  "head": (256, 10),
+}
+"""The kernel of each layer of the CNN (each has a bias too)."""
+
 
 def _worker(args) -> None:
   """One process of a run: trains ``args.steps`` steps, saves the params."""
@@ -59,6 +58,7 @@ def _worker(args) -> None:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
+  from sklearn.datasets import load_digits
 
   if args.num_processes:
     jax.distributed.initialize(
@@ -68,39 +68,21 @@ def _worker(args) -> None:
   mesh = jax.make_mesh((4,), ("data",), (jax.sharding.AxisType.Auto,))
   batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
-  def init(key):
-    shapes = {
-      "conv1": (3, 3, 1, 32),
-      "conv2": (3, 3, 32, 64),
-      "dense": (2 * 2 * 64, 256),
-      "head": (256, 10),
-    }
-    params = {}
-    for (name, shape), k in zip(shapes.items(), jax.random.split(key, 4)):
-      fan_in = np.prod(shape[:-1])
-      params[name] = {
-        "kernel": jax.random.normal(k, shape) / np.sqrt(fan_in),
-        "bias": jnp.zeros(shape[-1]),
-      }
-    return params
-
-  def conv(x, layer):
+  def conv(x, layer):  # A 3x3 convolution, ReLU, then 2x2 average pooling.
     y = jax.lax.conv_general_dilated(
       x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     y = jax.nn.relu(y + layer["bias"])
-    return (
-      jax.lax.reduce_window(y, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-      / 4
-    )
+    window = (1, 2, 2, 1)
+    return jax.lax.reduce_window(y, 0.0, jax.lax.add, window, window, "VALID") / 4
+
+  def dense(x, layer):
+    return x @ layer["kernel"] + layer["bias"]
 
   def loss_fn(params, images, labels):
     x = conv(conv(images, params["conv1"]), params["conv2"])
-    x = jax.nn.relu(
-      x.reshape(len(x), -1) @ params["dense"]["kernel"] + params["dense"]["bias"]
-    )
-    logits = x @ params["head"]["kernel"] + params["head"]["bias"]
-    log_probs = jax.nn.log_softmax(logits)
+    x = jax.nn.relu(dense(x.reshape(len(x), -1), params["dense"]))
+    log_probs = jax.nn.log_softmax(dense(x, params["head"]))
     return -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
 
   @jax.jit
@@ -111,83 +93,69 @@ def _worker(args) -> None:
     # the others.
     loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
     names = sorted(grads)
-    norms = jnp.stack([optax_global_norm(grads[n]) for n in names])
+    norms = jnp.stack(
+      [jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(grads[n]))) for n in names]
+    )
     selected = jnp.zeros(len(names), bool).at[jax.lax.top_k(norms, K)[1]].set(True)
     scale = RHO / (jnp.sqrt(jnp.sum(jnp.where(selected, norms**2, 0.0))) + 1e-12)
-    perturbed = {
-      n: jax.tree.map(
-        lambda w, g, s=selected[i]: w + jnp.where(s, scale * g, 0.0),
-        params[n],
-        grads[n],
-      )
-      for i, n in enumerate(names)
-    }
+
+    def per_layer(fn, *trees):  # fn(selected?, *leaves) on each layer's leaves.
+      return {
+        n: jax.tree.map(functools.partial(fn, selected[i]), *(t[n] for t in trees))
+        for i, n in enumerate(names)
+      }
+
+    perturbed = per_layer(
+      lambda s, w, g: w + jnp.where(s, scale * g, 0.0), params, grads
+    )
     second = jax.grad(loss_fn)(perturbed, images, labels)
-    used = {
-      n: jax.tree.map(
-        lambda a, b, s=selected[i]: jnp.where(s, a, b), second[n], grads[n]
-      )
-      for i, n in enumerate(names)
-    }
+    used = per_layer(lambda s, a, b: jnp.where(s, a, b), second, grads)
     momentum = jax.tree.map(lambda m, g: MOMENTUM * m + g, momentum, used)
     params = jax.tree.map(lambda w, m: w - LEARNING_RATE * m, params, momentum)
     return params, momentum, loss
 
-  def optax_global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
-
-  from sklearn.datasets import load_digits
-
   digits = load_digits()
   all_images = ((digits.images / 16 - 0.3059) / 0.3762).astype(np.float32)[..., None]
   all_labels = digits.target.astype(np.int32)
-  rng = np.random.default_rng(0)
-  order = rng.permutation(len(all_labels))
-  params = jax.device_put(init(jax.random.key(0)), replicated)
+  order = np.random.default_rng(0).permutation(len(all_labels))
+  keys = jax.random.split(jax.random.key(0), len(SHAPES))
+  params = {
+    name: {
+      "kernel": jax.random.normal(key, shape) / np.sqrt(np.prod(shape[:-1])),
+      "bias": jnp.zeros(shape[-1]),
+    }
+    for (name, shape), key in zip(SHAPES.items(), keys)
+  }
+  params = jax.device_put(params, replicated)
   momentum = jax.tree.map(jnp.zeros_like, params)
   losses = []
   for i in range(args.steps):
     rows = order[i * BATCH : (i + 1) * BATCH]
-    images, labels = all_images[rows], all_labels[rows]
     images, labels = (
       jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
-      for x in (images, labels)
+      for x in (all_images[rows], all_labels[rows])
     )
     params, momentum, loss = step(params, momentum, images, labels)
     losses.append(float(loss))
   if jax.process_index() == 0:
-    flat = {
-      jax.tree_util.keystr(path): np.asarray(x)
-      for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    np.savez(args.out, **flat)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    np.savez(args.out, **{jax.tree_util.keystr(k): np.asarray(x) for k, x in leaves})
     pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(losses))
 
 
 def _run(name, out, processes, gloo, steps, xla_flags) -> None:
   """Starts the processes of one run and waits for them."""
-  devices = 4 // processes
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {xla_flags}",
-    "JAX_PLATFORMS": "cpu",
-  }
+  flags = f"--xla_force_host_platform_device_count={4 // processes} {xla_flags}"
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
   command = [sys.executable, "-m", "benchmarks.multiprocess_repro", "--worker"]
   command += [f"--steps={steps}", f"--out={out}"]
   if gloo:
-    command += [
-      f"--coordinator=localhost:{distributed.free_port()}",
-      f"--num_processes={processes}",
-    ]
+    port = distributed.free_port()
+    command += [f"--coordinator=localhost:{port}", f"--num_processes={processes}"]
+  root = pathlib.Path(__file__).resolve().parents[1]
+  output = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   children = [
-    subprocess.Popen(
-      [*command, f"--process_id={i}"],
-      env=env,
-      cwd=pathlib.Path(__file__).resolve().parents[1],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
+    subprocess.Popen([*command, f"--process_id={i}"], env=env, cwd=root, **output)
     for i in range(processes)
   ]
   try:

@@ -1,15 +1,13 @@
-"""Section 4: the cost of a whole training step on a ResNet-20, per optimizer.
+"""Section 4 of the report: a whole training step on a ResNet, per optimizer.
 
-The step (forward, backward, optimizer update, apply) is the one of
-``benchmarks._tasks`` (as in the layer-SAM speed benchmark), on the CIFAR
-ResNet of ``examples.models`` with BatchNorm, so that the SAM rows here and
-there measure the same thing. Every optimizer is timed interleaved against
-SGD with momentum 0.9; the SGD-based optimizers (``lgm``, ``dgs``, LARS, the
-SAMs) use the same momentum, so a ratio is the price of the transformation.
+The step (forward, backward, optimizer update, apply) is ``benchmarks._tasks``'s,
+as in the layer-SAM speed benchmark, on the CIFAR ResNet of ``examples.models``
+with BatchNorm. Every optimizer is timed interleaved against SGD with momentum
+0.9; the SGD-based ones (``lgm``, ``dgs``, LARS, the SAMs) use the same
+momentum, so a ratio is the price of the transformation.
 """
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +16,7 @@ import numpy as np
 import optax
 
 import optax_lgm
-from benchmarks import _tasks, _timing, update_cost
+from benchmarks import _tasks, _timing, trees, update_cost
 from examples import models
 
 BASELINE = "SGD (momentum 0.9)"
@@ -27,76 +25,27 @@ K = 2
 TARGETS = {"lgm": 1.03, "dgs (global)": 1.03}
 
 
-def contenders(
-  params: Any,
-) -> dict[str, tuple[Callable[[], optax.GradientTransformation], bool, Any]]:
-  """Name -> (optimizer factory, whether it needs ``grad_fn``, selection)."""
+def contenders(params: Any) -> dict[str, tuple[Any, bool, Any]]:
+  """Name -> (optimizer, whether it needs ``grad_fn``, static selection)."""
   sgd = optax.sgd(0.1, momentum=0.9)
-  layer_sam = getattr(optax_lgm, "layer_sam", None)
   names = optax_lgm.layer_names(params, layers="module")
-  out_side = _tasks.forward_order(names)[-K:]
-  out_sel = tuple(sorted(names.index(n) for n in out_side))
-
-  def need_layer_sam():
-    if layer_sam is None:
-      raise NotImplementedError("optax_lgm.layer_sam does not exist yet")
-    return layer_sam(sgd, rho=RHO, k=K, layers="module")
-
+  out_side, out_sel = _tasks.output_side(names, K)
+  layer_sam = optax_lgm.layer_sam(sgd, rho=RHO, k=K, layers="module")
+  static = f"layer_sam static (output-side {K}: {', '.join(out_side)})"
   return {
-    BASELINE: (lambda: sgd, False, None),
-    "lgm": (lambda: optax_lgm.lgm(0.1, momentum=0.9), False, None),
-    "dgs (global)": (lambda: optax_lgm.dgs(30.0, momentum=0.9), False, None),
-    "Adam": (lambda: optax.adam(1e-3), False, None),
-    "LARS": (lambda: optax.lars(0.1, momentum=0.9), False, None),
-    "optax.contrib.sam": (
-      lambda: optax.contrib.sam(
-        sgd,
-        optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
-        opaque_mode=True,
-      ),
-      True,
-      None,
-    ),
-    f"layer_sam dynamic (k={K})": (need_layer_sam, True, None),
-    f"layer_sam static (output-side {K}: {', '.join(out_side)})": (
-      need_layer_sam,
-      True,
-      out_sel,
-    ),
+    BASELINE: (sgd, False, None),
+    "lgm": (optax_lgm.lgm(0.1, momentum=0.9), False, None),
+    "dgs (global)": (optax_lgm.dgs(30.0, momentum=0.9), False, None),
+    "Adam": (optax.adam(1e-3), False, None),
+    "LARS": (optax.lars(0.1, momentum=0.9), False, None),
+    "optax.contrib.sam": (_tasks.opaque_sam(sgd, RHO), True, None),
+    f"layer_sam dynamic (k={K})": (layer_sam, True, None),
+    static: (layer_sam, True, out_sel),
   }
-
-
-def _update_alone(
-  task: _tasks.Task, txs: dict[str, Any], x, y, *, reps: int, workers: int, progress
-) -> dict[str, Any]:
-  """Times ``tx.update`` alone on the model's gradients, against SGD's."""
-  params, stats = task.params, task.stats
-  grads = jax.jit(jax.grad(lambda p: task.loss(p, stats, x, y)[0]))(params)
-  makers = {
-    name: update_cost.maker(tx, grads, tx.init(params), params)
-    for name, tx in txs.items()
-  }
-  comp = _timing.compile_interleaved(
-    makers,
-    baseline=BASELINE,
-    reps=1,
-    workers=workers,
-    progress=progress,
-  )
-  fns = {
-    name: _timing.Stepper(c.compiled, grads, txs[name].init(params), params)
-    for name, c in comp.items()
-  }
-  return _timing.interleaved(fns, baseline=BASELINE, reps=reps, progress=progress)
 
 
 def run(
-  sizes: dict[str, Any],
-  *,
-  reps: int,
-  update_reps: int,
-  progress,
-  workers: int = 1,
+  sizes: dict[str, Any], *, reps: int, update_reps: int, progress, workers: int = 1
 ) -> dict[str, Any]:
   """Compiles and times every optimizer's training step, interleaved.
 
@@ -123,52 +72,51 @@ def run(
   task = _tasks.Task(x, model=resnet)
   params, stats = task.params, task.stats
   xs, ys = jnp.asarray(x), jnp.asarray(y)
-  rows: dict[str, Any] = {}
-  makers, states, plain = {}, {}, {}
-  for name, (factory, sam, selection) in contenders(params).items():
-    try:
-      tx = factory()
-    except NotImplementedError as e:
-      progress(f"skipping {name}: {e}")
-      rows[name] = dict(skipped=str(e))
-      continue
-    states[name] = tx.init(params)
-    rows[name] = dict(selection=None if selection is None else list(selection))
-    if not sam:
-      plain[name] = tx
+  optimizers = contenders(params)
+  states = {name: tx.init(params) for name, (tx, _, _) in optimizers.items()}
 
-    def make(tx=tx, sam=sam, selection=selection, state=states[name]):
+  def maker(name: str):
+    tx, sam, selection = optimizers[name]
+
+    def make():  # A new step function each call: compiled from scratch.
       step = _tasks.make_step(task, tx, sam=sam)
-      args = (params, stats, state, xs, ys)
+      args = (params, stats, states[name], xs, ys)
       return functools.partial(step, selection=selection), args
 
-    makers[name] = make
+    return make
+
   comp = _timing.compile_interleaved(
-    makers, baseline=BASELINE, reps=1, workers=workers, progress=progress
-  )
-  fns = {}
+    {name: maker(name) for name in optimizers}, baseline=BASELINE, reps=1,
+    workers=workers, progress=progress,
+  )  # fmt: skip
+  rows, fns = {}, {}
   for name, c in comp.items():
-    rows[name]["compile_s"] = c.compile_s[0] + c.trace_lower_s[0]
-    rows[name]["gflops"] = _tasks.cost_gflops(c.compiled)
+    selection = optimizers[name][2]
+    rows[name] = dict(
+      selection=None if selection is None else list(selection),
+      compile_s=c.compile_s[0] + c.trace_lower_s[0],
+      gflops=_tasks.cost_gflops(c.compiled),
+    )
     fns[name] = functools.partial(c.compiled, params, stats, states[name], xs, ys)
   timings = _timing.interleaved(
     fns, baseline=BASELINE, reps=reps, warmup=0, progress=progress
   )
   for name, t in timings.items():
     rows[name]["step"] = t.to_json()
-  if BASELINE in plain:
-    alone = _update_alone(
-      task, plain, xs, ys, reps=update_reps, workers=workers, progress=progress
-    )
-    base_update = alone[BASELINE].median_s
-    base_step = timings[BASELINE].median_s
-    for name, t in alone.items():
-      rows[name]["update_alone"] = t.to_json()
-      rows[name]["step_bound"] = 1 + (t.median_s - base_update) / base_step
-  num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+  # The update alone, on the model's gradients, of the optimizers without grad_fn.
+  grads = jax.jit(jax.grad(lambda p: task.loss(p, stats, xs, ys)[0]))(params)
+  plain = {name: tx for name, (tx, sam, _) in optimizers.items() if not sam}
+  _, alone = update_cost.updates_interleaved(
+    plain, grads, params, reps=update_reps, workers=workers, progress=progress,
+    baseline=BASELINE,
+  )  # fmt: skip
+  base_update, base_step = alone[BASELINE].median_s, timings[BASELINE].median_s
+  for name, t in alone.items():
+    rows[name]["update_alone"] = t.to_json()
+    rows[name]["step_bound"] = 1 + (t.median_s - base_update) / base_step
   return dict(
     model=f"ResNet-{sizes['depth']} (width {sizes['width']})",
-    params=num_params,
+    params=trees.describe(params)[1],
     batch=b,
     image=s,
     rows=rows,

@@ -1,15 +1,9 @@
 """Parameter pytrees of realistic structure for the update-cost benchmarks.
 
-* `resnet50`: the shapes of a ResNet-50 for ImageNet (He et al., 2016):
-  53 convolutions each followed by a BatchNorm (scale and bias), and the
-  classifier: 161 leaves, 25.6M parameters at ``width=1``.
-* `many_leaves`: a stack of identical pre-LayerNorm transformer blocks (16
-  leaves each: four attention projections, two norms, a two-layer MLP, with
-  biases), an embedding, a final norm and a classifier: about ``n_leaves``
-  leaves, 3.2M parameters at 1,000 leaves and ``dim=64``.
-
-Leaves are nested dicts named as Flax names them (``kernel``, ``bias``,
-``scale``), so ``layers="module"`` groups them as it would a Flax model.
+`resnet50_shapes` (a bottleneck ResNet for ImageNet) and `many_leaves_shapes`
+(a stack of transformer blocks), as nested dicts named as Flax names them
+(``kernel``, ``bias``, ``scale``), so that ``layers="module"`` groups them as it
+would a Flax model.
 """
 
 from typing import Any
@@ -37,15 +31,15 @@ BOTTLENECK_BLOCKS = {
 def resnet50_shapes(
   width: float = 1.0, depth: int = 50, num_classes: int = 1000
 ) -> Shapes:
-  """The parameter shapes of a bottleneck ResNet (ResNet-50 by default).
+  """The parameter shapes of a bottleneck ResNet (He et al., 2016).
+
+  ResNet-50 by default: 53 convolutions each followed by a BatchNorm (scale and
+  bias), and the classifier; 161 leaves, 25.6M parameters.
 
   Args:
     width: factor on the number of channels.
     depth: one of `BOTTLENECK_BLOCKS` (the blocks per stage).
     num_classes: outputs of the classifier.
-
-  Returns:
-    A nested dict of shape tuples.
   """
   if depth not in BOTTLENECK_BLOCKS:
     raise ValueError(f"depth must be one of {sorted(BOTTLENECK_BLOCKS)}, got {depth}.")
@@ -58,9 +52,8 @@ def resnet50_shapes(
 
   tree: Shapes = {"stem": {"conv": {"kernel": (7, 7, 3, c(64))}, "bn": norm(c(64))}}
   cin = c(64)
-  for stage, (blocks, mid) in enumerate(
-    zip(BOTTLENECK_BLOCKS[depth], (64, 128, 256, 512))
-  ):
+  for stage, blocks in enumerate(BOTTLENECK_BLOCKS[depth]):
+    mid = 64 * 2**stage  # 64, 128, 256, 512.
     for b in range(blocks):
       out = c(4 * mid)
       block = {
@@ -81,7 +74,11 @@ def resnet50_shapes(
 
 
 def many_leaves_shapes(n_leaves: int = 1000, dim: int = 64) -> Shapes:
-  """About ``n_leaves`` leaves: transformer blocks of width ``dim``."""
+  """About ``n_leaves`` leaves: pre-LayerNorm transformer blocks of width ``dim``.
+
+  16 leaves a block (four attention projections, two norms, a two-layer MLP,
+  with biases), an embedding, a final norm and a classifier.
+  """
   tree: Shapes = {"embedding": {"embedding": (1000, dim)}}
   for b in range(max(1, round((n_leaves - 5) / 16))):
     block: Shapes = {
@@ -104,6 +101,13 @@ def materialize(shapes: Shapes, seed: int, scale: float = 0.02) -> Any:
   rng = np.random.default_rng(seed)  # NumPy: no compilation per leaf shape.
   arrays = [jnp.asarray(scale * rng.standard_normal(s, np.float32)) for s in leaves]
   return jax.block_until_ready(treedef.unflatten(arrays))
+
+
+def abstract(shapes: Shapes) -> Any:
+  """``jax.ShapeDtypeStruct`` float32 leaves of the given shapes (no memory)."""
+  return jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes, is_leaf=_is_shape
+  )
 
 
 def describe(tree: Any) -> tuple[int, int]:

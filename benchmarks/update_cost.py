@@ -1,14 +1,12 @@
 """Cost of each transformation's ``update`` alone, its compile time and state.
 
-Sections 1 to 3 of the report (see ``benchmarks/__main__.py``):
+Sections 1 to 3 of the report (``python -m benchmarks``), each against
+``optax.scale_by_adam``:
 
 1. **update**: ``jax.jit(tx.update)(grads, state, params)``, compiled, timed
-   interleaved against ``optax.scale_by_adam`` on a ResNet-50-shaped tree and
-   on a tree of about 1,000 leaves.
-2. **compile**: trace + lower + XLA compile of the same function on the
-   many-leaf tree, against ``optax.scale_by_adam``'s.
-3. **memory**: bytes of ``tx.init(params)`` (from ``jax.eval_shape``: nothing
-   is allocated), against ``optax.scale_by_adam``'s.
+   interleaved on a ResNet-50-shaped tree and on a tree of about 1,000 leaves;
+2. **compile**: trace + lower + XLA compile of it on the many-leaf tree;
+3. **memory**: bytes of ``tx.init(params)`` (from ``jax.eval_shape``).
 """
 
 from collections.abc import Callable
@@ -23,14 +21,6 @@ from benchmarks import _timing, trees
 
 BASELINE = "optax.scale_by_adam"
 
-
-def _keep_top_k() -> optax.GradientTransformation:
-  keep = getattr(optax_lgm, "keep_top_k_layers", None)
-  if keep is None:
-    raise NotImplementedError("optax_lgm.keep_top_k_layers does not exist yet")
-  return keep(2)
-
-
 # Name -> factory. The first is the baseline; the last is a reference point:
 # one elementwise pass (read the gradient, write the update), the least any
 # transformation of the gradient can cost.
@@ -41,7 +31,7 @@ UPDATE_CONTENDERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "scale_by_dgs (global)": lambda: optax_lgm.scale_by_dgs(reduction="global"),
   "scale_by_dgs (layer)": lambda: optax_lgm.scale_by_dgs(reduction="layer"),
   "scale_by_dgs (element)": lambda: optax_lgm.scale_by_dgs(reduction="element"),
-  "keep_top_k_layers (k=2)": _keep_top_k,
+  "keep_top_k_layers (k=2)": lambda: optax_lgm.keep_top_k_layers(2),
   "optax.scale_by_trust_ratio (LARS)": optax.scale_by_trust_ratio,
   "optax.scale_by_novograd": optax.scale_by_novograd,
   "optax.scale (one pass, reference)": lambda: optax.scale(-1.0),
@@ -79,17 +69,6 @@ def tree_shapes(sizes: dict[str, Any]) -> dict[str, trees.Shapes]:
   }
 
 
-def _build(factories, progress) -> tuple[dict, dict[str, str]]:
-  txs, skipped = {}, {}
-  for name, factory in factories.items():
-    try:
-      txs[name] = factory()
-    except (NotImplementedError, AttributeError) as e:
-      skipped[name] = str(e)
-      progress(f"skipping {name}: {e}")
-  return txs, skipped
-
-
 def maker(tx, grads, state, params) -> Callable[[], tuple[Callable, tuple]]:
   """A `benchmarks._timing.compile_interleaved` maker of ``tx.update``."""
 
@@ -102,106 +81,81 @@ def maker(tx, grads, state, params) -> Callable[[], tuple[Callable, tuple]]:
   return make
 
 
-def run_tree(
-  shapes: trees.Shapes,
-  *,
-  title: str,
-  reps: int,
-  compile_reps: int,
-  progress: Callable[[str], None],
-  time_updates: bool = True,
-  workers: int = 1,
-) -> dict[str, Any]:
-  """Compiles (and times, interleaved) every contender on one tree.
+def updates_interleaved(
+  txs: dict[str, Any], grads, params, *, reps: int, compile_reps: int = 1,
+  workers: int = 1, progress, time_updates: bool = True, baseline: str = BASELINE,
+) -> tuple[dict[str, _timing.CompileTiming], dict[str, _timing.Timing]]:  # fmt: skip
+  """Compiles ``tx.update`` of each of ``txs``, then times the compiled updates.
 
-  Args:
-    shapes: the tree's shapes (`benchmarks.trees`).
-    title: the tree's name in the report.
-    reps: rounds of the interleaved update timing.
-    compile_reps: rounds of the interleaved compile timing.
-    progress: a function that reports progress.
-    time_updates: whether to time the compiled updates.
-    workers: compile this many contenders at once (1 where the compile
-      time is a figure of the report).
-
-  Returns:
-    A JSON-ready dict: the tree's size, and per contender its compile and
-    (with ``time_updates``) update measurements.
+  Both interleaved, against ``baseline``; the state is fed back from call to
+  call (`benchmarks._timing.Stepper`). Without ``time_updates`` the timings are
+  ``{}``. ``workers``: compilations at once (1 where compile time is a figure).
   """
-  params = trees.materialize(shapes, seed=0)
-  grads = trees.materialize(shapes, seed=1, scale=1e-3)
-  num_leaves, num_params = trees.describe(params)
-  txs, skipped = _build(UPDATE_CONTENDERS, progress)
   states = {name: tx.init(params) for name, tx in txs.items()}
   makers = {name: maker(tx, grads, states[name], params) for name, tx in txs.items()}
   # The state is not donated: on XLA:CPU, donating Adam's state adds a copy
   # of both moments per leaf (13 instead of 9 passes over the tree), which
   # would flatter every other contender.
   comp = _timing.compile_interleaved(
-    makers, baseline=BASELINE, reps=compile_reps, workers=workers, progress=progress
+    makers, baseline=baseline, reps=compile_reps, workers=workers, progress=progress
   )
+  if not time_updates:
+    return comp, {}
+  fns = {
+    name: _timing.Stepper(c.compiled, grads, states[name], params)
+    for name, c in comp.items()
+  }
+  return comp, _timing.interleaved(fns, baseline=baseline, reps=reps, progress=progress)
+
+
+def run_tree(
+  shapes: trees.Shapes, *, title: str, reps: int, compile_reps: int,
+  progress: Callable[[str], None], time_updates: bool = True, workers: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+  """Compiles (and with ``time_updates`` times) every contender on one tree.
+
+  Returns:
+    A JSON-ready dict: the tree's size, and per contender its compile and
+    update measurements (`updates_interleaved`).
+  """
+  params = trees.materialize(shapes, seed=0)
+  grads = trees.materialize(shapes, seed=1, scale=1e-3)
+  num_leaves, num_params = trees.describe(params)
+  txs = {name: factory() for name, factory in UPDATE_CONTENDERS.items()}
+  comp, timings = updates_interleaved(
+    txs, grads, params, reps=reps, compile_reps=compile_reps, workers=workers,
+    progress=progress, time_updates=time_updates,
+  )  # fmt: skip
   rows: dict[str, Any] = {}
-  timings = {}
-  if time_updates:
-    fns = {
-      name: _timing.Stepper(c.compiled, grads, states.pop(name), params)
-      for name, c in comp.items()
-    }
-    timings = _timing.interleaved(fns, baseline=BASELINE, reps=reps, progress=progress)
-    del fns
-  for name in UPDATE_CONTENDERS:
-    if name in skipped:
-      rows[name] = dict(skipped=skipped[name])
-      continue
-    rows[name] = dict(
-      compile=comp[name].to_json(),
-      # Bytes XLA reads and writes per call, in units of the tree's bytes.
-      passes=comp[name].bytes_accessed / (4 * num_params),
-    )
+  for name, c in comp.items():
+    # Passes: bytes XLA reads and writes per call, in units of the tree's bytes.
+    rows[name] = dict(compile=c.to_json(), passes=c.bytes_accessed / (4 * num_params))
     if name in timings:
       rows[name]["update"] = timings[name].to_json()
-  del comp, states
   return dict(title=title, leaves=num_leaves, params=num_params, rows=rows)
 
 
 def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
   """Bytes of ``tx.init(params)``, from its abstract shape (nothing allocated)."""
   state = jax.eval_shape(tx.init, params)
-  return int(
-    sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
-  )
+  return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)))
 
 
 def run_memory(
-  shapes: dict[str, trees.Shapes],
-  titles: dict[str, str],
-  progress: Callable[[str], None],
+  shapes: dict[str, trees.Shapes], titles: dict[str, str], progress: Callable
 ) -> dict[str, Any]:
-  """Optimizer-state bytes of every contender on every tree."""
-  txs, skipped = _build(MEMORY_CONTENDERS, progress)
+  """Optimizer-state bytes of every contender on every tree (``progress``: unused)."""
   out = {}
   for tree_name, tree_shapes_ in shapes.items():
-    params = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s, np.float32),
-      tree_shapes_,
-      is_leaf=trees._is_shape,
-    )
-    num_leaves = len(jax.tree.leaves(params))
-    num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-    adam = state_bytes(txs[BASELINE], params)
-    rows = {}
-    for name in MEMORY_CONTENDERS:
-      if name in skipped:
-        rows[name] = dict(skipped=skipped[name])
-        continue
-      b = state_bytes(txs[name], params)
-      rows[name] = dict(bytes=b, ratio=b / adam)
+    params = trees.abstract(tree_shapes_)
+    num_leaves, num_params = trees.describe(params)
+    size = {name: state_bytes(f(), params) for name, f in MEMORY_CONTENDERS.items()}
     out[tree_name] = dict(
       title=titles[tree_name],
       leaves=num_leaves,
       params=num_params,
       layers=len(optax_lgm.layer_names(params)),
       modules=len(optax_lgm.layer_names(params, layers="module")),
-      rows=rows,
+      rows={name: dict(bytes=b, ratio=b / size[BASELINE]) for name, b in size.items()},
     )
   return out
