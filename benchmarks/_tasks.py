@@ -177,6 +177,27 @@ def train_nnx(
   return metrics, losses
 
 
+def train_epochs(
+  model: nnx.Module, tx, train_split: dict, test_split: dict, *, epochs: int,
+  batch: int, seed: int, eval_every: int = 0, target: float = 1.0,
+) -> tuple[float, int | None, bool]:  # fmt: skip
+  """`train_nnx` for ``epochs`` epochs (``eval_every=0``: evaluated at the end).
+
+  Returns:
+    The final test accuracy (0 if the loss diverged), the steps to ``target``
+    and whether the loss diverged.
+  """
+  steps = epochs * (len(train_split["label"]) // batch)
+  metrics, losses = train_nnx(
+    model, tx, train_split, test_split, steps=steps, batch=batch, seed=seed,
+    eval_every=eval_every or steps, target=target,
+  )  # fmt: skip
+  if not np.isfinite(float(losses[-1])):
+    return 0.0, None, True
+  final = metrics.data["curve"][-1]["test_accuracy"]
+  return final, metrics.data["steps_to_target"], False
+
+
 def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
   """A ``mask`` for ``layer_sam``: only leaves under ``prefixes`` are candidates.
 

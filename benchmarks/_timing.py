@@ -20,8 +20,17 @@ import jax
 import numpy as np
 
 
+class _Ratios:
+  ratios: list[float]
+
+  @property
+  def ratio(self) -> float:
+    """Median of the paired ratios to the baseline."""
+    return float(np.median(self.ratios))
+
+
 @dataclasses.dataclass
-class Timing:
+class Timing(_Ratios):
   """The interleaved measurement of one contender.
 
   Attributes:
@@ -40,27 +49,13 @@ class Timing:
     """Median seconds per call."""
     return float(np.median(self.samples))
 
-  @property
-  def ratio(self) -> float:
-    """Median of the paired ratios to the baseline."""
-    return float(np.median(self.ratios))
-
-  @property
-  def ratio_iqr(self) -> tuple[float, float]:
-    """25th and 75th percentiles of the paired ratios."""
-    q25, q75 = np.percentile(self.ratios, [25, 75])
-    return float(q25), float(q75)
-
   def to_json(self) -> dict[str, Any]:
     """A JSON-ready summary with the raw samples."""
+    q25, q75 = np.percentile(self.ratios, [25, 75])
     return dict(
-      median_s=self.median_s,
-      ratio=self.ratio,
-      ratio_q25=self.ratio_iqr[0],
-      ratio_q75=self.ratio_iqr[1],
-      calls_per_sample=self.calls,
-      samples_s=self.samples,
-    )
+      median_s=self.median_s, ratio=self.ratio, ratio_q25=float(q25),
+      ratio_q75=float(q75), calls_per_sample=self.calls, samples_s=self.samples,
+    )  # fmt: skip
 
 
 def _rounds(names: Sequence[str], reps: int):
@@ -75,14 +70,9 @@ def _call(fn: Callable[[], Any]) -> None:
 
 
 def interleaved(
-  fns: Mapping[str, Callable[[], Any]],
-  *,
-  baseline: str,
-  reps: int,
-  warmup: int = 2,
-  min_sample_s: float = 0.02,
-  progress: Callable[[str], None] | None = None,
-) -> dict[str, Timing]:
+  fns: Mapping[str, Callable[[], Any]], *, baseline: str, reps: int, warmup: int = 2,
+  min_sample_s: float = 0.02, progress: Callable[[str], None] | None = None,
+) -> dict[str, Timing]:  # fmt: skip
   """Times already-compiled contenders interleaved; returns one `Timing` each.
 
   Args:
@@ -145,7 +135,7 @@ class Stepper:
 
 
 @dataclasses.dataclass
-class CompileTiming:
+class CompileTiming(_Ratios):
   """Interleaved compile-time measurement of one contender.
 
   Attributes:
@@ -155,10 +145,8 @@ class CompileTiming:
       of the same round.
     fusions: number of fused computations in the optimised HLO.
     distinct_fusions: how many of them differ once names and metadata are
-      removed: XLA compiles structurally identical fusions once, so this is
-      the number of kernels it really generates.
-    bytes_accessed: XLA's ``cost_analysis`` estimate of the bytes read and
-      written by one call.
+      removed (XLA compiles identical fusions once: the kernels it generates).
+    bytes_accessed: XLA's estimate of the bytes one call reads and writes.
     parallel: whether the compilations ran concurrently (then the compile
       times are indicative only).
     compiled: the last compiled executable (reused to time the calls).
@@ -178,23 +166,13 @@ class CompileTiming:
     """Median seconds of trace + lower + compile."""
     return float(np.median(np.add(self.trace_lower_s, self.compile_s)))
 
-  @property
-  def ratio(self) -> float:
-    """Median of the paired ratios to the baseline."""
-    return float(np.median(self.ratios))
-
   def to_json(self) -> dict[str, Any]:
     """A JSON-ready summary with the raw samples."""
     return dict(
-      total_s=self.total_s,
-      trace_lower_s=self.trace_lower_s,
-      compile_s=self.compile_s,
-      ratio=self.ratio,
-      fusions=self.fusions,
-      distinct_fusions=self.distinct_fusions,
-      bytes_accessed=self.bytes_accessed,
-      parallel=self.parallel,
-    )
+      total_s=self.total_s, trace_lower_s=self.trace_lower_s, compile_s=self.compile_s,
+      ratio=self.ratio, fusions=self.fusions, distinct_fusions=self.distinct_fusions,
+      bytes_accessed=self.bytes_accessed, parallel=self.parallel,
+    )  # fmt: skip
 
 
 def cost(compiled: Any) -> dict[str, float]:
@@ -206,16 +184,10 @@ def cost(compiled: Any) -> dict[str, float]:
 
 
 def fusion_counts(hlo_text: str) -> tuple[int, int]:
-  """Counts the fused computations of an optimised HLO module, and the distinct.
+  """Counts the fused computations of ``compiled.as_text()``, and the distinct.
 
   Two computations are the same when their bodies are equal after the
   instruction names, metadata and stack frames are removed.
-
-  Args:
-    hlo_text: ``compiled.as_text()``.
-
-  Returns:
-    ``(fusions, distinct)``.
   """
   blocks = re.findall(
     r"\n(%[\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo_text, flags=re.S
@@ -233,14 +205,10 @@ def fusion_counts(hlo_text: str) -> tuple[int, int]:
 
 
 def compile_interleaved(
-  makers: Mapping[str, Callable[[], tuple[Callable, tuple]]],
-  *,
-  baseline: str,
-  reps: int,
-  workers: int = 1,
-  donate_argnums: tuple[int, ...] = (),
+  makers: Mapping[str, Callable[[], tuple[Callable, tuple]]], *, baseline: str,
+  reps: int, workers: int = 1, donate_argnums: tuple[int, ...] = (),
   progress: Callable[[str], None] | None = None,
-) -> dict[str, CompileTiming]:
+) -> dict[str, CompileTiming]:  # fmt: skip
   """Traces, lowers and compiles each contender ``reps`` times, interleaved.
 
   Args:
@@ -270,11 +238,11 @@ def compile_interleaved(
     compiled = lowered.compile()  # XLA releases the GIL while it compiles.
     return name, compiled, time.perf_counter() - t0
 
-  def record(i: int, done: str, compiled: Any, seconds: float) -> None:
-    last[done] = compiled
-    comp_s[done].append(seconds)
+  def record(i: int, name: str, compiled: Any, seconds: float) -> None:
+    last[name] = compiled
+    comp_s[name].append(seconds)
     if progress is not None:
-      progress(f"round {i + 1}/{reps}: compiled {done} in {seconds:.1f} s")
+      progress(f"round {i + 1}/{reps}: compiled {name} in {seconds:.1f} s")
 
   for i, order in enumerate(_rounds(list(makers), reps)):
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -293,12 +261,11 @@ def compile_interleaved(
   base = np.add(lower_s[baseline], comp_s[baseline])
   out = {}
   for name in makers:
-    total = np.add(lower_s[name], comp_s[name])
     fusions, distinct = fusion_counts(last[name].as_text())
     out[name] = CompileTiming(
       trace_lower_s=lower_s[name],
       compile_s=comp_s[name],
-      ratios=list(total / base),
+      ratios=list(np.add(lower_s[name], comp_s[name]) / base),
       fusions=fusions,
       distinct_fusions=distinct,
       bytes_accessed=float(cost(last[name]).get("bytes accessed", float("nan"))),

@@ -1,17 +1,15 @@
 """Measures the options of ``scale_by_lgm`` on the bundled digits data.
 
-This is the measurement behind the defaults of :func:`optax_lgm.scale_by_lgm`:
-the CNN of ``examples.models`` trained with SGD + momentum on the 8x8 digits,
-through the example trainer's step and loop (``benchmarks._tasks.train_nnx``),
-each LGM variant in front of the same SGD, several seeds. It prints
-a markdown table of final test accuracy, the step at which test accuracy
-first reaches a target, and whether the run diverged.
+The measurement behind the defaults of :func:`optax_lgm.scale_by_lgm`: the CNN
+of ``examples.models`` trained on the 8x8 digits with SGD + momentum through the
+example trainer's step and loop (``benchmarks._tasks.train_epochs``), each LGM
+variant in front of the same SGD, several seeds. Prints a markdown table of the
+final test accuracy, the step at which the test accuracy first reaches a target
+and whether the run diverged.
 
 Run: ``python -m benchmarks.lgm_defaults [--epochs 15 --seeds 3]``.
 """
 
-import argparse
-import json
 import time
 
 import jax
@@ -38,41 +36,25 @@ VARIANTS = {
 }
 
 
-def train(tx, seed, epochs, batch, target, train_split, test_split, meta):
-  """Final test accuracy, steps to ``target`` (evaluated every 5 steps), diverged."""
-  data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
-  model = models.create_model("cnn", *data, nnx.Rngs(seed))
-  steps = epochs * (len(train_split["label"]) // batch)
-  metrics, losses = _tasks.train_nnx(
-    model, tx, train_split, test_split, steps=steps, batch=batch, seed=seed,
-    eval_every=5, target=target,
-  )  # fmt: skip
-  if not np.isfinite(float(losses[-1])):
-    return 0.0, None, True
-  final = metrics.data["curve"][-1]["test_accuracy"]
-  return final, metrics.data["steps_to_target"], False
-
-
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--epochs", type=int, default=15)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--lr", type=float, default=0.05)
-  parser.add_argument("--target", type=float, default=0.95)
-  parser.add_argument("--json", default=None)
-  args = parser.parse_args()
-  arrays = _tasks.digits(8)
+  args = _tasks.parser(
+    __doc__, epochs=15, seeds=3, batch=64, lr=0.05, target=0.95, json=None
+  ).parse_args()
+  train_split, test_split, meta = _tasks.digits(8)
+  data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
   rows = {}
   start = time.perf_counter()
   for name, kwargs in VARIANTS.items():
     lr = args.lr * (1e-4 if kwargs and kwargs.get("normalize") is None else 1.0)
     sgd = optax.sgd(lr, momentum=0.9)
     tx = sgd if kwargs is None else optax.chain(optax_lgm.scale_by_lgm(**kwargs), sgd)
-    runs = [
-      train(tx, s, args.epochs, args.batch, args.target, *arrays)
-      for s in range(args.seeds)
-    ]
+    runs = []
+    for seed in range(args.seeds):
+      model = models.create_model("cnn", *data, nnx.Rngs(seed))
+      runs.append(_tasks.train_epochs(
+        model, tx, train_split, test_split, epochs=args.epochs, batch=args.batch,
+        seed=seed, eval_every=5, target=args.target,
+      ))  # fmt: skip
     accs = np.array([r[0] for r in runs])
     reached = [r[1] for r in runs if r[1] is not None]
     rows[name] = dict(
@@ -85,19 +67,17 @@ def main():
     )
   print(
     f"digits CNN, SGD momentum 0.9, {args.epochs} epochs, batch {args.batch}, "
-    f"{args.seeds} seeds, {time.perf_counter() - start:.0f} s, {jax.devices()[0]}"
+    f"{args.seeds} seeds, {time.perf_counter() - start:.0f} s, {jax.devices()[0]}\n"
+    f"| variant | lr | test acc | steps to {args.target:.0%} (runs) | diverged |\n"
+    "|---|---|---|---|---|"
   )
-  print(f"| variant | lr | test acc | steps to {args.target:.0%} (runs) | diverged |")
-  print("|---|---|---|---|---|")
   for name, r in rows.items():
     steps = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
     print(
       f"| {name} | {r['lr']:g} | {r['acc_mean']:.4f} ± {r['acc_std']:.4f} | "
       f"{steps} ({r['reached']}/{args.seeds}) | {r['diverged']} |"
     )
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=2)
+  _tasks.write_json(args.json, rows)
 
 
 if __name__ == "__main__":
