@@ -3,7 +3,8 @@
 Every benchmark that trains does so through `examples.loop.run`, the example
 trainer's loop, with `train_pure` (a `Task`'s pure step) or `train_nnx` (the
 trainer's own `examples.train.train_step`), on `examples.input_pipeline`'s
-digits indexed by step (``batch_at``).
+digits indexed by step (``batch_at``). The rest: the flags, contenders, steps
+and JSON output that several benchmarks have in common.
 """
 
 import argparse
@@ -147,16 +148,22 @@ def train_pure(
 
 
 def train_nnx(
-  model: nnx.Module, tx, train_split: dict, test_split: dict, *, steps: int,
-  batch: int, seed: int, eval_every: int, target: float = 1.0,
-) -> tuple[loop.Metrics, list]:  # fmt: skip
+  model: nnx.Module, tx, train_split: dict, test_split: dict, *, epochs: int,
+  batch: int, seed: int, eval_every: int = 0, target: float = 1.0,
+) -> tuple[float, int | None, bool]:  # fmt: skip
   """Trains an NNX model with the example trainer's step, through the loop.
 
+  Args:
+    epochs: of ``train_split``, at ``batch`` examples a step.
+    eval_every: steps between evaluations (0: at the end only).
+
   Returns:
-    The run's metrics (the last curve point: the final accuracy) and the
-    losses of every step.
+    The final test accuracy (0 if the loss diverged), the steps to ``target``
+    and whether the loss diverged.
   """
   optimizer, losses = nnx.Optimizer(model, tx, wrt=nnx.Param), []
+  steps = epochs * (len(train_split["label"]) // batch)
+  eval_every = eval_every or steps
 
   def one(state, b):
     losses.append(train.train_step(*state, b["image"], b["label"]))
@@ -174,28 +181,13 @@ def train_nnx(
     range(steps), metrics, evaluate=evaluate,
     eval_at=lambda i: i % eval_every == 0 or i == steps,
   )  # fmt: skip
-  return metrics, losses
-
-
-def train_epochs(
-  model: nnx.Module, tx, train_split: dict, test_split: dict, *, epochs: int,
-  batch: int, seed: int, eval_every: int = 0, target: float = 1.0,
-) -> tuple[float, int | None, bool]:  # fmt: skip
-  """`train_nnx` for ``epochs`` epochs (``eval_every=0``: evaluated at the end).
-
-  Returns:
-    The final test accuracy (0 if the loss diverged), the steps to ``target``
-    and whether the loss diverged.
-  """
-  steps = epochs * (len(train_split["label"]) // batch)
-  metrics, losses = train_nnx(
-    model, tx, train_split, test_split, steps=steps, batch=batch, seed=seed,
-    eval_every=eval_every or steps, target=target,
-  )  # fmt: skip
   if not np.isfinite(float(losses[-1])):
     return 0.0, None, True
-  final = metrics.data["curve"][-1]["test_accuracy"]
-  return final, metrics.data["steps_to_target"], False
+  return (
+    metrics.data["curve"][-1]["test_accuracy"],
+    metrics.data["steps_to_target"],
+    False,
+  )
 
 
 def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
@@ -214,11 +206,11 @@ def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
   )
 
 
-def forward_order(names: Sequence[str]) -> list[str]:
-  """The layer names of the ResNet, sorted from input to output."""
+def output_side(names: Sequence[str], k: int) -> tuple[list[str], tuple[int, ...]]:
+  """The ``k`` layers of a ResNet's ``names`` nearest the output, and their indices."""
   within = ("conv1", "bn1", "conv2", "bn2", "projection")
 
-  def key(name: str):
+  def key(name: str):  # The position from input to output.
     parts = name.split("/")
     if parts[0] in ("conv", "bn"):
       return (0, 0, parts[0] == "bn", name)
@@ -227,12 +219,7 @@ def forward_order(names: Sequence[str]) -> list[str]:
       return (1, int(parts[1]), sub, name)
     return (2, 0, 0, name)
 
-  return sorted(names, key=key)
-
-
-def output_side(names: Sequence[str], k: int) -> tuple[list[str], tuple[int, ...]]:
-  """The ``k`` layers of ``names`` nearest the output, and their indices."""
-  side = forward_order(names)[-k:]
+  side = sorted(names, key=key)[-k:]
   return side, tuple(sorted(names.index(n) for n in side))
 
 

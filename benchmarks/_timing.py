@@ -21,7 +21,7 @@ import numpy as np
 
 
 class _Ratios:
-  ratios: list[float]
+  ratios: list[float]  # Each round's measurement over the baseline's.
 
   @property
   def ratio(self) -> float:
@@ -65,8 +65,12 @@ def _rounds(names: Sequence[str], reps: int):
     yield list(names[k:]) + list(names[:k])
 
 
-def _call(fn: Callable[[], Any]) -> None:
-  jax.block_until_ready(fn())
+def _seconds(fn: Callable[[], Any], n: int = 1) -> float:
+  """Seconds per call of ``fn`` over ``n`` calls, each blocked on."""
+  t0 = time.perf_counter()
+  for _ in range(n):
+    jax.block_until_ready(fn())
+  return (time.perf_counter() - t0) / n
 
 
 def interleaved(
@@ -94,19 +98,12 @@ def interleaved(
   calls = {}
   for name, fn in fns.items():
     for _ in range(warmup):
-      _call(fn)
-    t0 = time.perf_counter()
-    _call(fn)
-    once = max(time.perf_counter() - t0, 1e-7)
-    calls[name] = max(1, math.ceil(min_sample_s / once))
+      _seconds(fn)
+    calls[name] = max(1, math.ceil(min_sample_s / max(_seconds(fn), 1e-7)))
   samples: dict[str, list[float]] = {name: [] for name in fns}
   for i, order in enumerate(_rounds(list(fns), reps)):
     for name in order:
-      fn, n = fns[name], calls[name]
-      t0 = time.perf_counter()
-      for _ in range(n):
-        _call(fn)
-      samples[name].append((time.perf_counter() - t0) / n)
+      samples[name].append(_seconds(fns[name], calls[name]))
     if progress is not None:
       progress(f"round {i + 1}/{reps}")
   base = np.asarray(samples[baseline])
@@ -119,8 +116,7 @@ def interleaved(
 class Stepper:
   """Calls a compiled ``update(grads, state, params)``, feeding the state back.
 
-  Each call consumes the previous call's state, as a training loop does (the
-  executable may donate it).
+  Each call consumes the previous call's state, as a training loop does.
   """
 
   def __init__(self, compiled: Any, grads: Any, state: Any, params: Any):

@@ -2,7 +2,7 @@
 
 Trains the CNN, ResNet-20 and Transformer of ``examples.models`` and a small MLP
 on the bundled digits with ``optax_lgm.dgs(lr)`` for a few epochs, through the
-example trainer's step and loop (``benchmarks._tasks.train_epochs``), at each
+example trainer's step and loop (``benchmarks._tasks.train_nnx``), at each
 learning rate of a grid, and prints the test accuracy of each (model, learning
 rate) and each model's number of parameters. ``--denominator sum`` runs the
 paper's equation instead of the ready optimizer's mean; ``--momentum -1`` runs
@@ -71,7 +71,7 @@ def main():
         denominator=args.denominator, reduction=args.reduction,
       )  # fmt: skip
       model = make_model(name, meta, args.seed)
-      acc = _tasks.train_epochs(
+      acc = _tasks.train_nnx(
         model, tx, train_split, test_split, epochs=args.epochs, batch=args.batch,
         seed=args.seed,
       )[0]  # fmt: skip

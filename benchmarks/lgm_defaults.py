@@ -2,7 +2,7 @@
 
 The measurement behind the defaults of :func:`optax_lgm.scale_by_lgm`: the CNN
 of ``examples.models`` trained on the 8x8 digits with SGD + momentum through the
-example trainer's step and loop (``benchmarks._tasks.train_epochs``), each LGM
+example trainer's step and loop (``benchmarks._tasks.train_nnx``), each LGM
 variant in front of the same SGD, several seeds. Prints a markdown table of the
 final test accuracy, the step at which the test accuracy first reaches a target
 and whether the run diverged.
@@ -51,7 +51,7 @@ def main():
     runs = []
     for seed in range(args.seeds):
       model = models.create_model("cnn", *data, nnx.Rngs(seed))
-      runs.append(_tasks.train_epochs(
+      runs.append(_tasks.train_nnx(
         model, tx, train_split, test_split, epochs=args.epochs, batch=args.batch,
         seed=seed, eval_every=5, target=args.target,
       ))  # fmt: skip
