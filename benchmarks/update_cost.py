@@ -69,18 +69,6 @@ def tree_shapes(sizes: dict[str, Any]) -> dict[str, trees.Shapes]:
   }
 
 
-def maker(tx, grads, state, params) -> Callable[[], tuple[Callable, tuple]]:
-  """A `benchmarks._timing.compile_interleaved` maker of ``tx.update``."""
-
-  def make():
-    def update(g, s, p):  # A new function object: compiled from scratch.
-      return tx.update(g, s, p)
-
-    return update, (grads, state, params)
-
-  return make
-
-
 def updates_interleaved(
   txs: dict[str, Any], grads, params, *, reps: int, compile_reps: int = 1,
   workers: int = 1, progress, time_updates: bool = True, baseline: str = BASELINE,
@@ -92,7 +80,17 @@ def updates_interleaved(
   ``{}``. ``workers``: compilations at once (1 where compile time is a figure).
   """
   states = {name: tx.init(params) for name, tx in txs.items()}
-  makers = {name: maker(tx, grads, states[name], params) for name, tx in txs.items()}
+
+  def maker(tx, state) -> Callable[[], tuple[Callable, tuple]]:
+    def make():
+      def update(g, s, p):  # A new function object: compiled from scratch.
+        return tx.update(g, s, p)
+
+      return update, (grads, state, params)
+
+    return make
+
+  makers = {name: maker(tx, states[name]) for name, tx in txs.items()}
   # The state is not donated: on XLA:CPU, donating Adam's state adds a copy
   # of both moments per leaf (13 instead of 9 passes over the tree), which
   # would flatter every other contender.
