@@ -56,8 +56,6 @@ def _worker(args) -> None:
   """One process of a run: trains ``args.steps`` steps, saves the params."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
   from sklearn.datasets import load_digits
 
   if args.num_processes:
@@ -66,7 +64,6 @@ def _worker(args) -> None:
     )
   assert jax.device_count() == 4, jax.devices()
   mesh = jax.make_mesh((4,), ("data",), (jax.sharding.AxisType.Auto,))
-  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
   def conv(x, layer):  # A 3x3 convolution, ReLU, then 2x2 average pooling.
     y = jax.lax.conv_general_dilated(
@@ -126,16 +123,14 @@ def _worker(args) -> None:
     }
     for (name, shape), key in zip(SHAPES.items(), keys)
   }
-  params = jax.device_put(params, replicated)
+  params = distributed.replicate(params, mesh)
   momentum = jax.tree.map(jnp.zeros_like, params)
   losses = []
   for i in range(args.steps):
     rows = order[i * BATCH : (i + 1) * BATCH]
-    images, labels = (
-      jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
-      for x in (all_images[rows], all_labels[rows])
-    )
-    params, momentum, loss = step(params, momentum, images, labels)
+    batch = {"image": all_images[rows], "label": all_labels[rows]}
+    batch = distributed.shard_batch(batch, mesh)
+    params, momentum, loss = step(params, momentum, batch["image"], batch["label"])
     losses.append(float(loss))
   if jax.process_index() == 0:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]

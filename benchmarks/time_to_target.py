@@ -102,16 +102,12 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
   return out
 
 
-def _median(values: list) -> float | None:
-  values = [v for v in values if v is not None]
-  return float(np.median(values)) if values else None
-
-
 def summarize(runs: dict[str, list[dict]], args) -> dict[str, dict]:
   rows = {}
   for name, results in runs.items():
     seconds = [r["seconds_to_target"] for r in results]
     steps = [r["steps_to_target"] for r in results]
+    reached = [s for s in steps if s is not None]
     median = loop.median_time(seconds)
     rows[name] = {
       "seconds": seconds,
@@ -121,7 +117,7 @@ def summarize(runs: dict[str, list[dict]], args) -> dict[str, dict]:
       # AlgoPerf's rule: a seed that missed counts as infinite (None: the
       # median is).
       "median_seconds": None if math.isinf(median) else median,
-      "median_steps": _median(steps),
+      "median_steps": float(np.median(reached)) if reached else None,
       "seconds_per_step": float(
         np.median([r["train_seconds"] / r["steps"] for r in results])
       ),
