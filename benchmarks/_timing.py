@@ -80,18 +80,13 @@ def interleaved(
   """Times already-compiled contenders interleaved; returns one `Timing` each.
 
   Args:
-    fns: contender name -> a function of no argument that runs one call
-      (its result is blocked on).
+    fns: contender name -> a function of no argument that runs one call.
     baseline: the name of the contender the ratios are taken against.
     reps: number of rounds (samples per contender).
     warmup: untimed calls of each contender before the first round.
-    min_sample_s: a sample repeats the call until it lasts at least this
-      long (calibrated once per contender), so that fast calls are not
-      dominated by the timer.
+    min_sample_s: a sample repeats the call until it lasts at least this long
+      (calibrated once per contender), so that the timer does not dominate.
     progress: called with a short message after each round.
-
-  Returns:
-    Contender name -> `Timing`, in the order of ``fns``.
   """
   if baseline not in fns:
     raise ValueError(f"baseline={baseline!r} is not one of {list(fns)}.")
@@ -208,20 +203,16 @@ def compile_interleaved(
   """Traces, lowers and compiles each contender ``reps`` times, interleaved.
 
   Args:
-    makers: contender name -> a function returning ``(fn, args)``, a *new*
-      Python function object each call (``jax.jit`` caches compilations by
-      function identity, so a fresh function is compiled from scratch) and
-      the arguments to lower it with.
+    makers: contender name -> a function returning ``(fn, args)``: a *new*
+      Python function each call (``jax.jit`` caches compilations by function
+      identity) and the arguments to lower it with.
     baseline: the contender the ratios are taken against.
     reps: number of rounds.
     workers: with more than one, each round's XLA compilations run on that
-      many threads at once (faster where the compile times are not the
-      figure of interest; they are then marked ``parallel``).
+      many threads at once (where the compile times are not the figure of
+      interest; they are then marked ``parallel``).
     donate_argnums: passed to ``jax.jit``.
     progress: called with a short message after each compilation.
-
-  Returns:
-    Contender name -> `CompileTiming`, in the order of ``makers``.
   """
   if baseline not in makers:
     raise ValueError(f"baseline={baseline!r} is not one of {list(makers)}.")
