@@ -43,12 +43,9 @@ BATCH = 128
 RHO, K, LEARNING_RATE, MOMENTUM = 0.05, 2, 0.05, 0.9
 """Perturbation radius, layers perturbed, and the SGD settings."""
 
-SHAPES = {
-  "conv1": (3, 3, 1, 32),
-  "conv2": (3, 3, 32, 64),
-  "dense": (2 * 2 * 64, 256),
-  "head": (256, 10),
-}
+SHAPES = dict(
+  conv1=(3, 3, 1, 32), conv2=(3, 3, 32, 64), dense=(2 * 2 * 64, 256), head=(256, 10)
+)
 """The kernel of each layer of the CNN (each has a bias too)."""
 
 
