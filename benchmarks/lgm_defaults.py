@@ -45,7 +45,9 @@ def main():
   rows = {}
   start = time.perf_counter()
   for name, kwargs in VARIANTS.items():
-    lr = args.lr * (1e-4 if kwargs and kwargs.get("normalize") is None else 1.0)
+    # Only the variant without normalisation ("literal") steps at lr * 1e-4.
+    literal = kwargs is not None and kwargs.get("normalize", "geometric") is None
+    lr = args.lr * (1e-4 if literal else 1.0)
     sgd = optax.sgd(lr, momentum=0.9)
     tx = sgd if kwargs is None else optax.chain(optax_lgm.scale_by_lgm(**kwargs), sgd)
     runs = []
