@@ -219,9 +219,11 @@ def draw_trainer_time_to_target(
   data: dict, path: pathlib.Path, sha: str, limits: tuple[float, ...] = (0.85,)
 ) -> tuple[str, str]:
   models = list(dict.fromkeys(key.split("/")[0] for key in data["summaries"]))
+  legend_beside = len(data["summaries"][next(iter(data["summaries"]))]) > 4
   fig, axes = plt.subplots(
-    1, len(models), figsize=(4.2 * len(models), 3.8), layout="constrained"
-  )
+    1, len(models), figsize=(4.2 * len(models) + 2.2 * legend_beside, 3.8),
+    layout="constrained",
+  )  # fmt: skip
   for ax, model in zip(np.atleast_1d(axes), models):
     keys = [k for k in data["summaries"] if k.startswith(f"{model}/")]
     names = list(data["summaries"][keys[0]])
@@ -240,7 +242,10 @@ def draw_trainer_time_to_target(
     ax.set_xticks(range(len(keys)), [k.split("/")[1] for k in keys])
     ax.set(title=model, ylabel="time to target / SAM's median")
     ax.grid(alpha=0.3, axis="y")
-  np.atleast_1d(axes)[0].legend()
+  if legend_beside:  # Many contenders: beside the axes, not over the bars.
+    fig.legend(loc="outside right upper", fontsize="small")
+  else:
+    np.atleast_1d(axes)[0].legend()
   _save(fig, path, sha)
   contenders = ", ".join(names)
   alt = f"Time to target of {contenders} relative to SAM, by run length"
@@ -287,7 +292,7 @@ def figures_for(name: str, data: dict) -> list[tuple[str, Drawer, str]]:
     return [("", functools.partial(draw_trainer_time_to_target, limits=(0.7,)), "100%")]
   if name == "trainer_time_to_target_fashion_mnist":
     both = functools.partial(draw_trainer_time_to_target, limits=(0.7, 0.85))
-    return [("", both, "70%")]
+    return [("", both, "90%")]
   figures = [("_curves", draw_curves, "100%")]
   if "lgm" in data["runs"]:
     figures.append(("_lgm", draw_lgm, "100%"))

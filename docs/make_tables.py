@@ -263,6 +263,7 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "time_to_target": time_to_target_table,
   "trainer_time_to_target": trainer_time_to_target_table,
   "trainer_time_sparse": trainer_time_to_target_table,
+  "trainer_time_to_target_fashion_mnist": trainer_time_to_target_table,
   "compare_tuned_digits_cnn": tuned_tables,
   "compare_tuned_fashion_mnist_cnn": tuned_tables,
   "compare_tuned_fashion_mnist_resnet20": tuned_tables,
