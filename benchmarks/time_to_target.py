@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
   )
   print(markdown(rows, args))
   result = dict(
-    command=command.strip(), machine=machine, target=args.target,
+    command=command.strip(), commit=loop.commit(), machine=machine, target=args.target,
     settings=vars(args), contenders=rows, runs=runs,
   )  # fmt: skip
   _tasks.write_json(args.json, result)

@@ -207,12 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   optimizers = args.optimizers.split(",")
   began = time.perf_counter()
-  commit = subprocess.run(
-    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-  ).stdout.strip()
   results: dict[str, Any] = {
     "command": " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]]),
-    "commit": commit,
+    "commit": loop.commit(),
     "machine": args.machine,
     "dataset": args.dataset,
     "lengths": LENGTHS[args.dataset],

@@ -20,7 +20,6 @@ import json
 import pathlib
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,16 +82,6 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[str]:
   return written
 
 
-def commit() -> str | None:
-  """The git commit of this checkout (``None`` outside a git checkout)."""
-  here = str(pathlib.Path(__file__).parent)
-  git = ["git", "-C", here, "rev-parse", "--short", "HEAD"]
-  try:
-    return subprocess.check_output(git, text=True, stderr=subprocess.DEVNULL).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Command line: runs the comparison; returns what results.json holds, plus plots."""
   distributed.share_forward_passes()
@@ -153,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   del settings["config"]
   results: dict[str, Any] = {
     "command": shlex.join(["python", "-m", "examples.compare", *arguments]),
-    "commit": commit(),
+    "commit": loop.commit(),
     "args": settings,
     "seconds": elapsed,
   }

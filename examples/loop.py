@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import math
 import pathlib
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,6 +66,16 @@ def summary(results: dict[str, Any]) -> str:
     )
   lines += [f"{name}: {value:.4f}" for name, value in results["robustness"].items()]
   return "\n".join(lines)
+
+
+def commit() -> str | None:
+  """The git commit of this checkout (``None`` outside a git checkout)."""
+  here = str(pathlib.Path(__file__).parent)
+  git = ["git", "-C", here, "rev-parse", "--short", "HEAD"]
+  try:
+    return subprocess.check_output(git, text=True, stderr=subprocess.DEVNULL).strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
 
 
 class Compilations:
