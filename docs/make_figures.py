@@ -284,7 +284,7 @@ Drawer = Callable[[dict, pathlib.Path, str], tuple[str, str]]
 
 def figures_for(name: str, data: dict) -> list[tuple[str, Drawer, str]]:
   """The figures of one data file: (PNG suffix, drawing function, width)."""
-  if name == "time_to_target":
+  if name in ("time_to_target", "time_to_target_default_rule"):
     return [("", draw_time_to_target, "70%")]
   if name == "trainer_time_to_target":
     return [("", draw_trainer_time_to_target, "100%")]
@@ -306,7 +306,8 @@ def make_figures(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path
   out.mkdir(parents=True, exist_ok=True)
   written = []
   sources = sorted(data_dir.glob("compare_*.json"))
-  benchmarks = ("time_to_target.json", "trainer_time_to_target.json")
+  benchmarks = ("time_to_target.json", "time_to_target_default_rule.json")
+  benchmarks += ("trainer_time_to_target.json",)
   benchmarks += (
     "trainer_time_sparse.json",
     "trainer_time_to_target_fashion_mnist.json",

@@ -261,6 +261,7 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "compare_digits": compare_table,
   "compare_fashion_mnist": compare_table,
   "time_to_target": time_to_target_table,
+  "time_to_target_default_rule": time_to_target_table,
   "trainer_time_to_target": trainer_time_to_target_table,
   "trainer_time_sparse": trainer_time_to_target_table,
   "trainer_time_to_target_fashion_mnist": trainer_time_to_target_table,
