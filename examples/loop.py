@@ -8,7 +8,6 @@ target is the training time at the first evaluation at or above the target
 accuracy; in a median over seeds a miss counts as infinite.
 """
 
-import concurrent.futures
 import json
 import math
 import pathlib
@@ -96,25 +95,6 @@ class Compilations:
       self.programs.add(program)
       self.seconds += time.perf_counter() - began
     return outputs
-
-  def compile_ahead(self, *args: Any, variants: Sequence[dict[str, Any]]) -> None:
-    """Compiles the programs of ``variants`` (static arguments) side by side.
-
-    Each is traced and lowered here (tracing holds the GIL); XLA compiles them
-    at once, a thread each, into the caches the calls then find. So a schedule
-    of two programs (SAM's step and a plain one) waits for about the longer
-    compile rather than both. Programs compiled already are left alone; the
-    seconds count as compilation, on the critical path.
-    """
-    todo = [v for v in variants if tuple(v.items()) not in self.programs]
-    if not todo:
-      return
-    began = time.perf_counter()
-    lowered = [self.step.trace(*args, **v).lower() for v in todo]
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-      list(pool.map(lambda program: program.compile(), lowered))
-    self.programs.update(tuple(v.items()) for v in todo)
-    self.seconds += time.perf_counter() - began
 
   @property
   def compilations(self) -> int:

@@ -117,11 +117,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   def step(state, indexed_batch):
     i, batch = indexed_batch
     batch = distributed.shard_batch(batch, mesh)
-    args = (model, optimizer, batch["image"], batch["label"])
     extra = {"perturb": i % every == 0} if every else {}
-    if every:  # The SAM step and the plain one, compiled side by side.
-      step_fn.compile_ahead(*args, variants=({"perturb": True}, {"perturb": False}))
-    losses.append(step_fn(*args, **extra))
+    losses.append(step_fn(model, optimizer, batch["image"], batch["label"], **extra))
     return state, losses[-1]
 
   def accuracy() -> float:

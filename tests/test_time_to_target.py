@@ -153,31 +153,3 @@ def test_unknown_contender_is_a_usage_error(capsys):
     time_to_target.main(["--contenders", "sgd,adamw"])
   assert exit_info.value.code == 2
   assert "adamw" in capsys.readouterr().err
-
-
-def test_compile_ahead_compiles_each_program_once_before_the_calls():
-  compiled = []
-
-  def listener(event, seconds, **_):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(seconds)
-
-  def plain(x, *, perturb=False):
-    return jnp.sin(x) * 2.0 if perturb else jnp.cos(x)
-
-  step = jax.jit(plain, static_argnames="perturb")
-  x = jnp.arange(3.0)
-  want = {True: np.sin(np.arange(3.0)) * 2.0, False: np.cos(np.arange(3.0))}
-  variants = ({"perturb": True}, {"perturb": False})
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    compilations = loop.Compilations(step)
-    compilations.compile_ahead(x, variants=variants)
-    assert len(compiled) == 2 and compilations.compilations == 2
-    assert compilations.seconds > 0
-    compilations.compile_ahead(x, variants=variants)  # Compiled: nothing to do.
-    for v in variants:
-      np.testing.assert_allclose(compilations(x, **v), want[v["perturb"]], rtol=1e-6)
-    assert len(compiled) == 2  # The calls found both programs compiled.
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
