@@ -62,6 +62,11 @@ def train_selection(task: _tasks.Task, args, data, mask=None) -> dict[str, Any]:
   (params, stats, state), metrics = _tasks.train_pure(
     task, tx, step, data, steps=args.train_steps, batch=args.batch, seed=1
   )
+  if step.selection is None:  # Only the dynamic first steps ran.
+    raise SystemExit(
+      f"error: --train-steps {args.train_steps} ended before the first "
+      f"re-selection (every {args.reselect_every} steps); make it at least that"
+    )
   by_layer = optax_lgm.layer_stats(state)
   norms = sorted(by_layer["sam_grad_norm_avg"].items(), key=lambda kv: -float(kv[1]))
   return dict(
