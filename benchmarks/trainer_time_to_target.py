@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for k in (
                   "time_to_target",
                   "steps_to_target",
-                  "final_test_accuracy",
+                  "final_test_accuracy",  # On the split of "evaluated_on".
+                  "evaluated_on",
                   "compile",
                   "layer_sam_static",
                   "train_seconds",
