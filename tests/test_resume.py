@@ -7,6 +7,7 @@ statistics and optimizer state, bit for bit, and the same metrics.
 
 import dataclasses
 import json
+import types
 
 import jax
 import numpy as np
@@ -232,3 +233,28 @@ def test_orbax_keeps_two_checkpoints(data_dir, tmp_path):
   train.train_and_evaluate(config, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / CHECKPOINTS).iterdir())
   assert steps == [8, 10] and checkpointing.KEEP == 2
+
+
+@pytest.mark.parametrize(
+  "key, saved, loaded",
+  [
+    ("step_fn", {"seconds": [1.5]}, [{"seconds": [1.5]}]),
+    # Written before the step function's state had its own key.
+    ("static_selection", {"selection": [0, 2]}, [{"selection": [0, 2]}]),
+    ("static_selection", {}, []),  # A plain step: nothing to load.
+  ],
+)
+def test_resume_loads_the_step_functions_state_under_either_key(
+  key, saved, loaded, tmp_path, monkeypatch
+):
+  progress = {"step": 7, "losses": [0.5], "metrics": {"train_seconds": 2.0}, key: saved}
+  checkpoints = checkpointing.Checkpoints(tmp_path, resume=True)
+  monkeypatch.setattr(checkpoints, "restore", lambda *args: progress)
+  calls = []
+  step_fn = types.SimpleNamespace(load_state_dict=calls.append)
+  metrics, losses = types.SimpleNamespace(resume=lambda data, step: None), []
+  try:
+    assert checkpoints.resume(None, None, step_fn, metrics, losses, None) == 7
+  finally:
+    checkpoints.close()
+  assert calls == loaded and losses == [np.float32(0.5)]
