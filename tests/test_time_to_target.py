@@ -1,5 +1,6 @@
 """The time to target (one definition, `examples.loop`), its clock, the budget."""
 
+import json
 import types
 
 import jax
@@ -153,3 +154,40 @@ def test_unknown_contender_is_a_usage_error(capsys):
     time_to_target.main(["--contenders", "sgd,adamw"])
   assert exit_info.value.code == 2
   assert "adamw" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "dataset, flags, final",
+  [
+    ("digits", ["--epochs", "5"], "test"),
+    (
+      "fashion_mnist",
+      ["--dataset", "fashion_mnist", "--max_steps", "300", "--validation", "1000"],
+      "validation",
+    ),
+  ],
+)
+def test_trainer_benchmark_runs_the_contenders_command(
+  dataset, flags, final, tmp_path, monkeypatch
+):
+  from benchmarks import trainer_time_to_target as bench
+
+  commands = []
+
+  def fake_run(command, **_):
+    commands.append(command)
+    metrics = {"evaluated_on": final, f"final_{final}_accuracy": 0.9}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  result = bench.run(
+    "layer_sam_dynamic_every5", dataset, "cnn", 1, "short", str(tmp_path)
+  )
+  (command,) = commands
+  assert result["final_test_accuracy"] == 0.9  # Whichever split it was on.
+  joined = " ".join(command)
+  for flag in ["--optimizer layer_sam", "--layer_sam_mode dynamic", "--sam_every 5"]:
+    assert flag in joined, joined
+  assert all(flag in command for flag in flags), command
+  learning_rate, target, _ = bench.LENGTHS[dataset]["cnn"]["short"]
+  assert f"--learning_rate {learning_rate:g} --target_accuracy {target:g}" in joined
