@@ -5,6 +5,7 @@ the optimizer, and as JSON the run's `progress`. The last `KEEP` are kept, so
 that a damaged latest one leaves the one before to resume from.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -49,11 +50,11 @@ def load(node: nnx.Module | nnx.Optimizer, saved: dict) -> None:
   nnx.update(node, state)
 
 
-def progress(step: int, metrics: Any, losses: Sequence, step_fn: Any) -> dict:
+def progress(step: int, metrics: dict, losses: Sequence, step_fn: Any) -> dict:
   """A checkpoint's JSON: the step, the metrics, the epoch's losses, the step's."""
   return {
     "step": step,
-    "metrics": metrics.copy(),  # Not the run's own: orbax writes in the background.
+    "metrics": json.loads(json.dumps(metrics)),  # A copy: orbax writes later.
     "losses": [float(x) for x in jax.device_get(losses)],  # Exact.
     "step_fn": step_fn.state_dict(),  # `loop.Compilations` or a `StaticSelection`.
   }

@@ -1,13 +1,15 @@
 """One training loop, one clock and one time to target, for examples and benchmarks.
 
 `run` calls a step ``step(state, batch) -> (state, loss)`` for the steps of a
-``range``, each fed ``data(step)``, so a resumed run starts at its step.
-Training time follows AlgoPerf's rule: it runs from the first step,
-compilation included, and stops while the model is evaluated. The time to
-target is the training time at the first evaluation at or above the target
-accuracy; in a median over seeds a miss counts as infinite.
+``range``, each fed ``data(step)``, so a resumed run starts at its step;
+`Trainer` runs `examples.train` through it. Training time follows AlgoPerf's
+rule: it runs from the first step, compilation included, and stops while the
+model is evaluated. The time to target is the training time at the first
+evaluation at or above the target accuracy; in a median over seeds a miss
+counts as infinite.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -21,6 +23,9 @@ import numpy as np
 import tqdm
 
 import optax_lgm
+from examples import checkpointing, robustness
+from examples import config as config_lib
+from examples.optimizers import NonFiniteError, nonfinite_steps
 
 
 def time_to_target(curve: Sequence[dict], target: float) -> tuple[Any, Any]:
@@ -78,10 +83,10 @@ def commit() -> str | None:
 
 
 class Compilations:
-  """A jitted step that records its compilations, as `optax_lgm.StaticSelection`.
+  """A jitted step that times its compilations, with `optax_lgm.StaticSelection`'s API.
 
-  The first call of each program in this process compiles it (or loads it
-  from the persistent cache): its seconds count as compilation time.
+  The first call with each set of static arguments compiles a program (or
+  loads it from the persistent cache): its seconds count as compilation time.
   """
 
   def __init__(self, step: Callable[..., Any]):
@@ -96,15 +101,12 @@ class Compilations:
       self.seconds += time.perf_counter() - began
     return outputs
 
-  @property
-  def compilations(self) -> int:
-    """How many programs this process has run."""
-    return len(self.programs)
-
   def log(self) -> dict[str, Any]:
-    """The compile seconds, keyed as `optax_lgm.StaticSelection.log`'s."""
-    seconds = {"critical": self.seconds, "background": 0.0}
-    return {f"compile_seconds_{k}": v for k, v in seconds.items()}
+    """The programs run and their compile seconds, keyed as ``StaticSelection``'s."""
+    return {
+      "compilations": len(self.programs), "compile_seconds_critical": self.seconds,
+      "compile_seconds_background": 0.0,
+    }  # fmt: skip
 
   def state_dict(self) -> dict[str, Any]:
     """The compile seconds so far, for a checkpoint."""
@@ -115,14 +117,14 @@ class Compilations:
     self.seconds = state["seconds"][0]
 
   def close(self) -> None:
-    """Nothing to wait for (as `optax_lgm.StaticSelection.close`)."""
+    """Nothing to wait for."""
 
 
 class Metrics:
   """What a run records (``data``, JSON) and its training clock.
 
-  ``data`` holds ``history`` (`add_entry`), ``curve`` (per evaluation:
-  ``step``, ``test_accuracy``, ``seconds`` of training so far),
+  ``data`` holds ``history`` (empty here, see `Trainer`), ``curve`` (per
+  evaluation: ``step``, ``test_accuracy``, ``seconds`` of training so far),
   ``train_seconds``, ``time_to_target`` and ``steps_to_target`` (``None``
   until reached), and the ``extra`` entries (such as the settings).
   """
@@ -134,35 +136,6 @@ class Metrics:
       "time_to_target": None, "steps_to_target": None,
     }  # fmt: skip
     self._started: float | None = None
-    self._since = (0, 0.0)  # The step and training time of the last entry.
-
-  def record(self, step_fn: Any, skipped_steps: int) -> None:
-    """Records the step function's compilations and the steps skipped."""
-    log = step_fn.log()
-    self.data["compile"] = {"compilations": step_fn.compilations} | {
-      f"{k}_seconds": log[f"compile_seconds_{k}"] for k in ("critical", "background")
-    }
-    if isinstance(step_fn, optax_lgm.StaticSelection):
-      self.data["layer_sam_static"] = log
-    self.data["skipped_steps"] = skipped_steps
-
-  def resume(self, data: dict[str, Any], step: int) -> None:
-    """Goes on from ``data`` saved at ``step``; this run's ``config`` stays."""
-    self.data = {**data, "config": self.data["config"]}
-    self._since = (step, data["train_seconds"])
-
-  def add_entry(
-    self, step: int, epoch: int, batch_size: int, train_loss: float,
-    test_accuracy: float, layer_stats: dict,
-  ) -> None:  # fmt: skip
-    """Appends the entry of ``step``, its images per second since the last entry."""
-    steps, seconds = step - self._since[0], self.data["train_seconds"] - self._since[1]
-    self.data["history"].append({
-      "epoch": epoch, "step": step, "train_loss": train_loss,
-      "test_accuracy": test_accuracy, "images_per_s": steps * batch_size / seconds,
-      "layer_stats": layer_stats,
-    })  # fmt: skip
-    self._since = (step, self.data["train_seconds"])
 
   def start_clock(self) -> None:
     """Starts counting training time."""
@@ -184,14 +157,6 @@ class Metrics:
     seconds, step = time_to_target(curve, self.target_accuracy)
     self.data["time_to_target"], self.data["steps_to_target"] = seconds, step
 
-  def copy(self) -> dict[str, Any]:
-    """A deep copy of ``data`` (for a checkpoint written in the background)."""
-    return json.loads(json.dumps(self.data))
-
-  def write(self, path: pathlib.Path) -> None:
-    """Writes ``data`` as JSON."""
-    path.write_text(json.dumps(self.data, indent=2))
-
 
 def run(
   step: Callable[[Any, Any], tuple[Any, Any]],
@@ -202,7 +167,6 @@ def run(
   *,
   evaluate: Callable[[Any], float],
   eval_at: Callable[[int], bool],
-  evaluated: Callable[[int, Any], None] = lambda step, state: None,
   after_step: Callable[[int, Any, Any], None] = lambda step, state, loss: None,
   progress: str | None = None,
   stop_at_target: bool = False,
@@ -214,10 +178,10 @@ def run(
     state: what the step starts from.
     data: the batch of a step (a function of the step alone).
     steps: the steps to run.
-    metrics: its clock counts the steps; it records every evaluation.
+    metrics: its clock counts the steps; its `Metrics.evaluated` records each
+      evaluation, off the clock.
     evaluate: the test accuracy of a state.
     eval_at: whether to evaluate after the step of this number (1-based).
-    evaluated: called after an evaluation, off the clock (bookkeeping).
     after_step: called after each step (and its evaluation), on the clock.
     progress: the label of a progress bar (``None``: no bar).
     stop_at_target: stop after the evaluation that reaches the target.
@@ -235,7 +199,6 @@ def run(
       metrics.stop_clock()
       accuracy = evaluate(state)
       metrics.evaluated(i + 1, accuracy)
-      evaluated(i + 1, state)
       bar.set_postfix(acc=f"{accuracy:.3f}")
       metrics.start_clock()
       if stop_at_target and metrics.data["time_to_target"] is not None:
@@ -245,3 +208,124 @@ def run(
   metrics.stop_clock()
   bar.close()
   return state
+
+
+class Trainer(Metrics):
+  """The run of `examples.train`: `run`, evaluations, metrics.json, checkpoints.
+
+  It evaluates ``model`` on ``test`` with the clock stopped, adds an entry to
+  ``data["history"]`` at each epoch's end, checkpoints (`examples.checkpointing`)
+  and resumes, writes ``workdir/metrics.json`` and stops after
+  ``config.skip_nonfinite`` non-finite steps in a row (`NonFiniteError`).
+  """
+
+  def __init__(self, config, workdir, mesh, model, optimizer, step_fn, test: dict):
+    super().__init__(
+      config.target_accuracy, config=dataclasses.asdict(config),
+      learning_rate=config_lib.with_learning_rate(config).learning_rate,
+      devices={"data": mesh.devices.size, "processes": jax.process_count()},
+      evaluated_on=config.evaluate_on,
+    )  # fmt: skip
+    self.config, self.model, self.optimizer = config, model, optimizer
+    self.step_fn, self.test = step_fn, test
+    self.path = pathlib.Path(workdir).resolve() / "metrics.json"
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    directory = self.path.parent / "checkpoints"
+    self.checkpoints = checkpointing.Checkpoints(directory, resume=config.resume)
+    self.losses: list = []  # The losses of this epoch so far.
+    self._since = (0, 0.0)  # The step and training time of the last entry.
+
+  def train(self, step: Callable[[int], Any], per_epoch: int, total: int) -> None:
+    """Runs ``step(i)`` (step ``i`` from 0; returns its loss) up to ``total``."""
+    config, start, self.per_epoch = self.config, 0, per_epoch
+
+    def one(state, i):
+      self.losses.append(step(i))
+      return state, self.losses[-1]
+
+    try:
+      if config.resume:
+        start = self.checkpoints.resume(
+          self.model, self.optimizer, self.step_fn, self, self.losses, config
+        )
+      self.model.train()
+      run(
+        one, (self.model, self.optimizer), lambda i: i, range(start, total), self,
+        evaluate=lambda _: self.accuracy(), after_step=self._after_step,
+        eval_at=lambda i: not i % per_epoch
+        or bool(config.eval_every and not i % config.eval_every),
+        progress=f"{config.optimizer} seed {config.seed}"
+        if config.progress and jax.process_index() == 0 else None,
+      )  # fmt: skip
+      if total % per_epoch and start < total:  # Stopped inside an epoch: the
+        self._save(total)  # checkpoint holds its losses, a resumed run writes it whole.
+        self._end_epoch(total, self.accuracy())
+        self.write()
+    finally:
+      self.checkpoints.close()  # Waits for the checkpoints being written.
+      self.step_fn.close()
+    history = self.data["history"]
+    final = history[-1]["test_accuracy"] if history else self.accuracy()
+    self.data[f"final_{config.evaluate_on}_accuracy"] = final
+    self.data["robustness"] = {}
+
+  def accuracy(self) -> float:
+    """The accuracy of the model on ``test`` (left in training mode)."""
+    accuracy = robustness.accuracy(self.model, self.test["image"], self.test["label"])
+    self.model.train()
+    return float(accuracy)
+
+  def evaluated(self, step: int, accuracy: float) -> None:
+    """`Metrics.evaluated`; at an epoch's end, its entry and a checkpoint too."""
+    super().evaluated(step, accuracy)
+    if not step % self.per_epoch:
+      self._end_epoch(step, accuracy)
+      self._save(step)
+      self.checkpoints.manager.wait_until_finished()  # Keeps the save off the clock.
+      self.write()
+
+  def resume(self, data: dict[str, Any], step: int) -> None:
+    """Goes on from ``data`` saved at ``step``; this run's ``config`` stays."""
+    self.data = {**data, "config": self.data["config"]}
+    self._since = (step, data["train_seconds"])
+
+  def write(self) -> None:
+    """Records the compilations and skipped steps; writes metrics.json (process 0)."""
+    log = self.step_fn.log()
+    self.data["compile"] = {"compilations": log["compilations"]} | {
+      f"{k}_seconds": log[f"compile_seconds_{k}"] for k in ("critical", "background")
+    }
+    if isinstance(self.step_fn, optax_lgm.StaticSelection):
+      self.data["layer_sam_static"] = log
+    self.data["skipped_steps"] = nonfinite_steps(self.optimizer.opt_state)[1]
+    if jax.process_index() == 0:
+      self.path.write_text(json.dumps(self.data, indent=2))
+
+  def _end_epoch(self, step: int, accuracy: float) -> None:  # Or the part that ran.
+    steps, seconds = step - self._since[0], self.data["train_seconds"] - self._since[1]
+    self.data["history"].append({
+      "epoch": -(-step // self.per_epoch), "step": step,
+      "train_loss": float(np.nanmean(jax.device_get(self.losses))),  # Skipped: NaN.
+      "test_accuracy": accuracy,
+      "images_per_s": steps * self.config.batch_size / seconds,
+      "layer_stats": layer_stats(self.optimizer.opt_state),
+    })  # fmt: skip
+    self._since = (step, self.data["train_seconds"])
+    self.losses.clear()
+
+  def _save(self, step: int) -> None:
+    if self.config.checkpoints:
+      progress = checkpointing.progress(step, self.data, self.losses, self.step_fn)
+      self.checkpoints.save(self.model, self.optimizer, progress)
+
+  def _after_step(self, step: int, state: Any, loss: Any) -> None:
+    limit = self.config.skip_nonfinite
+    if limit and nonfinite_steps(self.optimizer.opt_state)[0] >= limit:
+      self.data["stopped"] = (
+        f"stopped at step {step}: {limit} steps in a row had a non-finite "
+        "gradient; lower --learning_rate or check the data"
+      )
+      self.write()
+      raise NonFiniteError(self.data["stopped"])
+    if self.config.checkpoint_every and not step % self.config.checkpoint_every:
+      self._save(step)  # Not again at an epoch's end (Checkpoints.save skips it).

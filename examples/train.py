@@ -5,29 +5,19 @@
 stopped, bit for bit. ``python -m examples.train --help`` lists the settings.
 """
 
-import dataclasses
 import os
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 import optax_lgm
-from examples import (
-  checkpointing,
-  distributed,
-  input_pipeline,
-  loop,
-  models,
-  robustness,
-)
 from examples import config as config_lib
+from examples import distributed, input_pipeline, loop, models, robustness
 from examples.config import Config, UsageError
-from examples.optimizers import NonFiniteError, nonfinite_steps, optimizer_of
+from examples.optimizers import NonFiniteError, optimizer_of
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> jax.Array:
@@ -99,100 +89,27 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str]) -> dict:
   config_lib.check(config)
   distributed.enable_compilation_cache(config.compilation_cache)
   mesh = distributed.make_mesh(config.mesh, config.batch_size)
-  workdir = pathlib.Path(workdir).resolve()
-  workdir.mkdir(parents=True, exist_ok=True)
   train, test, meta = splits(config)
   per_epoch, total = config_lib.steps(config, len(train["label"]))
   model, optimizer, step_fn = create(config, meta, total, mesh)
-  metrics = loop.Metrics(
-    config.target_accuracy, config=dataclasses.asdict(config),
-    learning_rate=config_lib.with_learning_rate(config).learning_rate,
-    devices={"data": mesh.devices.size, "processes": jax.process_count()},
-    evaluated_on=config.evaluate_on,
-  )  # fmt: skip
-  checkpoints = checkpointing.Checkpoints(workdir / "checkpoints", resume=config.resume)
-  losses, start = [], 0  # The losses of this epoch so far; the first step.
   every = config_lib.host_schedule(config)  # The host's SAM steps (0: none).
 
-  def step(state, indexed_batch):
-    i, batch = indexed_batch
+  def step(i: int) -> jax.Array:  # Step i (from 0) on its batch: the loss.
+    batch = input_pipeline.batch_at(train, config.batch_size, config.seed, i)
     batch = distributed.shard_batch(batch, mesh)
     extra = {"perturb": i % every == 0} if every else {}
-    losses.append(step_fn(model, optimizer, batch["image"], batch["label"], **extra))
-    return state, losses[-1]
+    return step_fn(model, optimizer, batch["image"], batch["label"], **extra)
 
-  def accuracy() -> float:
-    acc = float(robustness.accuracy(model, test["image"], test["label"]))
-    model.train()
-    return acc
-
-  def end_epoch(step: int, acc: float) -> None:  # Or the part of it that ran.
-    loss = float(np.nanmean(jax.device_get(losses)))  # Skipped steps: NaN.
-    stats = loop.layer_stats(optimizer.opt_state)
-    metrics.add_entry(step, -(-step // per_epoch), config.batch_size, loss, acc, stats)
-    losses.clear()
-
-  def save(step: int) -> None:
-    if config.checkpoints:
-      progress = checkpointing.progress(step, metrics, losses, step_fn)
-      checkpoints.save(model, optimizer, progress)
-
-  def write() -> None:
-    metrics.record(step_fn, skipped_steps=nonfinite_steps(optimizer.opt_state)[1])
-    if jax.process_index() == 0:
-      metrics.write(workdir / "metrics.json")
-
-  def evaluated(step: int, _) -> None:  # The clock is stopped.
-    if not step % per_epoch:  # An epoch's end: its entry, then a checkpoint.
-      end_epoch(step, metrics.data["curve"][-1]["test_accuracy"])
-      save(step)
-      checkpoints.manager.wait_until_finished()  # Keeps the save off the clock.
-      write()
-
-  def after_step(step: int, state, loss) -> None:
-    limit = config.skip_nonfinite
-    if limit and nonfinite_steps(optimizer.opt_state)[0] >= limit:
-      metrics.data["stopped"] = (
-        f"stopped at step {step}: {limit} steps in a row had a non-finite "
-        "gradient; lower --learning_rate or check the data"
-      )
-      write()
-      raise NonFiniteError(metrics.data["stopped"])
-    if config.checkpoint_every and not step % config.checkpoint_every:
-      save(step)  # Not again at an epoch's end (Checkpoints.save skips it).
-
-  try:
-    if config.resume:
-      start = checkpoints.resume(model, optimizer, step_fn, metrics, losses, config)
-    model.train()
-    loop.run(
-      step, (model, optimizer),
-      lambda i: (i, input_pipeline.batch_at(train, config.batch_size, config.seed, i)),
-      range(start, total), metrics, evaluate=lambda _: accuracy(),
-      eval_at=lambda i: not i % per_epoch
-      or bool(config.eval_every and not i % config.eval_every),
-      evaluated=evaluated, after_step=after_step,
-      progress=f"{config.optimizer} seed {config.seed}"
-      if config.progress and jax.process_index() == 0 else None,
-    )  # fmt: skip
-    if total % per_epoch and start < total:  # Stopped inside an epoch: the
-      save(total)  # checkpoint holds its losses, a resumed run writes it whole.
-      end_epoch(total, accuracy())
-      write()
-  finally:
-    checkpoints.close()  # Waits for the checkpoints being written.
-    step_fn.close()
-  history, n = metrics.data["history"], config.robustness_examples
-  final = history[-1]["test_accuracy"] if history else accuracy()
-  metrics.data[f"final_{config.evaluate_on}_accuracy"] = final
-  metrics.data["robustness"] = {}
+  trainer = loop.Trainer(config, workdir, mesh, model, optimizer, step_fn, test)
+  trainer.train(step, per_epoch, total)
   if config.robustness:
-    metrics.data["robustness"] = robustness.evaluate_robustness(
+    n = config.robustness_examples
+    trainer.data["robustness"] = robustness.evaluate_robustness(
       model, test["image"][:n], test["label"][:n], key=jax.random.key(config.seed + 1),
       eps_list=config.eps_list, sigmas=config.sigmas, pgd_steps=config.pgd_steps,
     )  # fmt: skip
-  write()
-  return metrics.data
+  trainer.write()
+  return trainer.data
 
 
 def main(argv: list[str] | None = None) -> dict:
