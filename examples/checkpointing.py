@@ -10,7 +10,7 @@ import os
 import pathlib
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -39,14 +39,11 @@ def saveable(node: nnx.Module | nnx.Optimizer) -> dict:
 def load(node: nnx.Module | nnx.Optimizer, saved: dict) -> None:
   """Puts arrays from `saveable` back into ``node`` (built afresh: its static parts)."""
   state = nnx.state(node)
-  saved = jax.tree.map(
-    lambda x, y: (
-      jax.random.wrap_key_data(y, impl=jax.random.key_impl(x)) if _is_key(x) else y
-    ),
-    nnx.to_pure_dict(state),
-    saved,
-  )
-  nnx.replace_by_pure_dict(state, saved)
+
+  def wrap(x: jax.Array, y: jax.Array) -> jax.Array:  # Raw data back into a key.
+    return jax.random.wrap_key_data(y, impl=jax.random.key_impl(x)) if _is_key(x) else y
+
+  nnx.replace_by_pure_dict(state, jax.tree.map(wrap, nnx.to_pure_dict(state), saved))
   nnx.update(node, state)
 
 
@@ -60,11 +57,6 @@ def progress(step: int, metrics: dict, losses: Sequence, step_fn: Any) -> dict:
   }
 
 
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
-
-
 class Checkpoints:
   """The orbax checkpoints of one run in ``directory``.
 
@@ -72,15 +64,10 @@ class Checkpoints:
     directory: where the checkpoints go.
     resume: keep existing checkpoints (to restore); if false, process 0
       deletes the folder first and every process waits for it.
-    log: where the one-line messages go (default: standard error).
   """
 
-  def __init__(
-    self, directory: str | os.PathLike[str], *, resume: bool,
-    log: Callable[[str], None] | None = None,
-  ):  # fmt: skip
+  def __init__(self, directory: str | os.PathLike[str], *, resume: bool):
     self.directory = pathlib.Path(directory)
-    self.log = log or (lambda line: print(line, file=sys.stderr))
     if not resume:
       if jax.process_index() == 0 and self.directory.exists():
         shutil.rmtree(self.directory)
@@ -120,16 +107,13 @@ class Checkpoints:
       step_fn.load_state_dict(state)
     return progress["step"]
 
-  def restore(
-    self, model: nnx.Module, optimizer: nnx.Optimizer, config: Any,
-    same: Sequence[str] = RESUME_KEYS,
-  ) -> dict | None:  # fmt: skip
+  def restore(self, model: nnx.Module, optimizer: nnx.Optimizer, config) -> dict | None:
     """Loads the latest readable checkpoint; returns its `progress` (or ``None``).
 
     ``model`` and ``optimizer`` are built as at the start of the run. A
     checkpoint that cannot be read is reported, deleted, and the one before it
-    tried; one written with other ``same`` settings than ``config``, or none
-    readable, raises `UsageError`. Process 0 says where the run starts.
+    tried; one written with other `RESUME_KEYS` settings than ``config``, or
+    none readable, raises `UsageError`. Process 0 says where the run starts.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     target = {"model": saveable(model), "optimizer": saveable(optimizer)}
@@ -137,7 +121,7 @@ class Checkpoints:
     for step in steps:
       try:
         progress = self._read(step, progress=ocp.args.JsonRestore())["progress"]
-        self._check(progress["metrics"]["config"], config, same)
+        self._check(progress["metrics"]["config"], config)
         arrays = self._read(step, **{
           name: ocp.args.StandardRestore(tree) for name, tree in target.items()
         })  # fmt: skip
@@ -161,14 +145,13 @@ class Checkpoints:
   def _read(self, step: int, **items: Any) -> Any:
     return self.manager.restore(step, args=ocp.args.Composite(**items))
 
-  def _check(self, saved: dict, config: Any, same: Sequence[str]) -> None:
-    if changed := [k for k in same if saved.get(k) != getattr(config, k)]:
+  def _check(self, saved: dict, config: Any) -> None:
+    if changed := [k for k in RESUME_KEYS if saved.get(k) != getattr(config, k)]:
+      was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+      now = ", ".join(f"{k}={getattr(config, k)!r}" for k in changed)
       raise UsageError(  # Before orbax reads arrays of another shape.
         f"cannot resume from {os.fspath(self.directory)!r}: it was written with "
-        + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
-        + "; this run has "
-        + ", ".join(f"{k}={getattr(config, k)!r}" for k in changed)
-        + " (run without --resume to start over)"
+        f"{was}; this run has {now} (run without --resume to start over)"
       )
 
   def _say(self, line: str) -> None:
@@ -176,10 +159,12 @@ class Checkpoints:
       print(line)
 
   def _damaged(self, step: int, error: BaseException) -> None:
-    self.log(
-      f"checkpoint {step} in {os.fspath(self.directory)} is damaged "
-      f"({_first_line(error)}); deleted, trying the one before"
-    )
+    lines = str(error).strip().splitlines()
+    what = f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+    print(
+      f"checkpoint {step} in {os.fspath(self.directory)} is damaged ({what}); "
+      "deleted, trying the one before", file=sys.stderr,
+    )  # fmt: skip
     self.manager.delete(step)
 
   def close(self) -> None:

@@ -41,21 +41,6 @@ def median_time(seconds: Sequence[float | None]) -> float:
   return float(np.median([math.inf if s is None else s for s in seconds] or [math.inf]))
 
 
-def to_json(value: Any) -> Any:
-  """Turns NumPy scalars and arrays into JSON values."""
-  if isinstance(value, dict):
-    return {str(k): to_json(v) for k, v in value.items()}
-  return np.asarray(value).tolist()
-
-
-def layer_stats(opt_state: Any) -> dict[str, Any]:
-  """`optax_lgm.layer_stats` of ``opt_state``; ``{}`` for optimizers without any."""
-  try:
-    return to_json(optax_lgm.layer_stats(opt_state))
-  except ValueError:  # sgd, adam, lars and sam keep no per-layer statistics.
-    return {}
-
-
 def summary(results: dict[str, Any]) -> str:
   """One line per history entry, the time to target, the robustness accuracies."""
   lines = [
@@ -121,7 +106,7 @@ class Compilations:
 
 
 class Metrics:
-  """What a run records (``data``, JSON) and its training clock.
+  """What a run records (``data``, JSON); `run` counts its training time.
 
   ``data`` holds ``history`` (empty here, see `Trainer`), ``curve`` (per
   evaluation: ``step``, ``test_accuracy``, ``seconds`` of training so far),
@@ -135,18 +120,6 @@ class Metrics:
       **extra, "history": [], "curve": [], "train_seconds": 0.0,
       "time_to_target": None, "steps_to_target": None,
     }  # fmt: skip
-    self._started: float | None = None
-
-  def start_clock(self) -> None:
-    """Starts counting training time."""
-    self._started = time.perf_counter()
-
-  def stop_clock(self) -> float:
-    """Adds the time since `start_clock`; returns the training time so far."""
-    if self._started is not None:
-      self.data["train_seconds"] += time.perf_counter() - self._started
-      self._started = None
-    return self.data["train_seconds"]
 
   def evaluated(self, step: int, accuracy: float) -> None:
     """Records a test accuracy at ``step`` (with the clock stopped)."""
@@ -178,8 +151,8 @@ def run(
     state: what the step starts from.
     data: the batch of a step (a function of the step alone).
     steps: the steps to run.
-    metrics: its clock counts the steps; its `Metrics.evaluated` records each
-      evaluation, off the clock.
+    metrics: its ``train_seconds`` count the steps; its `Metrics.evaluated`
+      records each evaluation, off the clock.
     evaluate: the test accuracy of a state.
     eval_at: whether to evaluate after the step of this number (1-based).
     after_step: called after each step (and its evaluation), on the clock.
@@ -190,22 +163,22 @@ def run(
     total=steps.stop, initial=steps.start, leave=False, desc=progress,
     disable=progress is None,
   )  # fmt: skip
-  metrics.start_clock()
+  began = time.perf_counter()
   for i in steps:
     state, loss = step(state, data(i))
     bar.update(1)
     if eval_at(i + 1):
       jax.block_until_ready(state)  # The steps are on the clock.
-      metrics.stop_clock()
+      metrics.data["train_seconds"] += time.perf_counter() - began
       accuracy = evaluate(state)
       metrics.evaluated(i + 1, accuracy)
       bar.set_postfix(acc=f"{accuracy:.3f}")
-      metrics.start_clock()
+      began = time.perf_counter()
       if stop_at_target and metrics.data["time_to_target"] is not None:
         break
     after_step(i + 1, state, loss)
   jax.block_until_ready(state)
-  metrics.stop_clock()
+  metrics.data["train_seconds"] += time.perf_counter() - began
   bar.close()
   return state
 
@@ -302,13 +275,17 @@ class Trainer(Metrics):
       self.path.write_text(json.dumps(self.data, indent=2))
 
   def _end_epoch(self, step: int, accuracy: float) -> None:  # Or the part that ran.
+    try:
+      stats = optax_lgm.layer_stats(self.optimizer.opt_state)  # JSON already.
+    except ValueError:  # sgd, adam, lars and sam keep no per-layer statistics.
+      stats = {}
     steps, seconds = step - self._since[0], self.data["train_seconds"] - self._since[1]
     self.data["history"].append({
       "epoch": -(-step // self.per_epoch), "step": step,
       "train_loss": float(np.nanmean(jax.device_get(self.losses))),  # Skipped: NaN.
       "test_accuracy": accuracy,
       "images_per_s": steps * self.config.batch_size / seconds,
-      "layer_stats": layer_stats(self.optimizer.opt_state),
+      "layer_stats": stats,
     })  # fmt: skip
     self._since = (step, self.data["train_seconds"])
     self.losses.clear()
