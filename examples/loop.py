@@ -210,7 +210,8 @@ class Trainer(Metrics):
 
   def train(self, step: Callable[[int], Any], per_epoch: int, total: int) -> None:
     """Runs ``step(i)`` (step ``i`` from 0; returns its loss) up to ``total``."""
-    config, start, self.per_epoch = self.config, 0, per_epoch
+    config, self.per_epoch = self.config, per_epoch
+    start = 0  # Or the step of the checkpoint resumed from.
 
     def one(state, i):
       self.losses.append(step(i))
