@@ -197,18 +197,27 @@ def test_keep_top_k_layers_zeros_the_rest():
   assert optax_lgm.layer_stats(state)["top_k_selected"] == {"big": 1, "small": 0}
 
 
-def test_static_mode_equals_dynamic_mode():
-  tx = optax_lgm.layer_sam(optax.sgd(0.5, momentum=0.9), 0.3, k=2)
+@pytest.mark.parametrize(
+  "schedule, perturbed",
+  [
+    ({}, 5),
+    ({"every": 2, "skipped": "plain"}, 3),
+    ({"every": 2, "skipped": "orthogonal"}, 3),
+  ],
+)
+def test_static_mode_equals_dynamic_mode(schedule, perturbed):
+  tx = optax_lgm.layer_sam(optax.sgd(0.5, momentum=0.9), 0.3, k=2, **schedule)
   step = jit_step(tx)
   p_dyn = p_sta = init_params()
   s_dyn = s_sta = tx.init(p_dyn)
-  for _ in range(4):
+  for _ in range(5):
     p_dyn, s_dyn, u_dyn = step(p_dyn, s_dyn)
     # The selection that dynamic mode made at this step, as a static tuple.
     selection = tuple(int(i) for i in np.flatnonzero(s_dyn.selected))
     p_sta, s_sta, u_sta = step(p_sta, s_sta, selection=selection)
     chex.assert_trees_all_close(u_sta, u_dyn, rtol=1e-6, atol=1e-8)
     chex.assert_trees_all_close(s_sta, s_dyn, rtol=1e-6, atol=1e-8)
+  assert int(s_sta.perturbed_count) == perturbed
   # Names are accepted as well as indices.
   names = optax_lgm.layer_names(init_params(), "module")
   by_index = step(p_sta, s_sta, selection=(1, 3))

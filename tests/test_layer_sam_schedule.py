@@ -229,23 +229,6 @@ def test_every_layer_every_step_is_optax_sam(schedule):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("skipped", ["plain", "orthogonal"])
-def test_static_mode_equals_dynamic_mode(skipped):
-  tx = optax_lgm.layer_sam(
-    optax.sgd(0.5, momentum=0.9), 0.3, k=2, every=2, skipped=skipped
-  )
-  step = jit_step(tx)
-  p_dyn = p_sta = init_params()
-  s_dyn = s_sta = tx.init(p_dyn)
-  for _ in range(5):
-    p_dyn, s_dyn, u_dyn = step(p_dyn, s_dyn)
-    selection = tuple(int(i) for i in np.flatnonzero(s_dyn.selected))
-    p_sta, s_sta, u_sta = step(p_sta, s_sta, selection=selection)
-    chex.assert_trees_all_close(u_sta, u_dyn, rtol=1e-6, atol=1e-8)
-    chex.assert_trees_all_close(s_sta, s_dyn, rtol=1e-6, atol=1e-8)
-  assert int(s_sta.perturbed_count) == 3
-
-
 def test_static_selection_with_a_schedule():
   # The first step may be skipped (seed 1, p=0.3: it is): the state still
   # records the selection, so StaticSelection picks as many layers as k.
