@@ -141,6 +141,19 @@ def test_matches_numpy_reference(normalize, unselected, adaptive):
   assert int(state.count) == 4
 
 
+def assert_same_trajectory(ours, ref, steps):
+  """Runs both opaque-mode transformations ``steps`` steps from `init_params`,
+  checking that the parameters agree after each; returns the two states."""
+  step1, step2 = opaque_step(ours), opaque_step(ref)
+  p1 = p2 = init_params()
+  s1, s2 = ours.init(p1), ref.init(p2)
+  for _ in range(steps):
+    p1, s1 = step1(p1, s1)
+    p2, s2 = step2(p2, s2)
+    chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
+  return s1, s2
+
+
 @pytest.mark.parametrize("k", [None, 4])
 def test_every_layer_is_sam(k):
   rho = 0.2
@@ -150,13 +163,7 @@ def test_every_layer_is_sam(k):
     opt, optax.chain(optax.contrib.normalize(), optax.sgd(rho)), opaque_mode=True
   )
 
-  step1, step2 = opaque_step(ours), opaque_step(ref)
-  p1 = p2 = init_params()
-  s1, s2 = ours.init(p1), ref.init(p2)
-  for _ in range(5):
-    p1, s1 = step1(p1, s1)
-    p2, s2 = step2(p2, s2)
-    chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
+  assert_same_trajectory(ours, ref, steps=5)
 
 
 def test_keep_top_k_layers_inside_optax_sam_is_layer_sam():
@@ -168,13 +175,7 @@ def test_keep_top_k_layers_inside_optax_sam_is_layer_sam():
   ref = optax.contrib.sam(opt, adv, opaque_mode=True, reset_state=False)
   ours = optax_lgm.layer_sam(opt, rho, k, unselected="recompute")
 
-  step1, step2 = opaque_step(ours), opaque_step(ref)
-  p1 = p2 = init_params()
-  s1, s2 = ours.init(p1), ref.init(p2)
-  for _ in range(4):
-    p1, s1 = step1(p1, s1)
-    p2, s2 = step2(p2, s2)
-    chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
+  s1, s2 = assert_same_trajectory(ours, ref, steps=4)
   top_k = optax_lgm.layer_stats(s2)
   assert (
     top_k["top_k_selected_count"] == optax_lgm.layer_stats(s1)["sam_selected_count"]
