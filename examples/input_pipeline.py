@@ -2,20 +2,16 @@
 
 Data is read with ``tfds.data_source`` (ArrayRecord files, no TensorFlow
 needed) and batched on the host as NumPy arrays, images on the [0, 1] pixel
-scale (the models of ``examples.models`` standardise them).
-
-``digits`` (scikit-learn's 8x8 digits, `Digits`) and ``fashion_mnist`` (from
-local idx files, `FashionMnistFromFiles`) are prepared offline on first use;
-the other `DATASETS` must be prepared in the ``array_record`` format, or
-downloaded with ``download=True`` (see `DatasetNotFoundError`).
+scale. ``digits`` (`Digits`) and ``fashion_mnist`` (`FashionMnistFromFiles`)
+are prepared offline on first use; the other `DATASETS` must be prepared in the
+``array_record`` format, or downloaded with ``download=True``.
 
 Example::
 
   train, test, meta = input_pipeline.get_datasets("digits")
   train = input_pipeline.load_split(train)  # Small: decode once, keep in memory.
-  for epoch in range(3):
-    for batch in input_pipeline.iterate(train, 64, seed=0, epoch=epoch):
-      ...
+  for batch in input_pipeline.iterate(train, 64, seed=0, epoch=0):
+    ...
 """
 
 import dataclasses
@@ -43,15 +39,7 @@ PathLike = str | os.PathLike[str]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetMetadata:
-  """What a model needs to know about a dataset.
-
-  Attributes:
-    name: the TFDS name of the dataset.
-    num_classes: number of labels.
-    input_shape: shape ``(height, width, channels)`` of one image.
-    mean: per-channel mean of the training pixels on the [0, 1] scale.
-    std: per-channel standard deviation of the training pixels on that scale.
-  """
+  """What a model needs to know about a dataset (pixel statistics on [0, 1])."""
 
   name: str
   num_classes: int
@@ -90,14 +78,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
-  """The UCI 8x8 handwritten digits, as bundled with scikit-learn.
+  """The UCI 8x8 handwritten digits of ``sklearn.datasets.load_digits``.
 
-  1,797 grey-scale images of the digits 0-9 (``sklearn.datasets.load_digits``),
-  pixel counts 0..16 stored as ``uint8`` ``round(x * 255 / 16)``. Nothing is
-  downloaded. Splits (version 1.0.0): in the order of
-  ``np.random.RandomState(0).permutation(1797)``, the first 36 images of each
-  class form ``test`` (360 images), the other 1,437 ``train``. Example keys
-  are the indices into ``load_digits()``.
+  Pixel counts 0..16 stored as ``uint8`` ``round(x * 255 / 16)``; in the order
+  of ``np.random.RandomState(0).permutation(1797)``, the first 36 images of each
+  class form ``test``, the other 1,437 ``train``.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -105,8 +90,6 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   # What TFDS would find itself, were it not for a lookup that needs the
   # `importlib_resources` backport for builders defined inside a package.
   code_path = epath.Path(__file__)
-
-  _TEST_IMAGES_PER_CLASS = 36
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -140,9 +123,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     images = np.round(digits.images * 255 / 16).astype(np.uint8)
     labels = digits.target.astype(np.int64)
     order = np.random.RandomState(0).permutation(len(labels))
-    test = np.concatenate(
-      [order[labels[order] == c][: self._TEST_IMAGES_PER_CLASS] for c in range(10)]
-    )
+    test = np.concatenate([order[labels[order] == c][:36] for c in range(10)])
     train = np.setdiff1d(np.arange(len(labels)), test)
     return {
       "train": self._generate_examples(images, labels, train),
@@ -158,10 +139,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 class FashionMnistFromFiles(tfds_mnist.FashionMNIST, skip_registration=True):
   """TFDS's ``fashion_mnist`` (version 3.0.1), prepared from local idx files.
 
-  The dataset of TFDS's own builder, which downloads the four original files
-  of Xiao et al. (2017), written where that builder writes it; this one reads
-  the files (`FILES`, gzipped or not) from the ``manual_dir`` of the
-  ``download_config`` given to ``download_and_prepare``, as `get_datasets` does.
+  The dataset of TFDS's own builder, read from the `FILES` (gzipped or not) in
+  the ``manual_dir`` of the ``download_config`` of ``download_and_prepare``.
   """
 
   name = "fashion_mnist"
@@ -209,12 +188,7 @@ def _find_idx_file(directory: epath.Path, name: str) -> epath.Path:
 
 
 def read_idx(path: PathLike) -> np.ndarray:
-  """Reads an unsigned-byte idx file (the MNIST format) into a ``uint8`` array.
-
-  The file is gzipped if its name ends in ``.gz``. Raises a ValueError if the
-  header is not that of an unsigned-byte idx file, or the data does not have
-  the size it announces.
-  """
+  """Reads an unsigned-byte idx file (the MNIST format, ``.gz`` or not)."""
   path = epath.Path(path)
   raw = path.read_bytes()
   if path.name.endswith(".gz"):
@@ -249,30 +223,13 @@ def get_datasets(
   download: bool = False,
   manual_dir: PathLike = FASHION_MNIST_DIR,
 ) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]], DatasetMetadata]:
-  """Returns the train and test data sources of a dataset, and its metadata.
+  """``(train_source, test_source, metadata)`` of one of `DATASETS`.
 
-  The sources (``tfds.data_source``) hold dicts with a ``uint8`` ``'image'``
-  ``[H, W, C]`` and an integer ``'label'``; batch them with `iterate` or
-  `load_split`.
-
-  Args:
-    name: one of `DATASETS`.
-    data_dir: the TFDS data dir; ``None`` for TFDS's default
-      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-    download: whether TFDS may download and prepare a missing dataset (needs
-      internet access, and TensorFlow to encode the images).
-    manual_dir: the folder of the Fashion-MNIST idx files, read only to
-      prepare ``fashion_mnist``.
-
-  Returns:
-    ``(train_source, test_source, metadata)``.
-
-  Raises:
-    ValueError: if ``name`` is not supported.
-    FileNotFoundError: if ``fashion_mnist`` is neither prepared nor in
-      ``manual_dir`` and ``download=False``.
-    DatasetNotFoundError: if another dataset is not prepared under
-      ``data_dir`` and was not downloaded.
+  The sources (``tfds.data_source``) hold a ``uint8`` ``'image'`` ``[H, W, C]``
+  and an integer ``'label'``. ``download`` lets TFDS download and prepare a
+  missing dataset (with TensorFlow); ``manual_dir`` holds the Fashion-MNIST idx
+  files. Raises `DatasetNotFoundError` (or, for ``fashion_mnist``,
+  FileNotFoundError) where the data is neither prepared nor downloaded.
   """
   metadata = get_metadata(name)
   if name == "fashion_mnist":
@@ -343,18 +300,10 @@ def iterate(
   shuffle: bool = True,
   drop_remainder: bool = True,
 ) -> Iterator[Batch]:
-  """Yields the batches of one epoch over a data source or in-memory arrays.
+  """Yields the batches of one epoch of a data source or a `load_split` split.
 
-  Args:
-    source: a data source of `get_datasets` (or any sequence of examples with
-      a uint8 ``'image'`` ``[H, W, C]`` and a ``'label'``), decoded batch by
-      batch; or a whole split from `load_split`, faster for small datasets.
-    batch_size: number of examples per batch.
-    seed: with ``epoch``, the seed of the permutation
-      ``np.random.default_rng((seed, epoch))``.
-    epoch: the epoch.
-    shuffle: whether to permute the examples; if ``False`` they come in order.
-    drop_remainder: whether to drop a last batch smaller than ``batch_size``.
+  The order is ``np.random.default_rng((seed, epoch)).permutation``, or that of
+  ``source`` where ``shuffle=False``.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got batch_size={batch_size}.")
@@ -366,22 +315,16 @@ def iterate(
 
 
 def batch_at(split: Batch, batch_size: int, seed: int, step: int) -> Batch:
-  """The batch of training step ``step``: a function of the seed and the step.
-
-  Steps run through the epochs of `iterate` (with ``drop_remainder``) one
-  after the other, so a run resumed at any step reads what it would have.
-  """
+  """The batch of step ``step`` of `iterate`'s epochs, one after the other."""
   epoch, i = divmod(step, len(split["label"]) // batch_size)
   order = _order(len(split["label"]), seed, epoch)
   return _read(split, order[i * batch_size : (i + 1) * batch_size])
 
 
 def hold_out(split: Batch, num_examples: int) -> tuple[Batch, Batch]:
-  """``(rest, held_out)``: ``num_examples`` examples of ``split`` set aside.
+  """``(rest, held_out)``: ``num_examples`` set aside, the same draw in every run.
 
-  The examples held out are a fixed draw, not the run's seed, so that every
-  run of a tuning protocol is judged on the same validation split; both parts
-  keep ``split``'s order.
+  Both parts keep ``split``'s order.
   """
   n = len(split["label"])
   if not 0 < num_examples < n:
@@ -396,10 +339,7 @@ def hold_out(split: Batch, num_examples: int) -> tuple[Batch, Batch]:
 
 @functools.lru_cache(maxsize=1)
 def load(name: str, data_dir: PathLike | None = None) -> tuple[Batch, Batch, Any]:
-  """The decoded train and test splits and the `DatasetMetadata` of ``name``.
-
-  The last dataset read stays in memory, for the next run of the same process.
-  """
+  """`get_datasets`, decoded; the last dataset read stays in memory."""
   train, test, meta = get_datasets(name, data_dir)
   return load_split(train), load_split(test), meta
 
@@ -410,8 +350,8 @@ def splits(
 ) -> tuple[Batch, Batch, Any]:  # fmt: skip
   """The training split, the evaluation split and the metadata of ``name``.
 
-  With ``validation``, that many training examples are held out (`hold_out`);
-  they are the evaluation split where ``evaluate_on="validation"``.
+  ``validation`` training examples are held out (`hold_out`): the evaluation
+  split where ``evaluate_on="validation"``.
   """
   train, test, meta = load(name, data_dir)
   if validation:
@@ -425,7 +365,6 @@ def splits(
 
 @functools.lru_cache(maxsize=4)
 def _order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The order of the examples in an epoch."""
   return np.random.default_rng((seed, epoch)).permutation(num_examples)
 
 
@@ -436,7 +375,6 @@ def load_split(source: Sequence[Mapping[str, Any]], *, batch_size: int = 1024) -
 
 
 def _read(source: Source, indices: np.ndarray) -> Batch:
-  """Reads the examples at ``indices`` into a `Batch`."""
   if isinstance(source, Mapping):
     return {key: source[key][indices] for key in ("image", "label")}
   keys = indices.tolist()

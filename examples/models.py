@@ -1,22 +1,15 @@
 """Flax NNX image classifiers for the examples.
 
-Every model maps images ``float32 [B, H, W, C]`` on the [0, 1] pixel scale to
-logits ``[B, num_classes]``, standardising them inside ``__call__`` (so that
-the attacks and noise of ``examples.robustness`` act on pixels).
-
-Every model has ``model.layer_axes``, the ``layer_axes`` argument of the
-transformations of ``optax_lgm`` for its parameters (``None`` except for the
-stacked transformer), and ``model.output_layers``, the two layers nearest the
-output as ``layer_sam`` names them (the start selection of
-`optax_lgm.StaticSelection` in `examples.train`).
-
-The models take ``(num_classes, input_shape, mean, std, *, ..., dtype, rngs)``:
-the number of outputs, ``(height, width, channels)`` of one image, the
-per-channel mean and standard deviation of the [0, 1] pixels (from
-``examples.input_pipeline.DatasetMetadata``), the computation dtype (the
-parameters stay float32) and the random number generators of the
-initialisation. They are created in training mode; ``model.eval()`` switches
-BatchNorm (only in `ResNet`) to its running statistics, ``model.train()`` back.
+Every model takes ``(num_classes, input_shape, mean, std, *, ..., dtype,
+rngs)``: ``input_shape`` is ``(height, width, channels)``, ``mean`` and ``std``
+the per-channel statistics of the [0, 1] pixels (``DatasetMetadata`` of
+`examples.input_pipeline`), ``dtype`` the computation dtype (parameters stay
+float32). It maps images ``float32 [B, H, W, C]`` on [0, 1] to logits
+``[B, num_classes]``, standardising them inside ``__call__``, so the attacks of
+`examples.robustness` act on pixels. ``model.layer_axes`` is the ``layer_axes``
+of ``optax_lgm`` for its parameters and ``model.output_layers`` the two layers
+nearest the output, as ``layer_sam`` names them. Models are created in training
+mode; ``model.eval()`` switches BatchNorm to its running statistics.
 """
 
 import functools
@@ -27,19 +20,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODELS = ("cnn", "resnet20", "resnet32", "transformer", "transformer_stacked")
-"""Names accepted by `create_model` (``"transformer_stacked"``: ``stacked=True``)."""
+Shape = Sequence[int]
+Stats = Sequence[float]
 
 
 class _Classifier(nnx.Module):
   """Checks the image shape and statistics; standardises the pixels."""
 
-  layer_axes = None
-  """The ``layer_axes`` of ``optax_lgm``: every leaf is one layer."""
+  layer_axes = None  # Every leaf is one layer.
 
-  def __init__(
-    self, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
-  ):
+  def __init__(self, input_shape: Shape, mean: Stats, std: Stats):
     if len(input_shape) != 3:
       raise ValueError(
         f"input_shape must be (height, width, channels), got {input_shape}."
@@ -52,7 +42,6 @@ class _Classifier(nnx.Module):
     self.mean, self.std = tuple(mean), tuple(std)
 
   def _standardize(self, images: jax.Array) -> jax.Array:
-    """Maps pixels on [0, 1] to zero mean and unit variance per channel."""
     mean = jnp.asarray(self.mean, images.dtype)
     return (images - mean) / jnp.asarray(self.std, images.dtype)
 
@@ -60,28 +49,17 @@ class _Classifier(nnx.Module):
 class CNN(_Classifier):
   """A small convolutional network, after Flax's ``examples/mnist``.
 
-  Two 3x3 convolutions, each followed by a ReLU and 2x2 average pooling, then
-  a hidden dense layer and the output layer; images of at least 4x4 pixels.
-
-  Args (beside those of every model):
-    features: output channels of the two convolutions.
-    hidden: width of the hidden dense layer.
+  Two 3x3 convolutions of ``features`` channels, each followed by a ReLU and
+  2x2 average pooling, a dense layer of width ``hidden`` and the output layer.
   """
 
   output_layers = ("dense", "head")
 
   def __init__(
-    self,
-    num_classes: int,
-    input_shape: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    features: tuple[int, int] = (32, 64),
-    hidden: int = 256,
-    dtype: jnp.dtype = jnp.float32,
-    rngs: nnx.Rngs,
-  ):
+    self, num_classes: int, input_shape: Shape, mean: Stats, std: Stats, *,
+    features: tuple[int, int] = (32, 64), hidden: int = 256,
+    dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+  ):  # fmt: skip
     super().__init__(input_shape, mean, std)
     height, width, channels = input_shape[0] // 4, input_shape[1] // 4, input_shape[2]
     if height < 1 or width < 1:
@@ -103,46 +81,28 @@ class CNN(_Classifier):
     return self.head(nnx.relu(self.dense(x)))
 
 
-def _conv_bn(
-  in_features: int, out_features: int, kernel: int, strides: int, *, dtype, rngs
-) -> tuple[nnx.Conv, nnx.BatchNorm]:
+def _conv_bn(in_features, out_features, kernel, strides, **kwargs):
   """A bias-free He-initialised convolution and the BatchNorm after it."""
+  he = nnx.initializers.he_normal()
   conv = nnx.Conv(
-    in_features,
-    out_features,
-    (kernel, kernel),
-    strides,
-    use_bias=False,
-    kernel_init=nnx.initializers.he_normal(),
-    dtype=dtype,
-    rngs=rngs,
-  )
-  norm = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
-  return conv, norm
+    in_features, out_features, (kernel, kernel), strides, use_bias=False,
+    kernel_init=he, **kwargs,
+  )  # fmt: skip
+  return conv, nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, **kwargs)
 
 
 class BasicBlock(nnx.Module):
   """A residual block of two 3x3 convolutions (He et al., 2016).
 
-  Args (beside ``dtype`` and ``rngs``, as for every model):
-    in_features: input channels.
-    out_features: output channels.
-    strides: stride of the first convolution and of the shortcut.
-    shortcut: where the shape changes, ``"padding"`` (option A of He et al.:
-      the identity, subsampled and zero-padded; no parameters) or
-      ``"projection"`` (option B: a strided 1x1 convolution and BatchNorm).
+  Where the shape changes, the ``shortcut`` is ``"padding"`` (option A: the
+  identity, subsampled and zero-padded) or ``"projection"`` (option B: a
+  strided 1x1 convolution and BatchNorm).
   """
 
   def __init__(
-    self,
-    in_features: int,
-    out_features: int,
-    strides: int,
-    shortcut: str,
-    *,
-    dtype: jnp.dtype = jnp.float32,
-    rngs: nnx.Rngs,
-  ):
+    self, in_features: int, out_features: int, strides: int, shortcut: str, *,
+    dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+  ):  # fmt: skip
     kwargs = dict(dtype=dtype, rngs=rngs)
     self.strides = strides
     self.conv1, self.bn1 = _conv_bn(in_features, out_features, 3, strides, **kwargs)
@@ -170,16 +130,9 @@ class BasicBlock(nnx.Module):
 class ResNet(_Classifier):
   """The CIFAR ResNet of He et al. (2016), Section 4.2.
 
-  A 3x3 convolution with ``width`` channels, then three stages of
-  ``(depth - 2) / 6`` blocks (`BasicBlock`) with ``width``, ``2 * width`` and
-  ``4 * width`` channels (the second and third start with stride 2), global
-  average pooling and the output layer.
-
-  Args (beside those of every model):
-    depth: number of layers with weights, ``6 * n + 2`` (20, 32, 44, 56, ...).
-    width: channels of the first stage.
-    shortcut: ``"padding"`` (the paper's CIFAR choice) or ``"projection"``;
-      see `BasicBlock`.
+  A 3x3 convolution with ``width`` channels, three stages of ``(depth - 2) / 6``
+  `BasicBlock` s with ``width``, ``2 * width`` and ``4 * width`` channels (the
+  last two starting with stride 2), global average pooling and the output layer.
 
   References:
     He et al., `Deep Residual Learning for Image Recognition
@@ -187,18 +140,10 @@ class ResNet(_Classifier):
   """
 
   def __init__(
-    self,
-    num_classes: int,
-    input_shape: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    depth: int = 20,
-    width: int = 16,
-    shortcut: str = "padding",
-    dtype: jnp.dtype = jnp.float32,
-    rngs: nnx.Rngs,
-  ):
+    self, num_classes: int, input_shape: Shape, mean: Stats, std: Stats, *,
+    depth: int = 20, width: int = 16, shortcut: str = "padding",
+    dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+  ):  # fmt: skip
     super().__init__(input_shape, mean, std)
     if depth < 8 or (depth - 2) % 6:
       raise ValueError(f"depth must be 6 * n + 2 with n >= 1, got depth={depth}.")
@@ -234,41 +179,25 @@ class ResNet(_Classifier):
     return (f"blocks/{len(self.blocks) - 1}/bn2", "head")
 
 
-def resnet20(*args: Any, **kwargs: Any) -> ResNet:
-  """Returns a ResNet-20: `ResNet` with ``depth=20`` and the same arguments."""
-  return ResNet(*args, depth=20, **kwargs)
-
-
-def resnet32(*args: Any, **kwargs: Any) -> ResNet:
-  """Returns a ResNet-32: `ResNet` with ``depth=32`` and the same arguments."""
-  return ResNet(*args, depth=32, **kwargs)
+resnet20 = functools.partial(ResNet, depth=20)
+resnet32 = functools.partial(ResNet, depth=32)
 
 
 class EncoderBlock(nnx.Module):
-  """A pre-LayerNorm transformer encoder block with a GELU MLP.
-
-  Args (beside ``dtype`` and ``rngs``, as for every model):
-    dim: width of the token embeddings.
-    num_heads: number of attention heads.
-    mlp_dim: hidden width of the MLP.
-  """
+  """A pre-LayerNorm transformer encoder block with a GELU MLP."""
 
   def __init__(
-    self,
-    dim: int,
-    num_heads: int,
-    mlp_dim: int,
-    *,
-    dtype: jnp.dtype = jnp.float32,
-    rngs: nnx.Rngs,
-  ):
-    self.attention_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self, dim: int, num_heads: int, mlp_dim: int, *,
+    dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+  ):  # fmt: skip
+    kwargs = dict(dtype=dtype, rngs=rngs)
+    self.attention_norm = nnx.LayerNorm(dim, **kwargs)
     self.attention = nnx.MultiHeadAttention(
-      num_heads=num_heads, in_features=dim, decode=False, dtype=dtype, rngs=rngs
+      num_heads=num_heads, in_features=dim, decode=False, **kwargs
     )
-    self.mlp_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(dim, **kwargs)
+    self.mlp_in = nnx.Linear(dim, mlp_dim, **kwargs)
+    self.mlp_out = nnx.Linear(mlp_dim, dim, **kwargs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
@@ -279,23 +208,12 @@ class EncoderBlock(nnx.Module):
 class TransformerClassifier(_Classifier):
   """A small vision transformer with mean pooling.
 
-  Non-overlapping ``patch_size`` patches embedded by a strided convolution,
-  plus a learned position embedding; ``depth`` encoder blocks
-  (`EncoderBlock`); a LayerNorm, the mean over tokens and the output layer.
-
-  With ``stacked=True``, ``blocks`` is one `EncoderBlock` (``nnx.vmap``, applied
-  with ``jax.lax.scan``) whose parameters have a leading axis of size ``depth``,
-  the same function of the same weights as the list of blocks; pass
-  ``layer_axes=model.layer_axes`` to ``optax_lgm`` to keep one layer per block.
-
-  Args (beside those of every model):
-    patch_size: side of the square patches, dividing the image's height and
-      width; ``None`` for 2 on images of at most 16 pixels a side, else 4.
-    dim: width of the token embeddings.
-    depth: number of encoder blocks.
-    num_heads: number of attention heads.
-    mlp_dim: hidden width of the MLPs.
-    stacked: whether to stack the blocks along a leading axis.
+  ``patch_size`` patches (``None``: 2 on images of at most 16 pixels a side,
+  else 4) embedded by a strided convolution plus a learned position embedding,
+  ``depth`` `EncoderBlock` s, a LayerNorm, the mean over tokens and the output
+  layer. With ``stacked=True`` the blocks are one `EncoderBlock` (``nnx.vmap``,
+  applied with ``jax.lax.scan``) whose parameters have a leading axis of size
+  ``depth``: the same function of the same weights.
 
   References:
     Dosovitskiy et al., `An Image is Worth 16x16 Words
@@ -305,21 +223,11 @@ class TransformerClassifier(_Classifier):
   output_layers = ("norm", "head")
 
   def __init__(
-    self,
-    num_classes: int,
-    input_shape: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    patch_size: int | None = None,
-    dim: int = 64,
-    depth: int = 2,
-    num_heads: int = 4,
-    mlp_dim: int = 128,
-    stacked: bool = False,
-    dtype: jnp.dtype = jnp.float32,
-    rngs: nnx.Rngs,
-  ):
+    self, num_classes: int, input_shape: Shape, mean: Stats, std: Stats, *,
+    patch_size: int | None = None, dim: int = 64, depth: int = 2,
+    num_heads: int = 4, mlp_dim: int = 128, stacked: bool = False,
+    dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+  ):  # fmt: skip
     super().__init__(input_shape, mean, std)
     height, width, channels = input_shape
     if patch_size is None:
@@ -374,12 +282,7 @@ class TransformerClassifier(_Classifier):
 
   @property
   def layer_axes(self) -> Callable[[tuple, Any], int] | None:
-    """The ``layer_axes`` of ``optax_lgm`` for ``nnx.state(model, nnx.Param)``.
-
-    For a stacked model, ``(path, leaf) -> 1`` for the leaves under ``blocks``
-    (one layer per block) and 0 otherwise, the same function for every stacked
-    model (so optimizers built with it hash the same); ``None`` unstacked.
-    """
+    """Stacked: one layer per block, one function for all (optimizers hash alike)."""
     return _stacked_layer_axes if self.stacked else None
 
 
@@ -397,23 +300,17 @@ _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {
   "transformer_stacked": functools.partial(TransformerClassifier, stacked=True),
 }
 
+MODELS = tuple(_CONSTRUCTORS)
+"""Names accepted by `create_model`."""
+
 
 def create_model(
-  name: str,
-  num_classes: int,
-  input_shape: Sequence[int],
-  mean: Sequence[float],
-  std: Sequence[float],
-  rngs: nnx.Rngs,
-  **kwargs: Any,
-) -> nnx.Module:
-  """Builds a model by name, in training mode.
-
-  ``name`` is one of `MODELS`; the other arguments are those of every model
-  (see the module's docstring), ``kwargs`` those of its constructor.
+  name: str, num_classes: int, input_shape: Shape, mean: Stats, std: Stats,
+  rngs: nnx.Rngs, **kwargs: Any,
+) -> nnx.Module:  # fmt: skip
+  """Builds a model of `MODELS` by name, in training mode (``kwargs``: options).
 
   Examples:
-    >>> from flax import nnx
     >>> model = create_model("cnn", 10, (8, 8, 1), (0.3,), (0.4,), nnx.Rngs(0))
     >>> model(jnp.zeros((2, 8, 8, 1))).shape
     (2, 10)
