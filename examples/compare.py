@@ -1,16 +1,11 @@
 """Compares the optimizers of `examples.train` over several seeds.
 
-Trains every optimizer (default: all of `examples.optimizers.OPTIMIZERS`) for
-``--seeds`` seeds and prints a markdown table of mean ± std over seeds: the
-results page's columns (test accuracy, steps and seconds to the target as
-`examples.loop` defines them, FGSM / PGD / noise accuracies) and the cost
-(throughput, compilation). Writes ``OUT/results.json`` and the plots `PLOTS`.
-
-With ``--tune``, each optimizer first gets its own learning rate (and radius)
-by `examples.tune`, on a validation split of the training set
-(``--validation``, default a sixth of it); the seeds then run at the chosen
-settings and are judged on the test set. Every `examples.config.Config`
-setting is a flag too (``--help``).
+Trains every optimizer for ``--seeds`` seeds and prints a markdown table of the
+results page's columns, mean ± std over seeds, and the cost (throughput,
+compilation); writes ``OUT/results.json`` and the plots `PLOTS`. With
+``--tune``, each optimizer first gets its own learning rate (and radius) by
+`examples.tune` on a validation split of the training set; the seeds then run at
+the chosen settings and are judged on the test set.
 
 Run: ``python -m examples.compare [--optimizers sgd,lgm --seeds 3 --tune]``.
 """
@@ -35,9 +30,7 @@ import make_figures  # noqa: E402
 import make_tables  # noqa: E402
 
 PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png")
-"""The file names of the plots (the last two only with lgm / layer_sam): the
-results page's figures of test accuracy against step, LGM's per-layer factors
-and ``layer_sam``'s selection count per layer."""
+"""The results page's figures (the last two only with lgm / layer_sam)."""
 
 
 def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:

@@ -1,9 +1,7 @@
 """The settings of `examples.train` and `examples.compare`, and their command line.
 
-`Config` lists every setting with its default and help text; `parse` and
-`Parser` make it a command line with simple-parsing (``--name VALUE``, and
-``--name``/``--no_name`` for booleans). `check` rejects settings that cannot
-work with a `UsageError` that says what to change.
+`Parser` makes `Config` a command line with simple-parsing (``--name VALUE``,
+``--name``/``--no_name`` for booleans); `check` rejects settings that cannot work.
 """
 
 import argparse
@@ -198,7 +196,8 @@ def static_layer_sam(config: Config) -> bool:
 def check(config: Config) -> None:
   """Raises `UsageError` if ``config`` cannot work (before anything is built)."""
   for field in dataclasses.fields(Config):
-    value, choices = getattr(config, field.name), _choices(field)
+    value = getattr(config, field.name)
+    choices = field.metadata["custom_args"].get("choices", ())
     if choices and value not in choices:
       raise UsageError(
         f"unknown {field.name}={value!r}; choose one of {', '.join(choices)}"
@@ -244,14 +243,7 @@ def steps(config: Config, num_examples: int) -> tuple[int, int]:
 
 
 def host_schedule(config: Config) -> int:
-  """The period of SAM's second pass where the trainer decides it on the host.
-
-  The host counts trainer steps, steps skipped as non-finite
-  (``--skip_nonfinite``) included; the in-graph schedule (``lax.cond``: static
-  ``layer_sam``, or ``--sam_dispatch graph``) counts finite steps only, so the
-  two differ after a skipped step. 0 where the optimizer decides in its graph
-  (or perturbs every step).
-  """
+  """``sam_every`` where the host decides SAM's second pass (see its help), else 0."""
   if (
     config.optimizer in ("sam", "layer_sam")
     and config.sam_schedule == "every"
@@ -261,15 +253,6 @@ def host_schedule(config: Config) -> int:
   ):
     return config.sam_every
   return 0
-
-
-def _choices(field: dataclasses.Field) -> Sequence[str]:
-  return field.metadata["custom_args"].get("choices", ())
-
-
-def quiet() -> None:
-  """Silences TFDS's warning, on every run, that OpenCV is missing (PIL decodes)."""
-  logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
 
 
 class _HelpFormatter(sp.SimpleHelpFormatter):
@@ -287,7 +270,8 @@ class Parser(sp.ArgumentParser):
   def __init__(self, description: str, defaults: Config | None = None, **kwargs):
     super().__init__(description=description, formatter_class=_HelpFormatter, **kwargs)
     self.add_arguments(Config, dest="config", default=defaults or Config())
-    quiet()
+    # TFDS warns on every run that OpenCV is missing (PIL decodes the images).
+    logging.getLogger("absl").addFilter(lambda r: "OpenCV" not in r.getMessage())
 
   def error(self, message: str) -> NoReturn:
     """Exits with status 2 and one line (no usage block)."""

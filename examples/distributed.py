@@ -1,12 +1,11 @@
 """Devices and hosts for `examples.train`: the mesh, the batches, XLA's settings.
 
-The step runs on a one-axis ``"data"`` mesh (`make_mesh`): each batch is split
-over its devices (`shard_batch`), the model and optimizer states are
-replicated, and XLA sums the gradients. On several hosts, run the same command
-on each with ``--distributed`` (`initialize`) and one ``--workdir`` on a shared
-file system; every host reads the whole global batch and hands its own devices
-their rows, only process 0 writes ``metrics.json``, and orbax coordinates the
-checkpoint writes. See docs/guides/sharding.rst.
+The step runs on a one-axis ``"data"`` mesh: each batch is split over its
+devices, the states are replicated, and XLA sums the gradients. On several
+hosts (``--distributed``, one ``--workdir`` on a shared file system), every
+host reads the whole global batch and hands its own devices their rows, only
+process 0 writes ``metrics.json`` and orbax coordinates the checkpoint writes;
+see docs/guides/sharding.rst.
 """
 
 import importlib.util
@@ -22,8 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from examples.config import UsageError
 
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
-"""The XLA flag that turns off XLA:CPU's YNN fusions (see `initialize`)."""
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="  # XLA:CPU's YNN fusions off.
 
 
 def _add_xla_flag(flag: str) -> None:
@@ -51,20 +49,10 @@ def initialize(
 
 
 def make_mesh(spec: str = "auto", batch_size: int | None = None) -> jax.sharding.Mesh:
-  """The one-axis ``"data"`` mesh of data-parallel training.
+  """The ``"data"`` mesh of ``spec``: ``"auto"`` (all devices) or ``"data=N"``.
 
-  Args:
-    spec: ``"auto"`` for all devices (of every host), or ``"data=N"`` for the
-      first ``N`` of them.
-    batch_size: if given, checked to be a multiple of the number of devices.
-
-  Raises:
-    UsageError: if ``spec`` is neither form, asks for more devices than there
-      are, or ``batch_size`` does not split over them.
-
-  Examples:
-    >>> make_mesh("data=1").devices.shape
-    (1,)
+  Raises `UsageError` if ``spec`` has neither form, asks for more devices than
+  there are, or ``batch_size`` (where given) does not split over them.
   """
   devices = jax.devices()
   size = len(devices)
@@ -122,10 +110,9 @@ def enable_compilation_cache(path: str) -> None:
 def share_forward_passes() -> None:
   """On a CPU-only host, lets XLA share SAM's two forward passes up to a layer.
 
-  XLA:CPU's ``reshape-mover`` pass rewrites the BatchNorm arithmetic of the
-  two passes differently, so that the second is computed again. Takes effect
-  only before JAX starts its backend; leaves alone an ``XLA_FLAGS`` that
-  already disables passes, and a host with a GPU or TPU plugin.
+  XLA:CPU's ``reshape-mover`` pass rewrites the BatchNorm arithmetic of the two
+  passes differently, so that the second is computed again. Call it before JAX
+  starts its backend; an ``XLA_FLAGS`` that already disables passes is kept.
   """
   plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
   if "xla_disable_hlo_passes" in os.environ.get("XLA_FLAGS", "") or any(

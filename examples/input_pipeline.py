@@ -31,8 +31,11 @@ from tensorflow_datasets.image_classification import mnist as tfds_mnist
 Batch = dict[str, np.ndarray]
 """``{'image': float32 [B, H, W, C] on [0, 1], 'label': int32 [B]}``."""
 
-Source = Sequence[Mapping[str, Any]] | Batch
-"""A random-access data source of examples, or a whole split in memory."""
+Examples = Sequence[Mapping[str, Any]]
+"""A random-access data source of examples (``tfds.data_source``)."""
+
+Source = Examples | Batch
+"""A data source, or a whole split in memory."""
 
 PathLike = str | os.PathLike[str]
 
@@ -217,12 +220,9 @@ def get_metadata(name: str) -> DatasetMetadata:
 
 
 def get_datasets(
-  name: str,
-  data_dir: PathLike | None = None,
-  *,
-  download: bool = False,
+  name: str, data_dir: PathLike | None = None, *, download: bool = False,
   manual_dir: PathLike = FASHION_MNIST_DIR,
-) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]], DatasetMetadata]:
+) -> tuple[Examples, Examples, DatasetMetadata]:  # fmt: skip
   """``(train_source, test_source, metadata)`` of one of `DATASETS`.
 
   The sources (``tfds.data_source``) hold a ``uint8`` ``'image'`` ``[H, W, C]``
@@ -237,12 +237,9 @@ def get_datasets(
   prepare = download or name == "digits"
   try:
     train, test = tfds.data_source(
-      name,
-      split=["train", "test"],
-      data_dir=data_dir,
-      download=prepare,
+      name, split=["train", "test"], data_dir=data_dir, download=prepare,
       builder_kwargs={"file_format": "array_record"} if prepare else None,
-    )
+    )  # fmt: skip
   except (KeyError, NotImplementedError):
     # TFDS's ways of saying "no splits prepared here" and "prepared, but in a
     # format without random access".
@@ -250,9 +247,7 @@ def get_datasets(
   return train, test, metadata
 
 
-def _prepare_fashion_mnist(
-  data_dir: PathLike | None, manual_dir: PathLike, *, download: bool
-) -> None:
+def _prepare_fashion_mnist(data_dir, manual_dir, *, download: bool) -> None:
   """Prepares ``fashion_mnist`` from ``manual_dir``, unless TFDS may download it."""
   builder = FashionMnistFromFiles(data_dir=data_dir, file_format="array_record")
   if builder.is_prepared():
@@ -292,14 +287,9 @@ def _not_prepared_message(name: str, data_dir: PathLike | None) -> str:
 
 
 def iterate(
-  source: Source,
-  batch_size: int,
-  *,
-  seed: int = 0,
-  epoch: int = 0,
-  shuffle: bool = True,
-  drop_remainder: bool = True,
-) -> Iterator[Batch]:
+  source: Source, batch_size: int, *, seed: int = 0, epoch: int = 0,
+  shuffle: bool = True, drop_remainder: bool = True,
+) -> Iterator[Batch]:  # fmt: skip
   """Yields the batches of one epoch of a data source or a `load_split` split.
 
   The order is ``np.random.default_rng((seed, epoch)).permutation``, or that of
@@ -368,7 +358,7 @@ def _order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng((seed, epoch)).permutation(num_examples)
 
 
-def load_split(source: Sequence[Mapping[str, Any]], *, batch_size: int = 1024) -> Batch:
+def load_split(source: Examples, *, batch_size: int = 1024) -> Batch:
   """Reads and decodes a whole (small) data source, ``batch_size`` at a time."""
   batches = list(iterate(source, batch_size, shuffle=False, drop_remainder=False))
   return {key: np.concatenate([b[key] for b in batches]) for key in ("image", "label")}

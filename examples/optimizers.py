@@ -1,9 +1,8 @@
 """The optimizers of `examples.train`, by name.
 
-`make_optimizer` builds one of `OPTIMIZERS`: the library's ``lgm``, ``dgs`` and
-``layer_sam`` and, to compare with, ``sgd``, ``adam``, ``lars`` and
-``optax.contrib.sam``. Under a perturbation schedule other than every step,
-``sam`` is ``layer_sam`` with every layer selected and
+The library's ``lgm``, ``dgs`` and ``layer_sam`` and, to compare with, ``sgd``,
+``adam``, ``lars`` and ``optax.contrib.sam``. Under a schedule other than every
+step, ``sam`` is ``layer_sam`` with every layer selected and
 ``unselected="recompute"``: ``optax.contrib.sam`` at every step that runs the
 second pass (for models without size-1 leaves, as those of `examples.models`).
 """
@@ -16,8 +15,6 @@ import optax
 import optax_lgm
 from examples.config import OPTIMIZERS, Config
 
-__all__ = ["OPTIMIZERS", "DEFAULT_LEARNING_RATES", "SAM_RHO", "make_optimizer"]
-
 DEFAULT_LEARNING_RATES = dict(
   sgd=0.05, adam=1e-3, lars=2.0, sam=0.05, lgm=0.05, dgs=3e-4, layer_sam=0.05
 )
@@ -28,43 +25,18 @@ SAM_RHO = Config.rho
 
 
 def make_optimizer(
-  name: str,
-  learning_rate: float | None = None,
-  layer_axes: Any = None,
-  *,
-  grad_accum: int = 1,
-  skip_nonfinite: int = 0,
-  sam_schedule: str = "every",
-  sam_every: int = 1,
-  sam_probability: float = 0.5,
-  sam_skipped: str = "plain",
-  total_steps: int | None = None,
-  rho: float = SAM_RHO,
-) -> optax.GradientTransformation:
-  """Builds an optimizer of `OPTIMIZERS` by name.
+  name: str, learning_rate: float | None = None, layer_axes: Any = None, *,
+  grad_accum: int = 1, skip_nonfinite: int = 0, sam_schedule: str = "every",
+  sam_every: int = 1, sam_probability: float = 0.5, sam_skipped: str = "plain",
+  total_steps: int | None = None, rho: float = SAM_RHO,
+) -> optax.GradientTransformation:  # fmt: skip
+  """Builds an optimizer of `OPTIMIZERS`; ``sam`` and ``layer_sam`` need ``grad_fn=``.
 
-  Args:
-    name: one of `OPTIMIZERS`.
-    learning_rate: ``None`` for ``DEFAULT_LEARNING_RATES[name]``.
-    layer_axes: the ``layer_axes`` of ``lgm``, ``dgs`` and ``layer_sam``
-      (``model.layer_axes`` of `examples.models`).
-    grad_accum: apply the mean of this many gradients in one update
-      (``optax.MultiSteps``; for ``sam`` and ``layer_sam`` it wraps the base
-      optimizer, so each batch is perturbed at its own gradient).
-    skip_nonfinite: if positive, skip updates whose gradient is not finite
-      (``optax.apply_if_finite`` with this ``max_consecutive_errors``).
-    sam_schedule: ``layer_sam``'s ``schedule`` (``"every"``, ``"random"``,
-      ``"adaptive"``), for ``sam`` and ``layer_sam``.
-    sam_every: the ``every`` of ``sam_schedule="every"``.
-    sam_probability: the ``probability`` of ``sam_schedule="random"``.
-    sam_skipped: what a step without the second pass hands on (``"plain"``
-      or LookSAM's ``"orthogonal"``).
-    total_steps: the length of the run, over which ``"adaptive"``'s
-      threshold rises from -1 to 1 (``None``: a constant threshold of 0).
-    rho: the perturbation radius of ``sam`` and ``layer_sam``.
-
-  Returns:
-    The optax transformation; ``sam`` and ``layer_sam`` need ``grad_fn=``.
+  The arguments are the `examples.config.Config` settings of the same names
+  (``sam_*``: ``layer_sam``'s ``schedule``, ``every``, ``probability`` and
+  ``skipped``); ``learning_rate=None`` is ``DEFAULT_LEARNING_RATES[name]``;
+  ``total_steps`` is the run over which ``"adaptive"``'s threshold rises from -1
+  to 1 (``None``: 0).
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"Unknown optimizer name={name!r}; expected one of {OPTIMIZERS}.")
@@ -108,17 +80,18 @@ def make_optimizer(
   return tx
 
 
-cached_optimizer = functools.cache(make_optimizer)
-"""`make_optimizer`, the same transformation for the same arguments, so that
-runs that share it (seeds, a run and its resumption) share ``nnx.jit``'s
-compiled step."""
+_cached_optimizer = functools.cache(make_optimizer)
 
 
-def optimizer_of(config: Any, layer_axes: Any, total_steps: int):
-  """`cached_optimizer` with the settings of an `examples.config.Config`."""
+def optimizer_of(config: Config, layer_axes: Any, total_steps: int):
+  """`make_optimizer` of ``config``'s settings, the same object for the same ones.
+
+  Runs that share it (seeds, a run and its resumption) share ``nnx.jit``'s
+  compiled step.
+  """
   names = ("grad_accum", "skip_nonfinite", "sam_schedule", "sam_every")
   names += ("sam_probability", "sam_skipped", "rho")
-  return cached_optimizer(
+  return _cached_optimizer(
     config.optimizer, config.learning_rate, layer_axes, total_steps=total_steps,
     **{name: getattr(config, name) for name in names},
   )  # fmt: skip

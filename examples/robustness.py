@@ -1,15 +1,11 @@
 """Robustness evaluation: adversarial attacks and noise on the pixel scale.
 
-Images are ``float32 [B, H, W, C]`` on [0, 1] and labels ``int [B]``, as
-`examples.input_pipeline` makes them; the models of `examples.models`
-standardise inside ``__call__``, so perturbations are added to pixels and the
-result is clipped to [0, 1]. Attacks take L-infinity gradient-sign steps of
-``optax.softmax_cross_entropy_with_integer_labels``. Report PGD beside FGSM:
-FGSM alone is fooled by gradient masking.
-
-The model runs in eval mode on a copy made inside the jitted functions; the
-caller's model and its mode are left as they are. ``eps``, ``sigma`` and
-``step_size`` are traced, so sweeping them does not recompile.
+Images are ``float32 [B, H, W, C]`` on [0, 1] and labels ``int [B]``; the models
+of `examples.models` standardise inside ``__call__``, so perturbations are added
+to pixels and the result is clipped to [0, 1]. Attacks take L-infinity
+gradient-sign steps of the cross-entropy; report PGD beside FGSM, which gradient
+masking fools. The model runs in eval mode on a copy made inside the jitted
+functions; ``eps``, ``sigma`` and ``step_size`` are traced (no recompilation).
 """
 
 import functools
@@ -25,15 +21,12 @@ from jax.typing import ArrayLike
 
 
 def _logits(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-  """Applies the model given by ``(graphdef, state)`` in eval mode."""
   model = nnx.merge(graphdef, state)
   model.eval()
   return model(images)
 
 
-def _input_gradient(
-  graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array
-) -> jax.Array:
+def _input_gradient(graphdef, state, images, labels):
   """Gradient of the summed cross-entropy with respect to the images."""
 
   def loss_fn(x):
@@ -43,10 +36,25 @@ def _input_gradient(
   return jax.grad(loss_fn)(images)
 
 
+# Perturbations of one batch: (graphdef, state, images, labels, key) -> images.
 @functools.partial(jax.jit, static_argnums=0)
-def _fgsm(graphdef, state, images, labels, eps):
+def _fgsm(graphdef, state, images, labels, key=None, *, eps):
+  del key  # Deterministic.
   gradient = _input_gradient(graphdef, state, images, labels)
   return jnp.clip(images + eps * jnp.sign(gradient), 0.0, 1.0)
+
+
+def _pgd_batch(graphdef, state, images, labels, key, *, eps, steps, step_size=None):
+  if step_size is None:
+    step_size = 2.5 * eps / steps
+  images = jnp.asarray(images)
+  start = jnp.zeros_like(images) if key is None else _uniform_start(key, images, eps)
+  return _pgd(graphdef, state, images, labels, eps, step_size, start, steps=steps)
+
+
+def _noise_batch(graphdef, state, images, labels, key, *, sigma):
+  del graphdef, state, labels  # The noise does not look at the model.
+  return gaussian_noise(images, sigma, key)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="steps")
@@ -83,40 +91,26 @@ def fgsm(
     x' = \operatorname{clip}_{[0, 1]}(x + \epsilon \operatorname{sign}
     \nabla_x \ell(f(x), y))
 
-  ``images`` are ``[B, H, W, C]`` on [0, 1], ``labels`` integers ``[B]`` and
-  ``eps`` on the pixel scale. Returns the perturbed images, on [0, 1] and
-  within ``eps`` of ``images``.
-
   References:
     Goodfellow et al., `Explaining and Harnessing Adversarial Examples
     <https://arxiv.org/abs/1412.6572>`_, 2015.
   """
   graphdef, state = nnx.split(model)
-  return _fgsm(graphdef, state, images, labels, eps)
+  return _fgsm(graphdef, state, images, labels, eps=eps)
 
 
 def pgd(
-  model: nnx.Module,
-  images: jax.Array,
-  labels: jax.Array,
-  eps: float,
-  *,
-  step_size: float | None = None,
-  steps: int = 10,
-  key: jax.Array | None = None,
-) -> jax.Array:
+  model: nnx.Module, images: jax.Array, labels: jax.Array, eps: float, *,
+  step_size: float | None = None, steps: int = 10, key: jax.Array | None = None,
+) -> jax.Array:  # fmt: skip
   r"""Projected gradient descent in the L-infinity ball (Madry et al., 2018).
 
-  From ``images`` (or a uniform random point of the ``eps`` ball when ``key``
-  is given), ``steps`` times
+  From ``images`` (or a uniform random point of the ball when ``key`` is given),
+  ``steps`` times (``step_size`` :math:`\alpha`; ``None``: ``2.5 * eps / steps``)
 
   .. math::
     x \leftarrow \Pi_{[0, 1] \cap B_\infty(x_0, \epsilon)}
     \left(x + \alpha \operatorname{sign} \nabla_x \ell(f(x), y)\right)
-
-  The arguments and the result are as in `fgsm`, ``eps`` being the radius of
-  the ball, and ``step_size`` is :math:`\alpha` (``None``: ``2.5 * eps /
-  steps``). Each number of ``steps`` compiles once.
 
   References:
     Madry et al., `Towards Deep Learning Models Resistant to Adversarial
@@ -144,46 +138,25 @@ def accuracy(
 
 
 def evaluate_robustness(
-  model: nnx.Module,
-  images: ArrayLike,
-  labels: ArrayLike,
-  *,
-  key: jax.Array,
+  model: nnx.Module, images: ArrayLike, labels: ArrayLike, *, key: jax.Array,
   eps_list: Sequence[float] = (8 / 255, 0.1),
   sigmas: Sequence[float] = (0.04, 0.06, 0.08, 0.09, 0.10),
-  pgd_steps: int = 10,
-  batch_size: int = 256,
-  progress: bool = False,
-) -> dict[str, float]:
+  pgd_steps: int = 10, batch_size: int = 256, progress: bool = False,
+) -> dict[str, float]:  # fmt: skip
   """Accuracy on clean, adversarial and noisy versions of a test set.
 
-  Keys of the result: ``'clean'``; ``'fgsm@EPS'`` and ``'pgd@EPS'`` (from a
-  random start, default step size) for each ``eps``; ``'noise@SIGMA'`` for each
-  ``sigma`` (the same draws, scaled); numbers as ``format(x, '.3g')``.
-
-  Args:
-    model: a classifier of [0, 1] pixels.
-    images: ``float32 [N, H, W, C]`` on [0, 1].
-    labels: integer labels ``[N]``.
-    key: PRNG key of the PGD starts and the noise.
-    eps_list: L-infinity sizes of the attacks, on the pixel scale.
-    sigmas: standard deviations of the Gaussian noise, on the pixel scale (the
-      defaults: CIFAR-10-C's severities 1 to 5).
-    pgd_steps: number of PGD steps.
-    batch_size: number of images per attack and forward pass; the last batch
-      is padded, so that every batch compiles once.
-    progress: whether to show a progress bar over the evaluations.
-
-  Returns:
-    A flat ``{name: accuracy}`` dict of Python floats.
+  Returns ``{name: accuracy}``: ``'clean'``; ``'fgsm@EPS'`` and ``'pgd@EPS'``
+  (from a random start) for each of ``eps_list``; ``'noise@SIGMA'`` for each of
+  ``sigmas`` (the same draws, scaled; the defaults: CIFAR-10-C's severities 1 to
+  5); names formatted with ``'.3g'``. ``key`` seeds the PGD starts and the
+  noise. The last batch is padded, so that every batch compiles once.
   """
   graphdef, state = nnx.split(model)
   pgd_key, noise_key = jax.random.split(key)
   evaluations = [("clean", None, None)]
   for eps in eps_list:
-    fgsm_eps = functools.partial(_fgsm_batch, eps=eps)
     pgd_eps = functools.partial(_pgd_batch, eps=eps, steps=pgd_steps)
-    evaluations.append((f"fgsm@{eps:.3g}", fgsm_eps, None))
+    evaluations.append((f"fgsm@{eps:.3g}", functools.partial(_fgsm, eps=eps), None))
     evaluations.append((f"pgd@{eps:.3g}", pgd_eps, pgd_key))
   for sigma in sigmas:
     noise = functools.partial(_noise_batch, sigma=sigma)
@@ -195,31 +168,8 @@ def evaluate_robustness(
   }
 
 
-# Perturbations of one batch: (graphdef, state, images, labels, key) -> images.
-def _fgsm_batch(graphdef, state, images, labels, key, *, eps):
-  del key  # Deterministic.
-  return _fgsm(graphdef, state, images, labels, eps)
-
-
-def _pgd_batch(graphdef, state, images, labels, key, *, eps, steps, step_size=None):
-  if step_size is None:
-    step_size = 2.5 * eps / steps
-  images = jnp.asarray(images)
-  start = jnp.zeros_like(images) if key is None else _uniform_start(key, images, eps)
-  return _pgd(graphdef, state, images, labels, eps, step_size, start, steps=steps)
-
-
-def _noise_batch(graphdef, state, images, labels, key, *, sigma):
-  del graphdef, state, labels  # The noise does not look at the model.
-  return gaussian_noise(images, sigma, key)
-
-
 def _accuracy(graphdef, state, images, labels, batch_size, perturb=None, key=None):
-  """Accuracy on ``perturb``-ed images, batch by batch.
-
-  Every batch is padded to ``batch_size`` rows, which are not counted. Batch
-  ``i`` is perturbed with ``fold_in(key, i)``.
-  """
+  """Accuracy on ``perturb``-ed images; batch ``i`` with ``fold_in(key, i)``."""
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
   num_examples = len(labels)
@@ -228,7 +178,7 @@ def _accuracy(graphdef, state, images, labels, batch_size, perturb=None, key=Non
   for i, start in enumerate(range(0, num_examples, batch_size)):
     x = images[start : start + batch_size]
     y = labels[start : start + batch_size]
-    valid = np.arange(batch_size) < len(y)
+    valid = np.arange(batch_size) < len(y)  # The padding is not counted.
     padding = batch_size - len(y)
     x = np.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
     y = np.pad(y, (0, padding))

@@ -33,33 +33,19 @@ def powers(points: int) -> list[int]:
 
 
 def tune(
-  config: Config,
-  name: str,
-  train: Callable[[Config], dict[str, Any]],
-  *,
-  points: int = 4,
-  factor: float = 3.0,
-  rhos: Sequence[float] = RHOS,
+  config: Config, name: str, train: Callable[[Config], dict[str, Any]], *,
+  points: int = 4, factor: float = 3.0, rhos: Sequence[float] = RHOS,
   max_widen: int = 3,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
   """Tunes optimizer ``name``'s learning rate (and radius) on the validation split.
 
-  Args:
-    config: the settings of every run (``validation`` must be set).
-    name: the optimizer.
-    train: runs one training (`examples.train.train_and_evaluate` in its work
-      directory); returns its results.
-    points: the size of the first grid.
-    factor: the ratio of neighbouring rates.
-    rhos: the radii of ``sam`` and ``layer_sam``.
-    max_widen: how many rates may be added beyond an edge, one at a time.
-
-  Returns:
-    ``grid`` (per run: ``learning_rate``, ``power``, ``rho``,
-    ``validation_accuracy``, ``seconds``), ``rho_grid`` (the same, for the
-    radii), ``chosen`` (``learning_rate`` and ``rho``), ``widened`` (the rates
-    added beyond an edge, in turn) and ``inside`` (whether the chosen rate lies
-    strictly inside the grid that ran).
+  ``train`` runs one training of a `Config` and returns its results; the first
+  grid has ``points`` rates, ``factor`` apart, and may widen ``max_widen`` times.
+  Returns ``grid`` (per run: ``learning_rate``, ``power``, ``rho``,
+  ``validation_accuracy``, ``seconds``), ``rho_grid`` (the same, for the radii),
+  ``chosen`` (``learning_rate`` and ``rho``), ``widened`` (the rates added beyond
+  an edge, in turn) and ``inside`` (whether the chosen rate lies strictly inside
+  the grid that ran).
   """
   if not config.validation:
     raise ValueError("tuning needs a validation split: set Config.validation")
