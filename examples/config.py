@@ -178,13 +178,9 @@ class Config:
   )
 
 
-RESUME_KEYS = tuple(
-  """
-  dataset model optimizer learning_rate rho validation batch_size grad_accum dtype
-  seed layer_sam_mode reselect_every layer_sam_start skip_nonfinite sam_schedule
-  sam_every sam_probability sam_skipped
-""".split()
-)
+RESUME_KEYS = tuple("""dataset model optimizer learning_rate rho validation batch_size
+  grad_accum dtype seed layer_sam_mode reselect_every layer_sam_start skip_nonfinite
+  sam_schedule sam_every sam_probability sam_skipped""".split())  # fmt: skip
 """Settings that a resumed run must share with the run of its checkpoint."""
 
 
@@ -244,15 +240,9 @@ def steps(config: Config, num_examples: int) -> tuple[int, int]:
 
 def host_schedule(config: Config) -> int:
   """``sam_every`` where the host decides SAM's second pass (see its help), else 0."""
-  if (
-    config.optimizer in ("sam", "layer_sam")
-    and config.sam_schedule == "every"
-    and config.sam_every > 1
-    and config.sam_dispatch != "graph"
-    and not static_layer_sam(config)
-  ):
-    return config.sam_every
-  return 0
+  every = config.optimizer in ("sam", "layer_sam") and config.sam_schedule == "every"
+  on_host = config.sam_dispatch != "graph" and not static_layer_sam(config)
+  return config.sam_every if every and on_host and config.sam_every > 1 else 0
 
 
 class _HelpFormatter(sp.SimpleHelpFormatter):
@@ -308,11 +298,9 @@ def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namesp
     )
   config = with_learning_rate(args.config)
   return argparse.Namespace(
-    config=config,
-    workdir=args.workdir or f"workdir/{config.optimizer}",
-    distributed=args.distributed,
-    cluster=cluster,
-  )
+    config=config, workdir=args.workdir or f"workdir/{config.optimizer}",
+    distributed=args.distributed, cluster=cluster,
+  )  # fmt: skip
 
 
 def with_learning_rate(config: Config) -> Config:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from examples.config import UsageError
@@ -29,10 +29,9 @@ def _add_xla_flag(flag: str) -> None:
 
 
 def initialize(
-  coordinator_address: str | None = None,
-  num_processes: int | None = None,
+  coordinator_address: str | None = None, num_processes: int | None = None,
   process_id: int | None = None,
-) -> None:
+) -> None:  # fmt: skip
   """Joins the other hosts (``jax.distributed.initialize``), before any JAX work.
 
   With XLA:CPU's collectives between processes (Gloo), XLA's YNN fusions make
@@ -48,7 +47,7 @@ def initialize(
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def make_mesh(spec: str = "auto", batch_size: int | None = None) -> jax.sharding.Mesh:
+def make_mesh(spec: str = "auto", batch_size: int | None = None) -> Mesh:
   """The ``"data"`` mesh of ``spec``: ``"auto"`` (all devices) or ``"data=N"``.
 
   Raises `UsageError` if ``spec`` has neither form, asks for more devices than
@@ -73,20 +72,16 @@ def make_mesh(spec: str = "auto", batch_size: int | None = None) -> jax.sharding
   )
 
 
-def shard_batch(
-  batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
-) -> dict[str, jax.Array]:
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Gives each device of ``mesh`` its rows of a global batch."""
   sharding = NamedSharding(mesh, P("data"))
   return {
-    key: jax.make_array_from_callback(
-      value.shape, sharding, lambda index, value=value: value[index]
-    )
+    key: jax.make_array_from_callback(value.shape, sharding, value.__getitem__)
     for key, value in batch.items()
   }
 
 
-def replicate(tree, mesh: jax.sharding.Mesh):
+def replicate(tree, mesh: Mesh):
   """Places a copy of ``tree`` on every device of ``mesh``."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
 

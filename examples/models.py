@@ -1,15 +1,13 @@
 """Flax NNX image classifiers for the examples.
 
-Every model takes ``(num_classes, input_shape, mean, std, *, ..., dtype,
-rngs)``: ``input_shape`` is ``(height, width, channels)``, ``mean`` and ``std``
-the per-channel statistics of the [0, 1] pixels (``DatasetMetadata`` of
-`examples.input_pipeline`), ``dtype`` the computation dtype (parameters stay
-float32). It maps images ``float32 [B, H, W, C]`` on [0, 1] to logits
-``[B, num_classes]``, standardising them inside ``__call__``, so the attacks of
-`examples.robustness` act on pixels. ``model.layer_axes`` is the ``layer_axes``
-of ``optax_lgm`` for its parameters and ``model.output_layers`` the two layers
-nearest the output, as ``layer_sam`` names them. Models are created in training
-mode; ``model.eval()`` switches BatchNorm to its running statistics.
+Every model takes ``(num_classes, input_shape, mean, std, *, ..., dtype, rngs)``
+(``input_shape`` ``(H, W, C)``, ``mean`` and ``std`` of the [0, 1] pixels from
+`examples.input_pipeline`, ``dtype`` of the computation; parameters stay
+float32) and maps pixels ``[B, H, W, C]`` to logits, standardising inside
+``__call__``. ``model.layer_axes`` is the ``layer_axes`` of ``optax_lgm`` and
+``model.output_layers`` the two layers nearest the output, as ``layer_sam``
+names them. Models start in training mode (``model.eval()``: BatchNorm's
+running statistics).
 """
 
 import functools
@@ -94,9 +92,8 @@ def _conv_bn(in_features, out_features, kernel, strides, **kwargs):
 class BasicBlock(nnx.Module):
   """A residual block of two 3x3 convolutions (He et al., 2016).
 
-  Where the shape changes, the ``shortcut`` is ``"padding"`` (option A: the
-  identity, subsampled and zero-padded) or ``"projection"`` (option B: a
-  strided 1x1 convolution and BatchNorm).
+  Where the shape changes, the ``shortcut`` is ``"padding"`` (option A: zeros)
+  or ``"projection"`` (option B: a strided 1x1 convolution and BatchNorm).
   """
 
   def __init__(
@@ -153,18 +150,12 @@ class ResNet(_Classifier):
       )
     kwargs = dict(dtype=dtype, rngs=rngs)
     self.conv, self.bn = _conv_bn(input_shape[-1], width, 3, 1, **kwargs)
-    blocks = []
-    in_features = width
-    for stage in range(3):
-      out_features = width * 2**stage
-      for i in range((depth - 2) // 6):
-        strides = 2 if stage > 0 and i == 0 else 1
-        blocks.append(
-          BasicBlock(in_features, out_features, strides, shortcut, **kwargs)
-        )
-        in_features = out_features
-    self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(in_features, num_classes, **kwargs)
+    features = [width * 2**stage for stage in range(3) for _ in range((depth - 2) // 6)]
+    self.blocks = nnx.List(
+      BasicBlock(i, o, 1 if i == o else 2, shortcut, **kwargs)  # Stride 2: wider.
+      for i, o in zip([width, *features], features)
+    )
+    self.head = nnx.Linear(features[-1], num_classes, **kwargs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Returns the logits ``[B, num_classes]`` of images ``[B, H, W, C]``."""

@@ -54,17 +54,12 @@ def make_optimizer(
       tx = optax.contrib.sam(base, adversary, opaque_mode=True)
     else:
       selection = dict(k=None, unselected="recompute") if name == "sam" else {}
+      threshold = optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0
       tx = optax_lgm.layer_sam(
-        base,
-        rho,
-        layer_axes=layer_axes,
-        schedule=sam_schedule,
-        every=sam_every,
-        probability=sam_probability,
-        skipped=sam_skipped,
-        threshold=optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0,
+        base, rho, layer_axes=layer_axes, schedule=sam_schedule, every=sam_every,
+        probability=sam_probability, skipped=sam_skipped, threshold=threshold,
         **selection,
-      )
+      )  # fmt: skip
   else:
     tx = accumulate(
       {

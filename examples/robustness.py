@@ -47,9 +47,7 @@ def _fgsm(graphdef, state, images, labels, key=None, *, eps):
 def _pgd_batch(graphdef, state, images, labels, key, *, eps, steps, step_size=None):
   if step_size is None:
     step_size = 2.5 * eps / steps
-  images = jnp.asarray(images)
-  start = jnp.zeros_like(images) if key is None else _uniform_start(key, images, eps)
-  return _pgd(graphdef, state, images, labels, eps, step_size, start, steps=steps)
+  return _pgd(graphdef, state, images, labels, key, eps, step_size, steps=steps)
 
 
 def _noise_batch(graphdef, state, images, labels, key, *, sigma):
@@ -58,22 +56,20 @@ def _noise_batch(graphdef, state, images, labels, key, *, sigma):
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="steps")
-def _pgd(graphdef, state, images, labels, eps, step_size, start, *, steps):
+def _pgd(graphdef, state, images, labels, key, eps, step_size, *, steps):
   def project(x):
     return jnp.clip(jnp.clip(x, images - eps, images + eps), 0.0, 1.0)
 
+  x = images
+  if key is not None:  # A uniform random start in the ball.
+    x = x + jax.random.uniform(key, images.shape, images.dtype, -eps, eps)
+  x = project(x)
   # Unrolled, not a fori_loop: XLA:CPU runs the convolutions of a loop body as
   # naive loops, several times slower.
-  x = project(images + start)
   for _ in range(steps):
     gradient = _input_gradient(graphdef, state, x, labels)
     x = project(x + step_size * jnp.sign(gradient))
   return x
-
-
-@jax.jit
-def _uniform_start(key, images, eps):
-  return jax.random.uniform(key, images.shape, images.dtype, -eps, eps)
 
 
 @functools.partial(jax.jit, static_argnums=0)

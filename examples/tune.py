@@ -1,12 +1,10 @@
 """Each optimizer at its own learning rate: the tuning of ``compare --tune``.
 
-Every run trains on the training set less a validation split
-(``Config.validation`` examples, the same draw in every run) and is judged by
-its final accuracy on that split, never on the test set, at seed 0. The
-learning rates form a log grid around the optimizer's default (`powers`),
-widened by one rate beyond an edge while the best rate is there; ``sam`` and
-``layer_sam`` then try each radius at that rate. Of runs that tie, the one
-nearest the default wins.
+Every run (seed 0) is judged by its final accuracy on the validation split
+(``Config.validation``), never on the test set. The learning rates form a log
+grid around the optimizer's default (`powers`), widened by one rate beyond an
+edge while the best rate is there; ``sam`` and ``layer_sam`` then try each
+radius at that rate. Of runs that tie, the one nearest the default wins.
 """
 
 import dataclasses
