@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from examples import distributed, loop, train, tune
-from examples.config import Config, Parser, UsageError, with_learning_rate
+from examples.config import Config, Parser, UsageError, with_defaults
 from examples.optimizers import OPTIMIZERS
 
 # The results page's tables and figures (docs/), here of one comparison.
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run(settings: Config) -> dict:
       workdir = tempfile.mkdtemp(prefix=f"{settings.optimizer}_", dir=workdirs)
-      return train.train_and_evaluate(with_learning_rate(settings), workdir)
+      return train.train_and_evaluate(with_defaults(settings), workdir)
 
     try:
       if args.tune and not config.validation:

@@ -86,7 +86,13 @@ class Config:
     "re-selections, the fast path) or 'dynamic' (chosen in the graph every step)",
     choices=("static", "dynamic"),
   )
-  rho: float = field(0.05, "sam and layer_sam: the radius of the perturbation")
+  rho: float | None = field(
+    None,
+    "sam and layer_sam: the radius of the perturbation (default: the "
+    "optimizer's, from DEFAULT_RHOS in examples/optimizers.py: sam 0.05, "
+    "layer_sam 0.01, whose radius falls on its k layers alone; recorded in "
+    "metrics.json)",
+  )
   reselect_every: int = field(10, "static layer_sam: steps between re-selections")
   sam_schedule: str = field(
     "every",
@@ -217,8 +223,8 @@ def check(config: Config) -> None:
       "would need two programs): use --sam_dispatch graph or --layer_sam_mode "
       "dynamic"
     )
-  if not config.rho > 0:
-    raise UsageError(f"rho={config.rho} must be positive")
+  if config.rho is not None and not config.rho > 0:
+    raise UsageError(f"rho={config.rho} must be positive (or left out for the default)")
   if config.evaluate_on == "validation" and not config.validation:
     raise UsageError(
       "evaluate_on=validation needs a validation split: add --validation N"
@@ -271,7 +277,8 @@ class Parser(sp.ArgumentParser):
 def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namespace:
   """The trainer's command line: ``config``, ``workdir``, ``distributed``, ``cluster``.
 
-  ``config.learning_rate`` is the one the run uses (`with_learning_rate`).
+  ``config.learning_rate`` and ``config.rho`` are those the run uses
+  (`with_defaults`).
   """
   parser = Parser("Trains an image classifier with one optimizer.", **parser_kwargs)
   parser.add_argument(
@@ -296,18 +303,24 @@ def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namesp
     parser.error(
       "--coordinator_address, --num_processes and --process_id need --distributed"
     )
-  config = with_learning_rate(args.config)
+  config = with_defaults(args.config)
   return argparse.Namespace(
     config=config, workdir=args.workdir or f"workdir/{config.optimizer}",
     distributed=args.distributed, cluster=cluster,
   )  # fmt: skip
 
 
-def with_learning_rate(config: Config) -> Config:
-  """``config``, its ``learning_rate`` the optimizer's default where it is ``None``."""
-  from examples.optimizers import DEFAULT_LEARNING_RATES  # noqa: PLC0415 A cycle.
+def with_defaults(config: Config) -> Config:
+  """``config``, its ``learning_rate`` and ``rho`` the optimizer's where ``None``.
 
-  if config.learning_rate is not None:
-    return config
-  rate = DEFAULT_LEARNING_RATES[config.optimizer]
-  return dataclasses.replace(config, learning_rate=rate)
+  ``rho`` stays ``None`` for the optimizers that have none.
+  """
+  from examples import optimizers  # noqa: PLC0415 A cycle.
+
+  if config.learning_rate is None:
+    rate = optimizers.DEFAULT_LEARNING_RATES[config.optimizer]
+    config = dataclasses.replace(config, learning_rate=rate)
+  if config.rho is None:
+    rho = optimizers.DEFAULT_RHOS.get(config.optimizer)
+    config = dataclasses.replace(config, rho=rho)
+  return config

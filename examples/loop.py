@@ -193,9 +193,10 @@ class Trainer(Metrics):
   """
 
   def __init__(self, config, workdir, mesh, model, optimizer, step_fn, test: dict):
+    used = config_lib.with_defaults(config)  # The learning rate and radius run.
     super().__init__(
       config.target_accuracy, config=dataclasses.asdict(config),
-      learning_rate=config_lib.with_learning_rate(config).learning_rate,
+      learning_rate=used.learning_rate, rho=used.rho,
       devices={"data": mesh.devices.size, "processes": jax.process_count()},
       evaluated_on=config.evaluate_on,
     )  # fmt: skip

@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from examples.config import Config
-from examples.optimizers import DEFAULT_LEARNING_RATES, SAM_RHO
+from examples.optimizers import DEFAULT_LEARNING_RATES, DEFAULT_RHOS
 
-RHOS = (0.02, 0.05, 0.1)
-"""The radii tried for ``sam`` and ``layer_sam`` at their chosen rate."""
+RHO_FACTORS = (0.4, 1.0, 2.0)
+"""The radii tried for ``sam`` and ``layer_sam`` at their chosen rate, as
+multiples of the optimizer's default radius (``DEFAULT_RHOS``)."""
 
 SAM_LIKE = ("sam", "layer_sam")
 """The optimizers with a radius to tune."""
@@ -32,7 +33,7 @@ def powers(points: int) -> list[int]:
 
 def tune(
   config: Config, name: str, train: Callable[[Config], dict[str, Any]], *,
-  points: int = 4, factor: float = 3.0, rhos: Sequence[float] = RHOS,
+  points: int = 4, factor: float = 3.0, rho_factors: Sequence[float] = RHO_FACTORS,
   max_widen: int = 3,
 ) -> dict[str, Any]:  # fmt: skip
   """Tunes optimizer ``name``'s learning rate (and radius) on the validation split.
@@ -49,10 +50,10 @@ def tune(
     raise ValueError("tuning needs a validation split: set Config.validation")
   if factor <= 1:
     raise ValueError(f"factor={factor} must be above 1")
-  default = DEFAULT_LEARNING_RATES[name]
+  default, default_rho = DEFAULT_LEARNING_RATES[name], DEFAULT_RHOS.get(name)
   tried: dict[tuple[float, float], dict[str, Any]] = {}
 
-  def trial(power: float, rho: float) -> dict[str, Any]:
+  def trial(power: float, rho: float | None) -> dict[str, Any]:
     lr = default * factor**power
     if (lr, rho) not in tried:
       run = dataclasses.replace(
@@ -70,18 +71,19 @@ def tune(
   def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: (r["validation_accuracy"], -abs(r["power"])))
 
-  grid = [trial(p, SAM_RHO) for p in powers(points)]
+  grid = [trial(p, default_rho) for p in powers(points)]
   chosen, widened = best(grid), []
   while chosen in (grid[0], grid[-1]) and len(widened) < max_widen:
     edge = grid[0]["power"] - 1 if chosen is grid[0] else grid[-1]["power"] + 1
-    grid = sorted([*grid, trial(edge, SAM_RHO)], key=lambda r: r["power"])
+    grid = sorted([*grid, trial(edge, default_rho)], key=lambda r: r["power"])
     chosen = best(grid)
     widened.append(default * factor**edge)
   inside = chosen not in (grid[0], grid[-1])
-  rho_grid = [trial(chosen["power"], rho) for rho in rhos] if name in SAM_LIKE else []
+  rhos = [round(default_rho * f, 12) for f in rho_factors] if name in SAM_LIKE else []
+  rho_grid = [trial(chosen["power"], rho) for rho in rhos]
   if rho_grid:  # Of radii that tie, the default.
     chosen = max(
-      rho_grid, key=lambda r: (r["validation_accuracy"], r["rho"] == SAM_RHO)
+      rho_grid, key=lambda r: (r["validation_accuracy"], r["rho"] == default_rho)
     )
   return {
     "grid": grid,

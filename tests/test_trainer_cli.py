@@ -94,8 +94,21 @@ def test_the_learning_rate_used_is_recorded(argv, optimizer, rate):
   config = config_lib.parse(argv).config
   assert (config.optimizer, config.learning_rate) == (optimizer, rate)
   # A Config built in code, with the default left out, gets it too.
-  default = config_lib.with_learning_rate(train.Config(optimizer=optimizer))
+  default = config_lib.with_defaults(train.Config(optimizer=optimizer))
   assert default.learning_rate == DEFAULT_LEARNING_RATES[optimizer]
+
+
+@pytest.mark.parametrize(
+  ("argv", "rho"),
+  [
+    (["--optimizer", "sam"], 0.05),
+    (["--optimizer", "layer_sam"], 0.01),
+    (["--optimizer", "layer_sam", "--rho", "0.03"], 0.03),
+    (["--optimizer", "sgd"], None),
+  ],
+)
+def test_the_radius_used_is_the_optimizers_default_or_the_flag(argv, rho):
+  assert config_lib.parse(argv).config.rho == rho
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def test_accumulating_two_half_batches_is_one_whole_batch(data_dir, tmp_path):
 def test_sam_accumulation_perturbs_each_micro_batch_at_its_own_gradient(
   data_dir, digits, tmp_path
 ):
-  lr, rho = optimizers.DEFAULT_LEARNING_RATES["sam"], optimizers.SAM_RHO
+  lr, rho = optimizers.DEFAULT_LEARNING_RATES["sam"], optimizers.DEFAULT_RHOS["sam"]
   actual = _params_after(
     data_dir, tmp_path, optimizer="sam", batch_size=64, grad_accum=2, max_steps=2
   )

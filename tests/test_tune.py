@@ -9,7 +9,7 @@ import pytest
 
 from examples import compare, input_pipeline, robustness, train, tune
 from examples.config import Config, UsageError, check
-from examples.optimizers import DEFAULT_LEARNING_RATES, SAM_RHO
+from examples.optimizers import DEFAULT_LEARNING_RATES, DEFAULT_RHOS
 
 
 def _split(n: int) -> dict[str, np.ndarray]:
@@ -55,13 +55,14 @@ def test_powers_put_the_default_inside():
 class FakeTraining:
   """Validation accuracy peaking at ``best_lr`` (and at ``best_rho``)."""
 
-  def __init__(self, best_lr: float, best_rho: float = SAM_RHO):
+  def __init__(self, best_lr: float, best_rho: float = DEFAULT_RHOS["sam"]):
     self.best_lr, self.best_rho, self.runs = best_lr, best_rho, []
 
   def __call__(self, config: Config) -> dict:
     self.runs.append(config)
     distance = abs(math.log(config.learning_rate / self.best_lr))
-    distance += abs(math.log(config.rho / self.best_rho))
+    if config.rho is not None:  # None: an optimizer without a radius.
+      distance += abs(math.log(config.rho / self.best_rho))
     return {"final_validation_accuracy": 1.0 / (1.0 + distance)}
 
 
@@ -101,12 +102,14 @@ def test_tune_widens_at_an_edge_until_the_best_is_inside():
 
 def test_tune_chooses_rho_for_sam_at_the_chosen_rate():
   lr = DEFAULT_LEARNING_RATES["layer_sam"]
-  fake = FakeTraining(best_lr=lr / 3, best_rho=0.1)
+  fake = FakeTraining(best_lr=lr / 3, best_rho=0.02)
   result = tune.tune(Config(validation=100), "layer_sam", fake)
-  assert [r["rho"] for r in result["rho_grid"]] == list(tune.RHOS)
+  # Around layer_sam's default radius, 0.01 (SAM's: 0.02, 0.05, 0.1).
+  assert [r["rho"] for r in result["rho_grid"]] == [0.004, 0.01, 0.02]
+  assert {r.rho for r in fake.runs[:4]} == {DEFAULT_RHOS["layer_sam"]}
   assert [r["learning_rate"] for r in result["rho_grid"]] == pytest.approx([lr / 3] * 3)
-  assert result["chosen"] == pytest.approx({"learning_rate": lr / 3, "rho": 0.1})
-  assert len(fake.runs) == 4 + 2  # The grid's run at rho=0.05 is not repeated.
+  assert result["chosen"] == pytest.approx({"learning_rate": lr / 3, "rho": 0.02})
+  assert len(fake.runs) == 4 + 2  # The grid's run at rho=0.01 is not repeated.
   assert tune.seconds_of({"layer_sam": result}) == pytest.approx(
     sum(r["seconds"] for r in [*result["grid"], *result["rho_grid"][::2]])
   )
