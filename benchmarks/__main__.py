@@ -1,21 +1,16 @@
 """The cost of every optax_lgm transformation against its Optax peers.
 
 Prints a markdown report (`benchmarks.report`) of four sections, each a ratio
-to a baseline timed in the same run (medians over interleaved rounds after
-compilation, see ``benchmarks/_timing.py``): ``update``, one jitted
-``tx.update`` on a ResNet-50-shaped tree and a many-leaf tree, against
-``optax.scale_by_adam``; ``compile``, its compile time on the many-leaf tree;
-``memory``, the bytes of the optimizer state, against Adam's; ``train``, a
-jitted ResNet-20 training step, against SGD with momentum. ``--json`` writes
-the figures; ``--quick`` runs tiny sizes with XLA's optimisations off (a smoke
-test: its figures mean nothing). Progress goes to stderr.
+to a baseline timed in the same run (`benchmarks._timing`): ``update`` and
+``compile`` (`benchmarks.update_cost`), ``memory``, and ``train``
+(`benchmarks.train_step`). ``--quick`` runs tiny sizes with XLA's optimisations
+off (a smoke test: its figures mean nothing). Progress goes to stderr.
 
 Run from the repository root: ``python -m benchmarks [--reps 20]
 [--sizes batch=64,leaves=500] [--only update,memory] [--json out.json]``.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,7 +23,7 @@ import jaxlib
 import optax
 
 import optax_lgm
-from benchmarks import report, train_step, update_cost
+from benchmarks import _tasks, report, train_step, update_cost
 
 SECTIONS = ("update", "compile", "memory", "train")
 
@@ -131,39 +126,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   results: dict[str, Any] = dict(meta=meta)
   # Where compile time is not the figure, compile on every core at once.
   workers = max(1, min(4, os.cpu_count() or 1))
-  shapes = update_cost.tree_shapes(args.sizes)
-  titles = update_cost.tree_titles(args.sizes)
+  found = update_cost.report_trees(args.sizes)
 
   def tree(name: str, section: str, **kwargs) -> dict[str, Any]:
+    title, shapes = found[name]
     progress = _progress(f"{section}/{name}")
-    kwargs.update(title=titles[name], reps=args.reps, progress=progress)
-    return update_cost.run_tree(shapes[name], **kwargs)
+    return update_cost.run_tree(
+      shapes, title=title, reps=args.reps, progress=progress, **kwargs
+    )
 
   sections = args.sections
   if "memory" in sections:
-    results["memory"] = update_cost.run_memory(shapes, titles, _progress("memory"))
+    results["memory"] = update_cost.run_memory(found)
   if "update" in sections:
     resnet50 = tree("resnet50", "update", compile_reps=1, workers=workers)
     results["update"] = {"resnet50": resnet50}
   if "update" in sections or "compile" in sections:
     # One set of compilations serves both sections.
     reps = args.compile_reps if "compile" in sections else 1
-    updates = "update" in sections
     many = tree(
-      "many_leaves", "update+compile", compile_reps=reps, time_updates=updates
-    )
+      "many_leaves", "update+compile", compile_reps=reps,
+      time_updates="update" in sections,
+    )  # fmt: skip
     if "update" in sections:
       results["update"]["many_leaves"] = many
     if "compile" in sections:
       results["compile"] = many
   if "train" in sections:
     results["train"] = train_step.run(
-      args.sizes,
-      reps=args.train_reps,
-      update_reps=args.reps,
-      progress=_progress("train"),
-      workers=workers,
-    )
+      args.sizes, reps=args.train_reps, update_reps=args.reps,
+      progress=_progress("train"), workers=workers,
+    )  # fmt: skip
   results["targets"] = report.targets(results)
   meta["load_end"] = _load()
   meta["seconds"] = time.perf_counter() - start
@@ -183,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
   print(report.render(results), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
+  _tasks.write_json(args.json, results)
   return results
 
 

@@ -10,7 +10,7 @@ and JSON output that several benchmarks have in common.
 import argparse
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -19,7 +19,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import _timing
 from examples import input_pipeline, loop, models, robustness, train
 
 SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
@@ -223,9 +222,11 @@ def output_side(names: Sequence[str], k: int) -> tuple[list[str], tuple[int, ...
   return side, tuple(sorted(names.index(n) for n in side))
 
 
-def cost_gflops(compiled) -> float:
-  """XLA's FLOP count of a compiled step, in GFLOP (`benchmarks._timing.cost`)."""
-  return float(_timing.cost(compiled).get("flops", float("nan"))) / 1e9
+def table(header: str, rows: Iterable[Sequence[Any]]) -> str:
+  """A markdown table: ``header`` (``"a | b"``), then a line per row of cells."""
+  lines = [f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
+  lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+  return "\n".join(lines)
 
 
 def write_json(path: str | None, data: Any, indent: int = 2) -> None:

@@ -19,6 +19,10 @@ from typing import Any
 import jax
 import numpy as np
 
+MIN_SAMPLE_S = 0.02
+"""A sample repeats the call until it lasts this long, so the timer does not
+dominate (the number of calls is calibrated once per contender)."""
+
 
 class _Ratios:
   ratios: list[float]  # Each round's measurement over the baseline's.
@@ -36,8 +40,7 @@ class Timing(_Ratios):
   Attributes:
     samples: seconds per call, one per round.
     ratios: ``samples`` divided by the baseline's sample of the same round.
-    calls: how many calls each sample averages (calibrated so that one
-      sample lasts at least ``min_sample_s``).
+    calls: how many calls each sample averages.
   """
 
   samples: list[float]
@@ -46,11 +49,9 @@ class Timing(_Ratios):
 
   @property
   def median_s(self) -> float:
-    """Median seconds per call."""
     return float(np.median(self.samples))
 
   def to_json(self) -> dict[str, Any]:
-    """A JSON-ready summary with the raw samples."""
     q25, q75 = np.percentile(self.ratios, [25, 75])
     return dict(
       median_s=self.median_s, ratio=self.ratio, ratio_q25=float(q25),
@@ -58,7 +59,7 @@ class Timing(_Ratios):
     )  # fmt: skip
 
 
-def _rounds(names: Sequence[str], reps: int):
+def rounds(names: Sequence[str], reps: int):
   """Yields, per round, the contenders in an order rotated by one each round."""
   for r in range(reps):
     k = r % len(names)
@@ -73,9 +74,14 @@ def _seconds(fn: Callable[[], Any], n: int = 1) -> float:
   return (time.perf_counter() - t0) / n
 
 
+def _check_baseline(baseline: str, names: Mapping[str, Any]) -> None:
+  if baseline not in names:
+    raise ValueError(f"baseline={baseline!r} is not one of {list(names)}.")
+
+
 def interleaved(
   fns: Mapping[str, Callable[[], Any]], *, baseline: str, reps: int, warmup: int = 2,
-  min_sample_s: float = 0.02, progress: Callable[[str], None] | None = None,
+  progress: Callable[[str], None] | None = None,
 ) -> dict[str, Timing]:  # fmt: skip
   """Times already-compiled contenders interleaved; returns one `Timing` each.
 
@@ -84,19 +90,16 @@ def interleaved(
     baseline: the name of the contender the ratios are taken against.
     reps: number of rounds (samples per contender).
     warmup: untimed calls of each contender before the first round.
-    min_sample_s: a sample repeats the call until it lasts at least this long
-      (calibrated once per contender), so that the timer does not dominate.
     progress: called with a short message after each round.
   """
-  if baseline not in fns:
-    raise ValueError(f"baseline={baseline!r} is not one of {list(fns)}.")
+  _check_baseline(baseline, fns)
   calls = {}
   for name, fn in fns.items():
     for _ in range(warmup):
       _seconds(fn)
-    calls[name] = max(1, math.ceil(min_sample_s / max(_seconds(fn), 1e-7)))
+    calls[name] = max(1, math.ceil(MIN_SAMPLE_S / max(_seconds(fn), 1e-7)))
   samples: dict[str, list[float]] = {name: [] for name in fns}
-  for i, order in enumerate(_rounds(list(fns), reps)):
+  for i, order in enumerate(rounds(list(fns), reps)):
     for name in order:
       samples[name].append(_seconds(fns[name], calls[name]))
     if progress is not None:
@@ -109,10 +112,7 @@ def interleaved(
 
 
 class Stepper:
-  """Calls a compiled ``update(grads, state, params)``, feeding the state back.
-
-  Each call consumes the previous call's state, as a training loop does.
-  """
+  """Calls a compiled ``update(grads, state, params)``, feeding the state back."""
 
   def __init__(self, compiled: Any, grads: Any, state: Any, params: Any):
     self.compiled, self.grads, self.params = compiled, grads, params
@@ -120,7 +120,6 @@ class Stepper:
     self.state = jax.tree.map(lambda x: x.copy(), state)
 
   def __call__(self) -> Any:
-    """Runs one update; returns the updates."""
     updates, self.state = self.compiled(self.grads, self.state, self.params)
     return updates
 
@@ -134,9 +133,8 @@ class CompileTiming(_Ratios):
     compile_s: seconds of XLA compilation, one per round.
     ratios: total (trace + lower + compile) divided by the baseline's total
       of the same round.
-    fusions: number of fused computations in the optimised HLO.
-    distinct_fusions: how many of them differ once names and metadata are
-      removed (XLA compiles identical fusions once: the kernels it generates).
+    fusions: number of fused computations in the optimised HLO, and
+    distinct_fusions: how many of them differ (`fusion_counts`).
     bytes_accessed: XLA's estimate of the bytes one call reads and writes.
     parallel: whether the compilations ran concurrently (then the compile
       times are indicative only).
@@ -158,7 +156,6 @@ class CompileTiming(_Ratios):
     return float(np.median(np.add(self.trace_lower_s, self.compile_s)))
 
   def to_json(self) -> dict[str, Any]:
-    """A JSON-ready summary with the raw samples."""
     return dict(
       total_s=self.total_s, trace_lower_s=self.trace_lower_s, compile_s=self.compile_s,
       ratio=self.ratio, fusions=self.fusions, distinct_fusions=self.distinct_fusions,
@@ -166,19 +163,20 @@ class CompileTiming(_Ratios):
     )  # fmt: skip
 
 
-def cost(compiled: Any) -> dict[str, float]:
-  """XLA's ``cost_analysis`` of a compiled executable, as one dict."""
+def cost(compiled: Any, key: str) -> float:
+  """``key`` of XLA's ``cost_analysis`` of a compiled executable (NaN if absent)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
-  return dict(analysis or {})
+  return float((analysis or {}).get(key, float("nan")))
 
 
 def fusion_counts(hlo_text: str) -> tuple[int, int]:
   """Counts the fused computations of ``compiled.as_text()``, and the distinct.
 
   Two computations are the same when their bodies are equal after the
-  instruction names, metadata and stack frames are removed.
+  instruction names, metadata and stack frames are removed (XLA compiles
+  identical fusions once: the kernels it generates).
   """
   blocks = re.findall(
     r"\n(%[\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo_text, flags=re.S
@@ -196,28 +194,24 @@ def fusion_counts(hlo_text: str) -> tuple[int, int]:
 
 
 def compile_interleaved(
-  makers: Mapping[str, Callable[[], tuple[Callable, tuple]]], *, baseline: str,
-  reps: int, workers: int = 1, donate_argnums: tuple[int, ...] = (),
-  progress: Callable[[str], None] | None = None,
+  fns: Mapping[str, tuple[Callable, tuple]], *, baseline: str, reps: int,
+  workers: int = 1, progress: Callable[[str], None] | None = None,
 ) -> dict[str, CompileTiming]:  # fmt: skip
   """Traces, lowers and compiles each contender ``reps`` times, interleaved.
 
   Args:
-    makers: contender name -> a function returning ``(fn, args)``: a *new*
-      Python function each call (``jax.jit`` caches compilations by function
-      identity) and the arguments to lower it with.
+    fns: contender name -> ``(fn, args)``: the function and the arguments to
+      lower it with (each round traces it anew).
     baseline: the contender the ratios are taken against.
     reps: number of rounds.
     workers: with more than one, each round's XLA compilations run on that
       many threads at once (where the compile times are not the figure of
       interest; they are then marked ``parallel``).
-    donate_argnums: passed to ``jax.jit``.
     progress: called with a short message after each compilation.
   """
-  if baseline not in makers:
-    raise ValueError(f"baseline={baseline!r} is not one of {list(makers)}.")
-  lower_s: dict[str, list[float]] = {name: [] for name in makers}
-  comp_s: dict[str, list[float]] = {name: [] for name in makers}
+  _check_baseline(baseline, fns)
+  lower_s: dict[str, list[float]] = {name: [] for name in fns}
+  comp_s: dict[str, list[float]] = {name: [] for name in fns}
   last: dict[str, Any] = {}
 
   def compile_one(name: str, lowered: Any) -> tuple[str, Any, float]:
@@ -231,13 +225,17 @@ def compile_interleaved(
     if progress is not None:
       progress(f"round {i + 1}/{reps}: compiled {name} in {seconds:.1f} s")
 
-  for i, order in enumerate(_rounds(list(makers), reps)):
+  for i, order in enumerate(rounds(list(fns), reps)):
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       futures = []
       for name in order:
-        fn, args = makers[name]()
+        fn, args = fns[name]
+
+        def fresh(*args, fn=fn):  # A new function: jax.jit's cache cannot serve it.
+          return fn(*args)
+
         t0 = time.perf_counter()
-        lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+        lowered = jax.jit(fresh).lower(*args)
         lower_s[name].append(time.perf_counter() - t0)
         if workers <= 1:
           record(i, *compile_one(name, lowered))
@@ -247,16 +245,12 @@ def compile_interleaved(
         record(i, *future.result())
   base = np.add(lower_s[baseline], comp_s[baseline])
   out = {}
-  for name in makers:
-    fusions, distinct = fusion_counts(last[name].as_text())
+  for name in fns:
+    total = np.add(lower_s[name], comp_s[name])
     out[name] = CompileTiming(
-      trace_lower_s=lower_s[name],
-      compile_s=comp_s[name],
-      ratios=list(np.add(lower_s[name], comp_s[name]) / base),
-      fusions=fusions,
-      distinct_fusions=distinct,
-      bytes_accessed=float(cost(last[name]).get("bytes accessed", float("nan"))),
-      parallel=workers > 1,
-      compiled=last[name],
-    )
+      lower_s[name], comp_s[name], list(total / base),
+      *fusion_counts(last[name].as_text()),
+      bytes_accessed=cost(last[name], "bytes accessed"),
+      parallel=workers > 1, compiled=last[name],
+    )  # fmt: skip
   return out

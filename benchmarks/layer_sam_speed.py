@@ -1,22 +1,19 @@
 """Step time of partial-layer SAM (``optax_lgm.layer_sam``) on a ResNet-20.
 
-Times one compiled training step, interleaved (``benchmarks._timing``, after
-``--steps-warmup`` untimed calls), of SGD (momentum 0.9), ``optax.contrib.sam``
-(opaque mode, the same SGD), ``layer_sam`` in dynamic mode, and ``layer_sam`` in
-static mode with three selections: the one a short training run makes
-(``optax_lgm.StaticSelection``, the first step dynamic, then re-selecting every
-``--reselect-every`` steps; its compilations are reported), the ``k`` layers
+Times one compiled training step, interleaved (`benchmarks._timing`), of SGD
+(momentum 0.9), ``optax.contrib.sam`` (opaque, the same SGD), ``layer_sam``
+dynamic, and ``layer_sam`` static with three selections: the one a short
+training run makes through ``optax_lgm.StaticSelection``, the ``k`` layers
 nearest the output, and the one training makes among the layers of
-``--budget``. The model is the CIFAR-shaped ResNet-20 of ``examples.models`` on
-the digits upscaled to 32x32x3 (``benchmarks._tasks``). Each step is costed in
-FLOPs by XLA, and compiled with XLA's default passes and with ``reshape-mover``
-disabled (which lets SAM's two forward passes share the layers below the lowest
-perturbed one, see ``_tasks.SHARE_FORWARD``).
+``--budget``; each costed in FLOPs by XLA and compiled with XLA's default passes
+and with ``reshape-mover`` disabled (`_tasks.SHARE_FORWARD`). The model is the
+ResNet-20 on the digits upscaled to 32x32x3 (`benchmarks._tasks`).
 
 ``--defaults`` measures instead, along a short SGD run, for ``layers`` in
 {leaf, module} and several ``k``: how much of full SAM's gradient correction the
 layer-SAM gradient recovers, the squared gradient norm's share in the selected
 layers, how often the selection changes, and the FLOPs of the static step.
+``docs/results.rst`` reads both.
 
 Run: ``python -m benchmarks.layer_sam_speed [--batch 128 --reps 5]`` and
 ``python -m benchmarks.layer_sam_speed --defaults``.
@@ -43,10 +40,6 @@ def compile_step(task, tx, carry, batch, *, sam, selection=None, options=SHARE_F
   return step.lower(*carry, *batch, selection=selection).compile()
 
 
-def _met(ok: bool) -> str:
-  return "met" if ok else "missed"
-
-
 def train_selection(task: _tasks.Task, args, data, mask=None) -> dict[str, Any]:
   """Trains with ``optax_lgm.StaticSelection``; returns what it selected."""
   sgd = optax.sgd(args.lr, momentum=0.9)
@@ -70,17 +63,14 @@ def train_selection(task: _tasks.Task, args, data, mask=None) -> dict[str, Any]:
   by_layer = optax_lgm.layer_stats(state)
   norms = sorted(by_layer["sam_grad_norm_avg"].items(), key=lambda kv: -float(kv[1]))
   return dict(
-    params=params,
-    stats=stats,
-    selection=step.selection,
+    params=params, stats=stats, selection=step.selection,
     selection_names=[names[j] for j in step.selection],
     history=[(i, [names[j] for j in sel]) for i, sel in step.changes],
-    compilations=len(traces),
-    final_loss=metrics.data["final_loss"],
+    compilations=len(traces), final_loss=metrics.data["final_loss"],
     seconds=time.perf_counter() - start,
     top_norms=[(n, round(float(v), 4)) for n, v in norms[:6]],
     selected_count={n: int(c) for n, c in by_layer["sam_selected_count"].items() if c},
-  )
+  )  # fmt: skip
 
 
 def speed(args) -> None:
@@ -97,13 +87,17 @@ def speed(args) -> None:
   layer_sam = dict(rho=args.rho, k=args.k, layers=args.layers)
   ls = optax_lgm.layer_sam(sgd, **layer_sam)
   ls_budget = optax_lgm.layer_sam(sgd, **layer_sam, mask=budget)
+  dynamic, budget_name = (
+    f"layer_sam dynamic, k={args.k}",
+    f"layer_sam static, budget {args.budget}",
+  )
   contenders = {  # Name -> (transformation, takes grad_fn, static selection).
     "SGD": (sgd, False, None),
     "optax.contrib.sam": (_tasks.opaque_sam(sgd, args.rho), True, None),
-    f"layer_sam dynamic, k={args.k}": (ls, True, None),
+    dynamic: (ls, True, None),
     "layer_sam static, training's selection": (ls, True, trained["selection"]),
     "layer_sam static, output-side layers": (ls, True, out_sel),
-    f"layer_sam static, budget {args.budget}": (ls_budget, True, budgeted["selection"]),
+    budget_name: (ls_budget, True, budgeted["selection"]),
   }
   batch = tuple(input_pipeline.batch_at(data, args.batch, 2, 0).values())
   configs = {
@@ -122,14 +116,15 @@ def speed(args) -> None:
       )  # fmt: skip
       compile_s = time.perf_counter() - t0
       fns[f"{cfg}/{name}"] = lambda c=compiled, s=state: c(params, stats, s, *batch)
-      runs[cfg, name] = dict(
-        sel=sel, gflops=_tasks.cost_gflops(compiled), compile_s=compile_s
-      )
+      gflops = _timing.cost(compiled, "flops") / 1e9
+      runs[f"{cfg}/{name}"] = dict(gflops=gflops, compile_s=compile_s)
   timings = _timing.interleaved(
     fns, baseline=next(iter(fns)), reps=args.reps, warmup=args.steps_warmup
   )
-  for (cfg, name), run in runs.items():
-    run["ms"] = [1e3 * t for t in timings[f"{cfg}/{name}"].samples]
+  results = {
+    key: {"ms": [1e3 * t for t in timings[key].samples], **run}
+    for key, run in runs.items()
+  }
 
   print(
     f"ResNet-20 ({sum(p.size for p in jax.tree.leaves(task.params)):,} params), "
@@ -151,49 +146,42 @@ def speed(args) -> None:
     f"{budgeted['selection']} = {budgeted['selection_names']}, "
     f"{budgeted['compilations']} compilations"
   )
-  results = {}
   for cfg in configs:
-    ms = {name: float(np.median(runs[cfg, name]["ms"])) for name in contenders}
-    base, sam_ms = ms["SGD"], ms["optax.contrib.sam"]
-    base_gf = runs[cfg, "SGD"]["gflops"]
-    print(
-      f"\n### {cfg}\n\n| contender | selection | GFLOP/step | median ms | min ms "
-      "| × SGD | SAM ÷ this | GFLOP × SGD |\n|---|---|---|---|---|---|---|---|"
-    )
-    for name in contenders:
-      run, m = runs[cfg, name], ms[name]
-      sel = "-" if run["sel"] is None else str(run["sel"])
-      print(
-        f"| {name} | {sel} | {run['gflops']:.2f} | {m:.0f} | "
-        f"{min(run['ms']):.0f} | {m / base:.2f} | {sam_ms / m:.2f} | "
-        f"{run['gflops'] / base_gf:.2f} |"
-      )
-      results[f"{cfg}/{name}"] = {k: run[k] for k in ("ms", "gflops", "compile_s")}
+    run = {name: results[f"{cfg}/{name}"] for name in contenders}
+    ms = {name: float(np.median(r["ms"])) for name, r in run.items()}
+    base, sam_ms, base_gf = ms["SGD"], ms["optax.contrib.sam"], run["SGD"]["gflops"]
+    rows = [
+      [
+        name, "-" if sel is None else str(sel), f"{run[name]['gflops']:.2f}",
+        f"{ms[name]:.0f}", f"{min(run[name]['ms']):.0f}", f"{ms[name] / base:.2f}",
+        f"{sam_ms / ms[name]:.2f}", f"{run[name]['gflops'] / base_gf:.2f}",
+      ]
+      for name, (_, _, sel) in contenders.items()
+    ]  # fmt: skip
+    header = "contender | selection | GFLOP/step | median ms | min ms | × SGD | "
+    print(f"\n### {cfg}\n\n" + _tasks.table(header + "SAM ÷ this | GFLOP × SGD", rows))
     static_out = ms["layer_sam static, output-side layers"] / base
     static_train = sam_ms / ms["layer_sam static, training's selection"]
-    dyn = ms[f"layer_sam dynamic, k={args.k}"] / sam_ms
-    static_budget = sam_ms / ms[f"layer_sam static, budget {args.budget}"]
+    dyn, static_budget = ms[dynamic] / sam_ms, sam_ms / ms[budget_name]
+    met = {True: "met", False: "missed"}
     print(
       f"\nTargets: static output-side {static_out:.2f}x SGD (<= 1.10: "
-      f"{_met(static_out <= 1.10)}); static with training's selection "
-      f"{static_train:.2f}x faster than SAM (>= 1.5: {_met(static_train >= 1.3)} "
-      f"1.3, {_met(static_train >= 1.5)} 1.5); budgeted selection "
-      f"{static_budget:.2f}x faster than SAM (>= 1.5: {_met(static_budget >= 1.5)}); "
-      f"dynamic {dyn:.2f}x SAM (<= 1.00: {_met(dyn <= 1.0)})"
+      f"{met[static_out <= 1.10]}); static with training's selection "
+      f"{static_train:.2f}x faster than SAM (>= 1.5: {met[static_train >= 1.3]} "
+      f"1.3, {met[static_train >= 1.5]} 1.5); budgeted selection "
+      f"{static_budget:.2f}x faster than SAM (>= 1.5: {met[static_budget >= 1.5]}); "
+      f"dynamic {dyn:.2f}x SAM (<= 1.00: {met[dyn <= 1.0]})"
     )
   _tasks.write_json(
     args.json,
     dict(
-      results=results,
-      selection=list(trained["selection"]),
-      budget=args.budget,
+      results=results, selection=list(trained["selection"]), budget=args.budget,
       budget_selection=list(budgeted["selection"]),
       budget_selection_names=budgeted["selection_names"],
       selection_names=trained["selection_names"],
-      compilations=trained["compilations"],
-      history=trained["history"],
+      compilations=trained["compilations"], history=trained["history"],
     ),
-  )
+  )  # fmt: skip
 
 
 def defaults(args) -> None:
@@ -262,7 +250,7 @@ def defaults(args) -> None:
   def gflops(tx, sam: bool, selection=None) -> float:
     carry = (params, stats, tx.init(params))
     compiled = compile_step(task, tx, carry, batch, sam=sam, selection=selection)
-    return _tasks.cost_gflops(compiled)
+    return _timing.cost(compiled, "flops") / 1e9
 
   flops = {"sgd": gflops(tx, False), "sam": gflops(full, True)}
   print(

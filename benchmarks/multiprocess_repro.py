@@ -1,32 +1,21 @@
 """XLA:CPU with Gloo collectives: a two-pass step differs from one process.
 
-A pure-JAX reproduction (no ``optax_lgm``) of the discrepancy described in
-``docs/guides/sharding.rst`` ("Several processes"): a small CNN trained with a
-sharpness-aware step that perturbs only the two layers of largest gradient norm
-(``layer_sam``'s computation, written out in ``step``), data-parallel on a
-4-device ``"data"`` axis. Run::
+A pure-JAX reproduction attempt (no ``optax_lgm``) of the discrepancy of
+``docs/guides/sharding.rst`` ("Several processes"): a small CNN trained with
+``layer_sam``'s two-pass step written out (`_worker`), data-parallel on a
+4-device ``"data"`` axis, three times in fresh processes: ``reference`` (one
+process, no ``jax.distributed``), ``gloo, one process`` and ``gloo, two
+processes`` (2 CPU devices each). It prints each parameter's largest absolute
+and relative difference from the reference, then ``equal`` or ``DIFFERENT``
+(relative tolerance 1e-5; the exit status is then 1). ``--xla_flags`` is added
+to every run's ``XLA_FLAGS``, to try a workaround. This plain step agrees to
+rounding; it is the starting point of a reduction.
 
-  python -m benchmarks.multiprocess_repro [--steps 4] [--xla_flags FLAGS]
-
-It trains the same steps three times, each in fresh processes: ``reference``
-(one process, 4 CPU devices, no ``jax.distributed``), ``gloo, one process``
-(the same with ``jax.distributed`` initialised, so XLA:CPU runs every collective
-through Gloo) and ``gloo, two processes`` (2 CPU devices each, as two hosts
-would). For the two Gloo runs it prints the largest absolute and relative
-difference of each parameter from the reference, then ``equal`` or
-``DIFFERENT`` (relative tolerance 1e-5; the exit status is then 1).
-``--xla_flags`` is added to every run's ``XLA_FLAGS``, to try a workaround
-(e.g. ``--xla_flags=--xla_disable_hlo_passes=cse``).
-
-This plain step does not reproduce the discrepancy (its runs agree to rounding),
-while the trainer's ``layer_sam`` in dynamic mode does
-(``tests/test_multiprocess.py``): it is kept as the starting point of a
-reduction and as a check of Gloo against in-process collectives.
+Run: ``python -m benchmarks.multiprocess_repro [--steps 4] [--xla_flags FLAGS]``.
 """
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import subprocess
@@ -37,16 +26,11 @@ import numpy as np
 
 from examples import distributed
 
-BATCH = 128
-"""Global batch size: 32 images per device."""
-
-RHO, K, LEARNING_RATE, MOMENTUM = 0.05, 2, 0.05, 0.9
-"""Perturbation radius, layers perturbed, and the SGD settings."""
-
+BATCH = 128  # Global: 32 images per device.
+RHO, K, LEARNING_RATE, MOMENTUM = 0.05, 2, 0.05, 0.9  # The layers perturbed: K.
 SHAPES = dict(
   conv1=(3, 3, 1, 32), conv2=(3, 3, 32, 64), dense=(2 * 2 * 64, 256), head=(256, 10)
-)
-"""The kernel of each layer of the CNN (each has a bias too)."""
+)  # The kernel of each layer of the CNN (each has a bias too).
 
 
 def _worker(args) -> None:
@@ -122,17 +106,14 @@ def _worker(args) -> None:
   }
   params = distributed.replicate(params, mesh)
   momentum = jax.tree.map(jnp.zeros_like, params)
-  losses = []
   for i in range(args.steps):
     rows = order[i * BATCH : (i + 1) * BATCH]
     batch = {"image": all_images[rows], "label": all_labels[rows]}
     batch = distributed.shard_batch(batch, mesh)
-    params, momentum, loss = step(params, momentum, batch["image"], batch["label"])
-    losses.append(float(loss))
+    params, momentum, _ = step(params, momentum, batch["image"], batch["label"])
   if jax.process_index() == 0:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     np.savez(args.out, **{jax.tree_util.keystr(k): np.asarray(x) for k, x in leaves})
-    pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(losses))
 
 
 def _run(name, out, processes, gloo, steps, xla_flags) -> None:
@@ -174,11 +155,8 @@ def main(argv=None) -> int:
     _worker(args)
     return 0
 
-  runs = {
-    "reference": (1, False),
-    "gloo, one process": (1, True),
-    "gloo, two processes": (2, True),
-  }
+  runs = {"reference": (1, False), "gloo, one process": (1, True),
+          "gloo, two processes": (2, True)}  # fmt: skip
   print(f"XLA_FLAGS extra: {args.xla_flags!r}; {args.steps} steps")
   different = False
   with tempfile.TemporaryDirectory() as tmp:
@@ -187,19 +165,19 @@ def main(argv=None) -> int:
       out = os.path.join(tmp, f"run{i}.npz")
       _run(name, out, processes, gloo, args.steps, args.xla_flags)
       results[name] = dict(np.load(out))
-    reference = results.pop("reference")
-    for name, params in results.items():
-      worst = 0.0
-      print(f"{name}:")
-      for key, expected in reference.items():
-        error = np.abs(params[key] - expected)
-        rel = error.max() / max(np.abs(expected).max(), 1e-30)
-        worst = max(worst, rel)
-        print(f"  {key:24s} max abs {error.max():.3g}  max rel {rel:.3g}")
-      ok = worst <= 1e-5
-      different |= not ok
-      verdict = "equal" if ok else "DIFFERENT"
-      print(f"  -> {verdict} (largest relative difference {worst:.3g})")
+  reference = results.pop("reference")
+  for name, params in results.items():
+    print(f"{name}:")
+    worst = 0.0
+    for key, expected in reference.items():
+      error = np.abs(params[key] - expected)
+      rel = error.max() / max(np.abs(expected).max(), 1e-30)
+      worst = max(worst, rel)
+      print(f"  {key:24s} max abs {error.max():.3g}  max rel {rel:.3g}")
+    ok = worst <= 1e-5
+    different |= not ok
+    verdict = "equal" if ok else "DIFFERENT"
+    print(f"  -> {verdict} (largest relative difference {worst:.3g})")
   return int(different)
 
 

@@ -4,7 +4,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import train_step, update_cost
+from benchmarks import _tasks, train_step, update_cost
 
 
 def _ratio(r: dict[str, Any]) -> str:
@@ -19,17 +19,9 @@ def _tree_title(tree: dict[str, Any]) -> str:
   return f"{tree['title']}: {tree['leaves']:,} leaves, {tree['params']:,} parameters"
 
 
-def _table(header: str, rows: dict[str, Any], cells: Callable) -> list[str]:
-  """A markdown table: ``header`` (``"a | b"``), then per ``rows`` entry its name
-  and ``cells(row)``, or why it was skipped (a row ``{"skipped": why}``)."""
-  columns = header.count("|") + 1
-  lines = [f"| {header} |", "|" + "---|" * columns]
-  for name, row in rows.items():
-    if "skipped" in row:
-      lines.append(f"| {name} | skipped: {row['skipped']} |" + " |" * (columns - 2))
-    else:
-      lines.append("| " + " | ".join([name, *cells(row)]) + " |")
-  return lines
+def _table(header: str, rows: dict[str, Any], cells: Callable) -> str:
+  """A markdown table: per ``rows`` entry its name, then ``cells(row)``."""
+  return _tasks.table(header, ([name, *cells(row)] for name, row in rows.items()))
 
 
 def update_section(results: dict[str, Any]) -> list[str]:
@@ -52,7 +44,7 @@ def update_section(results: dict[str, Any]) -> list[str]:
     return [*timing, f"{row['passes']:.1f}", _kernels(row["compile"])]
 
   for tree in results.values():
-    lines += ["", f"### {_tree_title(tree)}", "", *_table(header, tree["rows"], cells)]
+    lines += ["", f"### {_tree_title(tree)}", "", _table(header, tree["rows"], cells)]
   return lines
 
 
@@ -73,7 +65,7 @@ def compile_section(tree: dict[str, Any], reps: int) -> list[str]:
     f"Trace + lower + XLA compile of the same jitted update, median of {reps} "
     "interleaved round(s), each from a new Python function (no cache).",
     "",
-    *_table(header, tree["rows"], cells),
+    _table(header, tree["rows"], cells),
   ]
 
 
@@ -85,17 +77,14 @@ def memory_section(results: dict[str, Any]) -> list[str]:
       f"- {_tree_title(t)}; {t['layers']} layers with `layers='leaf'`, "
       f"{t['modules']} with `layers='module'`."
     )
-
-  def cells(rows):
-    return [
-      "skipped | -" if "skipped" in r else f"{r['bytes']:,} | {r['ratio']:.2g}"
-      for r in rows
-    ]
-
   header = " | ".join(["transformation", *(f"{n} bytes | × Adam" for n in results)])
   names = next(iter(results.values()))["rows"]
   rows = {name: [t["rows"][name] for t in results.values()] for name in names}
-  return [*lines, "", *_table(header, rows, cells)]
+
+  def cells(rows):
+    return [f"{r['bytes']:,} | {r['ratio']:.2g}" for r in rows]
+
+  return [*lines, "", _table(header, rows, cells)]
 
 
 def train_section(res: dict[str, Any]) -> list[str]:
@@ -109,14 +98,8 @@ def train_section(res: dict[str, Any]) -> list[str]:
       alone = f"{row['update_alone']['median_s'] * 1e3:.3f}"
       bound = f"{row['step_bound']:.4f}"
     ms, gflops, compile_s = step["median_s"] * 1e3, row["gflops"], row["compile_s"]
-    return [
-      f"{ms:.1f}",
-      _ratio(step),
-      f"{gflops:.2f}",
-      f"{compile_s:.1f}",
-      alone,
-      bound,
-    ]
+    cells = [f"{ms:.1f}", _ratio(step), f"{gflops:.2f}", f"{compile_s:.1f}"]
+    return [*cells, alone, bound]
 
   return [
     f"## 4. Train step: {res['model']}, {res['params']:,} parameters, "
@@ -131,7 +114,7 @@ def train_section(res: dict[str, Any]) -> list[str]:
     "whole-step noise does not blur (not for the SAMs: their update runs a "
     "second forward and backward pass).",
     "",
-    *_table(header, res["rows"], cells),
+    _table(header, res["rows"], cells),
   ]
 
 
@@ -139,31 +122,31 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   """The issue's targets, each with the measured figure and whether it is met."""
   out = []
 
+  def rows(section: str, tree: str | None = None) -> dict[str, Any]:
+    found = results.get(section, {})
+    return (found.get(tree, {}) if tree else found).get("rows", {})
+
   def add(target: str, value: float, limit: float, **more) -> None:
     out.append(
       dict(target=target, value=value, limit=limit, met=value <= limit, **more)
     )
 
-  update = results.get("update", {}).get("resnet50")
-  compile_ = results.get("compile")
-  train = results.get("train")
+  update, compile_, train = rows("update", "resnet50"), rows("compile"), rows("train")
   for name, limit in update_cost.UPDATE_TARGETS.items():
-    row = update["rows"].get(name, {}) if update else {}
-    if "update" in row:
-      title = f"{name} update ≤ {limit}× scale_by_adam ({update['title']})"
-      add(title, row["update"]["ratio"], limit)
+    if "update" in update.get(name, {}):
+      title = results["update"]["resnet50"]["title"]
+      add(f"{name} update ≤ {limit}× scale_by_adam ({title})",
+          update[name]["update"]["ratio"], limit)  # fmt: skip
+  limit = update_cost.COMPILE_TARGET
   for name in update_cost.UPDATE_TARGETS:
-    row = compile_["rows"].get(name, {}) if compile_ else {}
-    if "compile" in row:
-      limit = update_cost.COMPILE_TARGET
-      title = f"{name} compile ≤ {limit}× scale_by_adam (many-leaf tree)"
-      add(title, row["compile"]["ratio"], limit)
+    if "compile" in compile_.get(name, {}):
+      add(f"{name} compile ≤ {limit}× scale_by_adam (many-leaf tree)",
+          compile_[name]["compile"]["ratio"], limit)  # fmt: skip
   for name, limit in train_step.TARGETS.items():
-    row = train["rows"].get(name, {}) if train else {}
-    if "step" in row:
-      step = row["step"]
+    if "step" in train.get(name, {}):
+      step = train[name]["step"]
       add(f"{name} train step ≤ {limit}× SGD", step["ratio"], limit,
-          q25=step["ratio_q25"], bound=row.get("step_bound"))  # fmt: skip
+          q25=step["ratio_q25"], bound=train[name].get("step_bound"))  # fmt: skip
   return out
 
 
@@ -201,14 +184,15 @@ def render(results: dict[str, Any]) -> str:
       "- **--quick**: tiny sizes and XLA optimisations off; a smoke test, "
       "the figures mean nothing."
     )
-  if "update" in results:
-    lines += ["", *update_section(results["update"])]
-  if "compile" in results:
-    lines += ["", *compile_section(results["compile"], meta["compile_reps"])]
-  if "memory" in results:
-    lines += ["", *memory_section(results["memory"])]
-  if "train" in results:
-    lines += ["", *train_section(results["train"])]
+  sections = {
+    "update": update_section,
+    "compile": lambda r: compile_section(r, meta["compile_reps"]),
+    "memory": memory_section,
+    "train": train_section,
+  }
+  for name, section in sections.items():
+    if name in results:
+      lines += ["", *section(results[name])]
   lines += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
   for t in results["targets"]:
     lines.append(f"| {t['target']} | {t['value']:.2f} | {_status(t)} |")

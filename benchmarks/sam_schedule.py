@@ -1,18 +1,15 @@
 """Mean step time of SAM with fewer SAM steps (``layer_sam(every=...)``).
 
-Times, interleaved (``benchmarks._timing``), one compiled training step of SGD
+Times, interleaved (`benchmarks._timing`), one compiled training step of SGD
 (momentum 0.9, the baseline), SAM (``optax.contrib.sam``, opaque, the same SGD),
-and SAM every 2 and every 5 steps: ``layer_sam`` with every layer selected,
-``unselected="recompute"`` and ``every=2`` / ``every=5``, either under
-``lax.cond`` in one program (the ``every=2`` step is also timed alone, perturbed
-and skipped) or decided on the host, "(host)": ``perturb`` static and the loop
-passing ``perturb=(i % every == 0)``, two programs and no conditional. (XLA:CPU
-runs the convolutions of a ``lax.cond`` branch in slow naive loops, see
-``docs/layer_sam.rst``.) The models are the ResNet-20 and the CNN of
-``examples.models`` on the 32x32x3 digits of ``benchmarks._tasks``. One timed
-call runs ``--steps-per-call`` steps (whole cycles of both schedules), the state
-fed back. It prints the ratios to SGD and the targets: ``every=2`` at most
-(SAM + SGD) / 2 + 5%, ``every=5`` at most 1.25x SGD.
+and SAM every 2 and every 5 steps: ``layer_sam`` with every layer selected and
+``every=2`` / ``every=5``, either under ``lax.cond`` in one program (the
+``every=2`` step also timed alone, perturbed and skipped) or decided on the
+host, "(host)": ``perturb`` static, two programs. The models are the ResNet-20
+and the CNN on the 32x32x3 digits of `benchmarks._tasks`; one timed call runs
+``--steps-per-call`` steps, the state fed back. It prints the ratios to SGD
+and the targets: ``every=2`` at most (SAM + SGD) / 2 + 5%, ``every=5`` at most
+1.25x SGD.
 
 Run: ``python -m benchmarks.sam_schedule [--models resnet20,cnn --batch 128
 --reps 5]``; ``--batch 16 --reps 2 --models cnn`` takes under a minute.
@@ -138,11 +135,13 @@ def measure(name: str, args) -> dict[str, Any]:
 
 
 def report(name: str, result: dict[str, Any]) -> None:
-  print(f"\n### {name}\n\n| contender | ms / step | x SGD |\n|---|---|---|")
-  for label, seconds in result["per_step_s"].items():
-    ratio = result["ratio_to_sgd"][label]
-    print(f"| {label} | {1e3 * seconds:.2f} | {ratio:.2f} |")
-  print()
+  rows = [
+    [label, f"{1e3 * seconds:.2f}", f"{result['ratio_to_sgd'][label]:.2f}"]
+    for label, seconds in result["per_step_s"].items()
+  ]
+  print(
+    f"\n### {name}\n\n" + _tasks.table("contender | ms / step | x SGD", rows) + "\n"
+  )
   for target, t in result["targets"].items():
     print(
       f"- {target}: {t['value']:.2f}x SGD, {t['vs_half']:.2f}x (SAM + SGD) / 2;"

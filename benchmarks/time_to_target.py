@@ -1,22 +1,14 @@
 """Time to a target accuracy, after AlgoPerf's rule, on a ResNet-20.
 
-For each contender and seed, trains the CIFAR-shaped ResNet-20 of
-``examples.models`` on the digits upscaled to 32x32x3 (``benchmarks._tasks``)
-through the example trainer's loop (``examples.loop``), evaluating the test
-accuracy every ``--eval-every`` steps, and reports the **time to target**: the
-training wall-clock, compilation included and evaluations excluded, to the first
-evaluation at or above ``--target`` (``examples.loop.time_to_target``); its
-median over seeds, a seed that missed counting as infinite; the seeds that
-reached it, the steps to target, the final accuracy (mean of the last three
-evaluations), the time per step and the compilations. The defaults put the
-target after some 200 SGD steps, so that compilation does not decide it.
-
-Contenders (`CONTENDERS`): SGD (momentum 0.9), ``optax.contrib.sam`` (opaque,
-the same SGD), ``layer_sam`` dynamic, ``layer_sam`` static through
-``optax_lgm.StaticSelection`` (from `OUTPUT_LAYERS`), the same with candidates
-restricted by ``mask`` to the layers of ``--budget``, ``lgm`` and ``dgs``. Each
-seed runs every contender in a new random order; every step is compiled with
-``reshape-mover`` off, as the trainer does on a CPU host.
+For each contender and seed, trains the ResNet-20 on the digits upscaled to
+32x32x3 (`benchmarks._tasks`) through the example trainer's loop, evaluating
+every ``--eval-every`` steps, and reports the time to target of
+``examples.loop`` (compilation in, evaluations out; a seed that missed counts
+as infinite in the median), the seeds that reached it, the steps to target, the
+final accuracy (mean of the last three evaluations), the time per step and the
+compilations. Each seed runs the contenders of `CONTENDERS` in a new random
+order; every step is compiled with ``reshape-mover`` off, as the trainer does on
+a CPU host.
 
 Run: ``python -m benchmarks.time_to_target [--seeds 3 --json out.json]``.
 """
@@ -40,30 +32,26 @@ OUTPUT_LAYERS = ("blocks/8/bn2", "head")
 """The start of the static contender: the ResNet-20's two output-side layers."""
 
 CONTENDERS = (
-  "sgd",
-  "sam",
-  "layer_sam dynamic",
-  "layer_sam static",
-  "layer_sam budget",
-  "lgm",
+  "sgd", "sam", "layer_sam dynamic", "layer_sam static", "layer_sam budget", "lgm",
   "dgs",
-)
+)  # fmt: skip
+"""SGD (momentum 0.9), ``optax.contrib.sam`` (opaque, the same SGD), ``layer_sam``
+dynamic, static through ``optax_lgm.StaticSelection`` (from `OUTPUT_LAYERS`) and
+static among the layers of ``--budget``, ``lgm`` and ``dgs``."""
 
 
 def make_optimizer(name: str, args) -> optax.GradientTransformation:
+  """The contender ``name`` of `CONTENDERS`."""
   sgd = optax.sgd(args.lr, momentum=0.9)
-  if name == "sgd":
-    return sgd
-  if name == "sam":
-    return _tasks.opaque_sam(sgd, args.rho)
   if name.startswith("layer_sam"):
     mask = budget_mask(args.budget) if name.endswith("budget") else None
     return optax_lgm.layer_sam(sgd, rho=args.rho, k=args.k, mask=mask)
-  if name == "lgm":
-    return optax_lgm.lgm(learning_rate=args.lr)
-  if name == "dgs":
-    return optax_lgm.dgs(learning_rate=args.dgs_lr)
-  raise ValueError(f"Unknown contender name={name!r}; expected one of {CONTENDERS}.")
+  return {
+    "sgd": sgd,
+    "sam": _tasks.opaque_sam(sgd, args.rho),
+    "lgm": optax_lgm.lgm(learning_rate=args.lr),
+    "dgs": optax_lgm.dgs(learning_rate=args.dgs_lr),
+  }[name]
 
 
 def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
@@ -86,65 +74,57 @@ def train(name: str, seed: int, args, train_data, test_data) -> dict[str, Any]:
     stop_at_target=args.stop_at_target,
   )  # fmt: skip
   curve = metrics.data["curve"]
-  out = {
-    "seconds_to_target": metrics.data["time_to_target"],
-    "steps_to_target": metrics.data["steps_to_target"],
-    # Accuracy at batch 16 is noisy from one evaluation to the next (BatchNorm):
-    # the final accuracy is the mean of the last three evaluations.
-    "final_accuracy": float(np.mean([c["test_accuracy"] for c in curve[-3:]])),
-    "train_seconds": metrics.data["train_seconds"],
-    "steps": curve[-1]["step"],
-    "compilations": len(traces),
-    "curve": curve,
-  }
+  # Accuracy at batch 16 is noisy from one evaluation to the next (BatchNorm):
+  # the final accuracy is the mean of the last three evaluations.
+  out = dict(
+    seconds_to_target=metrics.data["time_to_target"],
+    steps_to_target=metrics.data["steps_to_target"],
+    final_accuracy=float(np.mean([c["test_accuracy"] for c in curve[-3:]])),
+    train_seconds=metrics.data["train_seconds"], steps=curve[-1]["step"],
+    compilations=len(traces), curve=curve,
+  )  # fmt: skip
   if isinstance(step, optax_lgm.StaticSelection):
     out.update(step.log())
   return out
 
 
-def summarize(runs: dict[str, list[dict]], args) -> dict[str, dict]:
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+  """Per contender: the medians over seeds, and the figures of each seed."""
   rows = {}
   for name, results in runs.items():
     seconds = [r["seconds_to_target"] for r in results]
     steps = [r["steps_to_target"] for r in results]
     reached = [s for s in steps if s is not None]
     median = loop.median_time(seconds)
-    rows[name] = {
-      "seconds": seconds,
-      "steps": steps,
-      "final_accuracy": [r["final_accuracy"] for r in results],
-      "compilations": [r["compilations"] for r in results],
-      # AlgoPerf's rule: a seed that missed counts as infinite (None: the
-      # median is).
-      "median_seconds": None if math.isinf(median) else median,
-      "median_steps": float(np.median(reached)) if reached else None,
-      "seconds_per_step": float(
-        np.median([r["train_seconds"] / r["steps"] for r in results])
-      ),
-    }
+    per_step = [r["train_seconds"] / r["steps"] for r in results]
+    rows[name] = dict(
+      seconds=seconds, steps=steps,
+      final_accuracy=[r["final_accuracy"] for r in results],
+      compilations=[r["compilations"] for r in results],
+      # AlgoPerf's rule: a seed that missed counts as infinite (None: the median is).
+      median_seconds=None if math.isinf(median) else median,
+      median_steps=float(np.median(reached)) if reached else None,
+      seconds_per_step=float(np.median(per_step)),
+    )  # fmt: skip
   return rows
 
 
 def markdown(rows: dict[str, dict], args) -> str:
   sam = rows.get("sam", {}).get("median_seconds")
-  lines = [
-    f"| contender | time to {args.target:.0%} (median s) | × SAM | reached | "
-    "steps to target (median) | final accuracy | compilations | s/step (all) |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
+  header = f"contender | time to {args.target:.0%} (median s) | × SAM | reached | "
+  header += "steps to target (median) | final accuracy | compilations | s/step (all)"
+  lines = []
   for name, row in rows.items():
-    med = row["median_seconds"]
-    ratio = "—" if med is None or not sam else f"{med / sam:.2f}"
-    reached = sum(s is not None for s in row["seconds"])
+    med, steps = row["median_seconds"], row["median_steps"]
     acc = np.asarray(row["final_accuracy"]) * 100
-    lines.append(
-      f"| {name} | {'—' if med is None else f'{med:.1f}'} | {ratio} | "
-      f"{reached}/{len(row['seconds'])} | "
-      f"{'—' if row['median_steps'] is None else int(row['median_steps'])} | "
-      f"{acc.mean():.1f} ± {acc.std():.1f} | {max(row['compilations'])} | "
-      f"{row['seconds_per_step']:.3f} |"
-    )
-  return "\n".join(lines)
+    lines.append([
+      name, "—" if med is None else f"{med:.1f}",
+      "—" if med is None or not sam else f"{med / sam:.2f}",
+      f"{sum(s is not None for s in row['seconds'])}/{len(row['seconds'])}",
+      "—" if steps is None else int(steps), f"{acc.mean():.1f} ± {acc.std():.1f}",
+      max(row["compilations"]), f"{row['seconds_per_step']:.3f}",
+    ])  # fmt: skip
+  return _tasks.table(header, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         + (f", changes {r['selection_changes']}" if "selection_changes" in r else ""),
         flush=True,
       )
-  rows = summarize(runs, args)
+  rows = summarize(runs)
   machine = (
     f"{jax.devices()[0].device_kind} ({jax.device_count()} device), "
     f"{platform.processor() or platform.machine()}, jax {jax.__version__}"

@@ -49,19 +49,13 @@ def run(
 ) -> dict[str, Any]:
   """Compiles and times every optimizer's training step, interleaved.
 
-  Args:
-    sizes: the report's sizes (``batch``, ``image``, ``depth``, ``width``).
-    reps: rounds of the interleaved step timing.
-    update_reps: rounds of the interleaved timing of the updates alone.
-    progress: a function that reports progress.
-    workers: compile this many steps at once.
-
-  Returns:
-    A JSON-ready dict of the model's size and per optimizer the step's time,
-    ratio to SGD, XLA's FLOP count and the compile time; for the optimizers
-    that take no ``grad_fn``, also the time of ``tx.update`` alone and the
-    step ratio it implies (``1 + (update - SGD's update) / SGD step``): a
-    bound on the step ratio that the noise of whole steps cannot blur.
+  ``sizes`` are the report's (``batch``, ``image``, ``depth``, ``width``);
+  ``reps`` and ``update_reps`` are the rounds of the step timing and of the
+  update alone; ``workers`` steps compile at once. Returns, JSON-ready, the
+  model's size and per optimizer the step's time, ratio to SGD, FLOPs and
+  compile time; for those without ``grad_fn`` also the time of ``tx.update``
+  alone and the step ratio it implies, ``1 + (update - SGD's update) / SGD
+  step``, a bound that the noise of whole steps cannot blur.
   """
   rng = np.random.default_rng(0)
   b, s = sizes["batch"], sizes["image"]
@@ -75,18 +69,13 @@ def run(
   optimizers = contenders(params)
   states = {name: tx.init(params) for name, (tx, _, _) in optimizers.items()}
 
-  def maker(name: str):
+  def step(name: str) -> tuple:
     tx, sam, selection = optimizers[name]
-
-    def make():  # A new step function each call: compiled from scratch.
-      step = _tasks.make_step(task, tx, sam=sam)
-      args = (params, stats, states[name], xs, ys)
-      return functools.partial(step, selection=selection), args
-
-    return make
+    step = functools.partial(_tasks.make_step(task, tx, sam=sam), selection=selection)
+    return step, (params, stats, states[name], xs, ys)
 
   comp = _timing.compile_interleaved(
-    {name: maker(name) for name in optimizers}, baseline=BASELINE, reps=1,
+    {name: step(name) for name in optimizers}, baseline=BASELINE, reps=1,
     workers=workers, progress=progress,
   )  # fmt: skip
   rows, fns = {}, {}
@@ -95,7 +84,7 @@ def run(
     rows[name] = dict(
       selection=None if selection is None else list(selection),
       compile_s=c.compile_s[0] + c.trace_lower_s[0],
-      gflops=_tasks.cost_gflops(c.compiled),
+      gflops=_timing.cost(c.compiled, "flops") / 1e9,
     )
     fns[name] = functools.partial(c.compiled, params, stats, states[name], xs, ys)
   timings = _timing.interleaved(

@@ -2,26 +2,13 @@
 
 Each run is ``python -m examples.train`` in a new process (so every run
 compiles its programs, as a user's first run does), with the trainer's
-defaults for each optimizer (``layer_sam``: static through
-``optax_lgm.StaticSelection``, the paper's top-k over all layers, no budget),
-batch 32, an evaluation every 20 steps, no robustness and no checkpoints. The
-contenders run interleaved (seed by seed, the order rotating), at three run
-lengths set by the learning rate and the target (`LENGTHS`, calibrated with
-SGD, seed 0): ``short`` (SGD reaches the target in 100-130 steps),
-``medium`` (about 260) and ``long`` (570 on the ResNet, 970 on the CNN).
-Every contender runs at the same learning rate (the trainer's default for
-all three is 0.05). Time to target is the trainer's (AlgoPerf's rule:
-compilation in, evaluation out); a run that misses the target counts as
-infinite in a median.
-
-``--cache`` also checks JAX's persistent compilation cache: one run of each
-contender twice in a fresh cache directory, and the compile seconds of each.
-
-``--optimizers`` also takes the contenders of `CONTENDERS`: SAM's second pass
-every 2 or 5 steps, and layer selection combined with every 5 steps.
-
-``--dataset fashion_mnist`` runs the CNN on Fashion-MNIST (the lengths are
-step budgets there, and accuracy is measured on 1,000 held-out training images).
+defaults for each optimizer, batch 32, an evaluation every 20 steps, no
+robustness and no checkpoints. The contenders run interleaved (seed by seed,
+the order rotating), at the run lengths of `LENGTHS`, all at the same learning
+rate. Time to target is the trainer's (`examples.loop`); a run that misses the
+target counts as infinite in a median. ``--cache`` also checks JAX's
+persistent compilation cache; ``--optimizers`` also takes the contenders of
+`CONTENDERS`; ``--dataset fashion_mnist`` runs the CNN on Fashion-MNIST.
 
 Run: ``python -m benchmarks.trainer_time_to_target [--dataset digits]
 [--models cnn,resnet20] [--lengths short,medium,long]
@@ -29,7 +16,6 @@ Run: ``python -m benchmarks.trainer_time_to_target [--dataset digits]
 [--cache]``.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -42,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import _tasks, _timing
 from examples import loop
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "docs"))
@@ -84,35 +71,31 @@ DATASET_FLAGS = {
 
 
 CONTENDERS = {
-  "sam_every2": ("sam", "--sam_every", "2"),
-  "sam_every5": ("sam", "--sam_every", "5"),
-  "layer_sam_every5": ("layer_sam", "--sam_every", "5"),
-  "layer_sam_dynamic_every5": (
-    "layer_sam",
-    *"--layer_sam_mode dynamic --sam_every 5".split(),
-  ),
+  "sam_every2": "sam --sam_every 2",
+  "sam_every5": "sam --sam_every 5",
+  "layer_sam_every5": "layer_sam --sam_every 5",
+  "layer_sam_dynamic_every5": "layer_sam --layer_sam_mode dynamic --sam_every 5",
 }
-"""Contenders beyond the trainer's optimizers: name -> (optimizer, *flags).
+"""Contenders beyond the trainer's optimizers: name -> the optimizer and flags.
 
-SAM's second pass every 2 or 5 steps, decided on the host (the trainer's
-default ``--sam_dispatch auto``: a SAM program and a plain one); and the
-combinations with layer selection: static ``layer_sam`` every 5 steps (the
-second pass under ``lax.cond``, one program per selection) and dynamic
-``layer_sam`` every 5 steps (decided on the host).
+SAM's second pass every 2 or 5 steps, decided on the host; static ``layer_sam``
+every 5 steps (under ``lax.cond``) and dynamic ``layer_sam`` every 5 steps.
 """
+
+RUN_KEYS = (
+  "time_to_target", "steps_to_target", "final_test_accuracy", "evaluated_on",
+  "compile", "layer_sam_static", "train_seconds",
+)  # fmt: skip
+"""What the JSON keeps of each run's metrics (``final_test_accuracy``: on the
+split of ``evaluated_on``)."""
 
 
 def run(
-  contender: str,
-  dataset: str,
-  model: str,
-  seed: int,
-  length: str,
-  workdir: str,
+  contender: str, dataset: str, model: str, seed: int, length: str, workdir: str,
   *flags: str,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
   """One training run in a new process; what its ``metrics.json`` holds."""
-  optimizer, *more = CONTENDERS.get(contender, (contender,))
+  optimizer, *more = CONTENDERS.get(contender, contender).split()
   learning_rate, target, size = LENGTHS[dataset][model][length]
   command = [
     sys.executable, "-m", "examples.train", "--optimizer", optimizer, *more,
@@ -195,68 +178,44 @@ def cache_check(model: str, optimizers: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the measurement and prints the table and the targets."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _tasks.parser(
+    __doc__, models="cnn,resnet20", lengths="short,medium,long",
+    optimizers="sgd,sam,layer_sam", seeds=3, cache=(False, "check the cache too"),
+    out=(None, "write the results as JSON"),
+    machine=(platform.platform(), "for the record"),
+  )  # fmt: skip
   parser.add_argument("--dataset", default="digits", choices=sorted(LENGTHS))
-  parser.add_argument("--models", default="cnn,resnet20")
-  parser.add_argument("--lengths", default="short,medium,long")
-  parser.add_argument("--optimizers", default="sgd,sam,layer_sam")
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--cache", action="store_true", help="check the cache too")
-  parser.add_argument("--out", help="write the results as JSON")
-  parser.add_argument("--machine", default=platform.platform(), help="for the record")
   args = parser.parse_args(argv)
   optimizers = args.optimizers.split(",")
   began = time.perf_counter()
-  results: dict[str, Any] = {
-    "command": " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]]),
-    "commit": loop.commit(),
-    "machine": args.machine,
-    "dataset": args.dataset,
-    "lengths": LENGTHS[args.dataset],
-    "runs": [],
-    "summaries": {},
-  }
+  command = " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]])
+  results: dict[str, Any] = dict(
+    command=command, commit=loop.commit(), machine=args.machine, dataset=args.dataset,
+    lengths=LENGTHS[args.dataset], runs=[], summaries={},
+  )  # fmt: skip
   with tempfile.TemporaryDirectory() as work:
     for model in args.models.split(","):
       for length in args.lengths.split(","):
         runs = []
-        for seed in range(args.seeds):
-          shift = seed % len(optimizers)
-          for name in optimizers[shift:] + optimizers[:shift]:  # Interleaved.
+        for seed, order in enumerate(_timing.rounds(optimizers, args.seeds)):
+          for name in order:
             workdir = os.path.join(work, f"{model}_{length}_{name}_{seed}")
             metrics = run(
               name, args.dataset, model, seed, length, workdir,
               "--compilation_cache", "",
             )  # fmt: skip
             entry = {
-              "dataset": args.dataset,
-              "model": model,
-              "length": length,
-              "optimizer": name,
-              "seed": seed,
-              **{
-                k: metrics.get(k)
-                for k in (
-                  "time_to_target",
-                  "steps_to_target",
-                  "final_test_accuracy",  # On the split of "evaluated_on".
-                  "evaluated_on",
-                  "compile",
-                  "layer_sam_static",
-                  "train_seconds",
-                )
-              },
-            }
+              "dataset": args.dataset, "model": model, "length": length,
+              "optimizer": name, "seed": seed, **{k: metrics.get(k) for k in RUN_KEYS},
+            }  # fmt: skip
             runs.append(entry)
             if args.out:  # Every run is kept, even if the benchmark stops early.
               partial = {**results, "runs": results["runs"] + runs}
               pathlib.Path(args.out).write_text(json.dumps(partial, indent=1))
             print(
               f"{model} {length} {name} seed {seed}: {entry['time_to_target']} s "
-              f"(step {entry['steps_to_target']})",
-              file=sys.stderr,
-              flush=True,
-            )
+              f"(step {entry['steps_to_target']})", file=sys.stderr, flush=True,
+            )  # fmt: skip
         results["runs"] += runs
         results["summaries"][f"{model}/{length}"] = summarize(runs, optimizers)
     if args.cache:

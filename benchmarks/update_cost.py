@@ -53,19 +53,13 @@ UPDATE_TARGETS = {"scale_by_lgm (spatial)": 0.6, "scale_by_dgs (global)": 0.6}
 COMPILE_TARGET = 2.0
 
 
-def tree_titles(sizes: dict[str, Any]) -> dict[str, str]:
-  """How the report names the two trees."""
+def report_trees(sizes: dict[str, Any]) -> dict[str, tuple[str, trees.Shapes]]:
+  """The report's two trees: name -> (title, shapes)."""
+  depth, width = sizes["resnet50_depth"], sizes["resnet50_width"]
+  many = trees.many_leaves_shapes(sizes["leaves"], sizes["leaf_dim"])
   return {
-    "resnet50": f"ResNet-{sizes['resnet50_depth']}-shaped tree",
-    "many_leaves": "many-leaf tree (transformer blocks)",
-  }
-
-
-def tree_shapes(sizes: dict[str, Any]) -> dict[str, trees.Shapes]:
-  """The two trees of the update-cost section, by report name."""
-  return {
-    "resnet50": trees.resnet50_shapes(sizes["resnet50_width"], sizes["resnet50_depth"]),
-    "many_leaves": trees.many_leaves_shapes(sizes["leaves"], sizes["leaf_dim"]),
+    "resnet50": (f"ResNet-{depth}-shaped tree", trees.resnet50_shapes(width, depth)),
+    "many_leaves": ("many-leaf tree (transformer blocks)", many),
   }
 
 
@@ -80,23 +74,13 @@ def updates_interleaved(
   ``{}``. ``workers``: compilations at once (1 where compile time is a figure).
   """
   states = {name: tx.init(params) for name, tx in txs.items()}
-
-  def maker(tx, state) -> Callable[[], tuple[Callable, tuple]]:
-    def make():
-      def update(g, s, p):  # A new function object: compiled from scratch.
-        return tx.update(g, s, p)
-
-      return update, (grads, state, params)
-
-    return make
-
-  makers = {name: maker(tx, states[name]) for name, tx in txs.items()}
   # The state is not donated: on XLA:CPU, donating Adam's state adds a copy
   # of both moments per leaf (13 instead of 9 passes over the tree), which
   # would flatter every other contender.
   comp = _timing.compile_interleaved(
-    makers, baseline=baseline, reps=compile_reps, workers=workers, progress=progress
-  )
+    {name: (tx.update, (grads, states[name], params)) for name, tx in txs.items()},
+    baseline=baseline, reps=compile_reps, workers=workers, progress=progress,
+  )  # fmt: skip
   if not time_updates:
     return comp, {}
   fns = {
@@ -139,17 +123,15 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
   return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)))
 
 
-def run_memory(
-  shapes: dict[str, trees.Shapes], titles: dict[str, str], progress: Callable
-) -> dict[str, Any]:
-  """Optimizer-state bytes of every contender on every tree (``progress``: unused)."""
+def run_memory(found: dict[str, tuple[str, trees.Shapes]]) -> dict[str, Any]:
+  """Optimizer-state bytes of every contender on every tree of `report_trees`."""
   out = {}
-  for tree_name, tree_shapes_ in shapes.items():
-    params = trees.abstract(tree_shapes_)
+  for tree_name, (title, shapes) in found.items():
+    params = trees.abstract(shapes)
     num_leaves, num_params = trees.describe(params)
     size = {name: state_bytes(f(), params) for name, f in MEMORY_CONTENDERS.items()}
     out[tree_name] = dict(
-      title=titles[tree_name],
+      title=title,
       leaves=num_leaves,
       params=num_params,
       layers=len(optax_lgm.layer_names(params)),

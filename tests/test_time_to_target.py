@@ -32,14 +32,14 @@ def test_summary_takes_the_median_and_reports_misses():
     "sam": [_run(30.0, 200, 0.98), _run(10.0, 100, 0.99), _run(20.0, 160, 0.97)],
     "sgd": [_run(5.0, 60, 0.96), _run(None, None, 0.95), _run(7.0, 80, 0.97)],
   }
-  rows = time_to_target.summarize(runs, args)
+  rows = time_to_target.summarize(runs)
   assert rows["sam"]["median_seconds"] == 20.0
   assert rows["sam"]["median_steps"] == 160
   # A seed that missed the target counts as infinite (AlgoPerf's rule).
   assert rows["sgd"]["median_seconds"] == 7.0
   assert rows["sgd"]["seconds"] == [5.0, None, 7.0]
   runs["sgd"][0] = _run(None, None, 0.9)  # Two misses: an infinite median.
-  rows = time_to_target.summarize(runs, args)
+  rows = time_to_target.summarize(runs)
   assert rows["sgd"]["median_seconds"] is None
   table = time_to_target.markdown(rows, args)
   sam_row = next(line for line in table.splitlines() if line.startswith("| sam "))
