@@ -25,8 +25,6 @@ SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
 """XLA options that let SAM's two forward passes share the layers below the
 lowest perturbed one (see `examples.distributed.share_forward_passes`)."""
 
-XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWARD}
-
 
 @functools.cache
 def digits(size: int = 8) -> tuple[dict, dict, input_pipeline.DatasetMetadata]:
@@ -47,11 +45,8 @@ def digits(size: int = 8) -> tuple[dict, dict, input_pipeline.DatasetMetadata]:
 class Task:
   """A model split into a pure loss over (params, batch statistics).
 
-  Args:
-    x: images the model's input statistics come from.
-    seed: of the initialisation.
-    model: a name of `examples.models`, or ``(num_classes, shape, mean, std, *,
-      rngs) -> nnx.Module``.
+  ``model`` (a name of `examples.models` or its ``create_model``'s signature)
+  is initialised from ``seed``, with the input statistics of the images ``x``.
   """
 
   def __init__(self, x: np.ndarray, seed: int = 0, model: Any = "resnet20"):
@@ -120,9 +115,8 @@ def train_pure(
 ) -> tuple[tuple, loop.Metrics]:  # fmt: skip
   """Trains ``task`` with a pure ``step`` through `examples.loop.run`.
 
-  Returns:
-    The final ``(params, stats, opt_state)`` and the run's metrics (with the
-    ``final_loss``).
+  Returns the final ``(params, stats, opt_state)`` and the run's metrics (with
+  the ``final_loss``).
   """
   losses = []
 
@@ -152,13 +146,9 @@ def train_nnx(
 ) -> tuple[float, int | None, bool]:  # fmt: skip
   """Trains an NNX model with the example trainer's step, through the loop.
 
-  Args:
-    epochs: of ``train_split``, at ``batch`` examples a step.
-    eval_every: steps between evaluations (0: at the end only).
-
-  Returns:
-    The final test accuracy (0 if the loss diverged), the steps to ``target``
-    and whether the loss diverged.
+  Evaluates every ``eval_every`` steps (0: at the end only); returns the final
+  test accuracy (0 if the loss diverged), the steps to ``target`` and whether
+  the loss diverged.
   """
   optimizer, losses = nnx.Optimizer(model, tx, wrt=nnx.Param), []
   steps = epochs * (len(train_split["label"]) // batch)
@@ -182,18 +172,14 @@ def train_nnx(
   )  # fmt: skip
   if not np.isfinite(float(losses[-1])):
     return 0.0, None, True
-  return (
-    metrics.data["curve"][-1]["test_accuracy"],
-    metrics.data["steps_to_target"],
-    False,
-  )
+  data = metrics.data
+  return data["curve"][-1]["test_accuracy"], data["steps_to_target"], False
 
 
 def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
   """A ``mask`` for ``layer_sam``: only leaves under ``prefixes`` are candidates.
 
-  The selection budget: a static step costs what its lowest selected layer
-  costs, so restricting the candidates to output-side layers bounds the cost.
+  A static step costs what its lowest selected layer costs: this bounds it.
   """
   prefixes = tuple(prefixes.split(",") if isinstance(prefixes, str) else prefixes)
 
@@ -239,8 +225,7 @@ def write_json(path: str | None, data: Any, indent: int = 2) -> None:
 HELP = {
   "budget": "comma-separated layer-name prefixes a budgeted selection may perturb",
   "json": "write the results here",
-}
-"""Help texts of the flags that several benchmarks share (`parser`)."""
+}  # The help of the flags that several benchmarks share (`parser`).
 
 
 def parser(doc: str, **flags: Any) -> argparse.ArgumentParser:

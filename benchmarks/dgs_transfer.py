@@ -11,6 +11,7 @@ without momentum.
 Run: ``python -m benchmarks.dgs_transfer [--lrs 0.0001,0.0003 --epochs 20]``.
 """
 
+import functools
 import time
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 import optax_lgm
-from benchmarks import _tasks
+from benchmarks import _tasks, trees
 from examples import models
 
 MODELS = ("mlp", "cnn", "resnet20", "transformer")
@@ -39,14 +40,10 @@ class MLP(nnx.Module):
 
 
 def make_model(name, meta, seed):
-  args = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
-  if name == "mlp":
-    return MLP(*args, rngs=nnx.Rngs(seed))
-  return models.create_model(name, *args, rngs=nnx.Rngs(seed))
-
-
-def num_params(model) -> int:
-  return sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  create = MLP if name == "mlp" else functools.partial(models.create_model, name)
+  return create(
+    meta.num_classes, meta.input_shape, meta.mean, meta.std, rngs=nnx.Rngs(seed)
+  )
 
 
 def main():
@@ -62,9 +59,10 @@ def main():
   train_split, test_split, meta = _tasks.digits(8)
   lrs = [float(v) for v in args.lrs.split(",")]
   names = args.models.split(",")
-  rows = []
+  rows, table = [], []
   start = time.perf_counter()
   for name in names:
+    accs = []
     for lr in lrs:
       tx = optax_lgm.dgs(
         lr, None if args.momentum < 0 else args.momentum,
@@ -75,21 +73,19 @@ def main():
         model, tx, train_split, test_split, epochs=args.epochs, batch=args.batch,
         seed=args.seed,
       )[0]  # fmt: skip
-      n = num_params(model)
+      n = trees.describe(nnx.state(model, nnx.Param))[1]
       rows.append(dict(model=name, params=n, lr=lr, accuracy=acc))
+      accs.append(f"{acc:.1%}")
       print(f"{name:12s} {n:8d} params  lr={lr:g}  test accuracy {acc:.4f}", flush=True)
+    table.append([name, f"{n:,}", *accs])
   print(
     f"\ndgs(lr, {args.momentum}, denominator={args.denominator!r}, "
     f"reduction={args.reduction!r}), digits, "
     f"{args.epochs} epochs, batch {args.batch}, seed {args.seed}, "
-    f"{time.perf_counter() - start:.0f} s, {jax.devices()[0].platform}\n"
-    "| model | parameters | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n"
-    "|---|---|" + "---|" * len(lrs)
+    f"{time.perf_counter() - start:.0f} s, {jax.devices()[0].platform}"
   )
-  for name in names:
-    mine = [r for r in rows if r["model"] == name]
-    accs = " | ".join(f"{r['accuracy']:.1%}" for r in mine)
-    print(f"| {name} | {mine[0]['params']:,} | {accs} |")
+  header = " | ".join(["model | parameters", *(f"lr {lr:g}" for lr in lrs)])
+  print(_tasks.table(header, table))
   _tasks.write_json(args.json, rows)
 
 

@@ -30,8 +30,11 @@ import optax
 
 import optax_lgm
 from benchmarks import _tasks, _timing
-from benchmarks._tasks import SHARE_FORWARD, XLA_CONFIGS, budget_mask
+from benchmarks._tasks import SHARE_FORWARD, budget_mask
 from examples import input_pipeline
+
+XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWARD}
+MEANS = ("captured", "cosine", "share")  # The probes' figures averaged (--defaults).
 
 
 def compile_step(task, tx, carry, batch, *, sam, selection=None, options=SHARE_FORWARD):
@@ -193,13 +196,13 @@ def defaults(args) -> None:
   configs += [("module", k, args.budget) for k in ks]
   identity = optax.identity()
   full = optax_lgm.layer_sam(identity, rho=args.rho, k=None, unselected="recompute")
+  masks = {b: budget_mask(b) if b else None for b in ("", args.budget)}
   partial = {
     (layers, k, budget): optax_lgm.layer_sam(
-      identity, rho=args.rho, k=k, layers=layers,
-      mask=budget_mask(budget) if budget else None,
+      identity, rho=args.rho, k=k, layers=layers, mask=masks[budget]
     )
     for layers, k, budget in configs
-  }  # fmt: skip
+  }
 
   def flat(tree):
     return jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(tree)])
@@ -262,28 +265,24 @@ def defaults(args) -> None:
     f"{np.mean(sgd_cos):.4f}. FLOPs with reshape-mover disabled; SGD "
     f"{flops['sgd']:.2f}, SAM {flops['sam']:.2f} GFLOP.\n"
   )
-  print(
-    "| layers | k | candidates | captured | cosine(g~, g_SAM) | norm² share of S | "
-    "distinct selections | most frequent selection | static GFLOP (× SGD) |\n"
-    "|---|---|---|---|---|---|---|---|---|"
-  )
-  rows, means = {}, ("captured", "cosine", "share")
+  rows, lines = {}, []
   for layers, k, budget in configs:
     recs = records[layers, k, budget]
-    names = optax_lgm.layer_names(
-      task.params, layers, mask=budget_mask(budget) if budget else None
-    )
+    names = optax_lgm.layer_names(task.params, layers, mask=masks[budget])
     sels = [tuple(np.flatnonzero(r["selected"]).tolist()) for r in recs]
     common = collections.Counter(sels).most_common(1)[0][0]
     gf = gflops(partial[layers, k, budget], True, common)
-    row = {key: float(np.mean([r[key] for r in recs])) for key in means}
+    row = {key: float(np.mean([r[key] for r in recs])) for key in MEANS}
     row.update(distinct=len(set(sels)), common=[names[j] for j in common], gflops=gf)
     rows[f"{layers}/{k}" + (f"/{budget}" if budget else "")] = row
-    print(
-      f"| {layers} | {k} | {budget or 'all'} | {row['captured']:.3f} | "
-      f"{row['cosine']:.4f} | {row['share']:.3f} | {row['distinct']} | "
-      f"{', '.join(row['common'])} | {gf:.2f} ({gf / flops['sgd']:.2f}) |"
-    )
+    lines.append([
+      layers, k, budget or "all", f"{row['captured']:.3f}", f"{row['cosine']:.4f}",
+      f"{row['share']:.3f}", row["distinct"], ", ".join(row["common"]),
+      f"{gf:.2f} ({gf / flops['sgd']:.2f})",
+    ])  # fmt: skip
+  header = "layers | k | candidates | captured | cosine(g~, g_SAM) | norm² share of S"
+  header += " | distinct selections | most frequent selection | static GFLOP (× SGD)"
+  print(_tasks.table(header, lines))
   _tasks.write_json(args.json, dict(rows=rows, sgd_cosine=sgd_cos, flops=flops))
 
 

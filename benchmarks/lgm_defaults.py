@@ -60,25 +60,22 @@ def main():
     accs = np.array([r[0] for r in runs])
     reached = [r[1] for r in runs if r[1] is not None]
     rows[name] = dict(
-      lr=lr,
-      acc_mean=float(accs.mean()),
-      acc_std=float(accs.std()),
+      lr=lr, acc_mean=float(accs.mean()), acc_std=float(accs.std()),
       steps_to_target=float(np.mean(reached)) if reached else None,
-      reached=len(reached),
-      diverged=sum(r[2] for r in runs),
-    )
+      reached=len(reached), diverged=sum(r[2] for r in runs),
+    )  # fmt: skip
   print(
     f"digits CNN, SGD momentum 0.9, {args.epochs} epochs, batch {args.batch}, "
-    f"{args.seeds} seeds, {time.perf_counter() - start:.0f} s, {jax.devices()[0]}\n"
-    f"| variant | lr | test acc | steps to {args.target:.0%} (runs) | diverged |\n"
-    "|---|---|---|---|---|"
+    f"{args.seeds} seeds, {time.perf_counter() - start:.0f} s, {jax.devices()[0]}"
   )
+  lines = []
   for name, r in rows.items():
     steps = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
-    print(
-      f"| {name} | {r['lr']:g} | {r['acc_mean']:.4f} ± {r['acc_std']:.4f} | "
-      f"{steps} ({r['reached']}/{args.seeds}) | {r['diverged']} |"
-    )
+    acc = f"{r['acc_mean']:.4f} ± {r['acc_std']:.4f}"
+    reached = f"{steps} ({r['reached']}/{args.seeds})"
+    lines.append([name, f"{r['lr']:g}", acc, reached, r["diverged"]])
+  header = f"variant | lr | test acc | steps to {args.target:.0%} (runs) | diverged"
+  print(_tasks.table(header, lines))
   _tasks.write_json(args.json, rows)
 
 

@@ -58,12 +58,9 @@ def host_step(task: _tasks.Task, tx: optax.GradientTransformationExtraArgs):
 
 @dataclasses.dataclass
 class Steps:
-  """``n`` steps of a compiled step per call, the state fed back.
-
-  With ``fixed=True`` every call restarts from the same state (one kind of
-  step, perturbed or skipped, timed alone). With ``every``, step ``i`` (counted
-  over the calls) is passed ``perturb=(i % every == 0)``.
-  """
+  """``n`` steps of a compiled step per call, the state fed back (``fixed``:
+  every call restarts from the same state); with ``every``, step ``i`` (counted
+  over the calls) is passed ``perturb=(i % every == 0)``."""
 
   step: Callable
   carry: tuple
@@ -160,10 +157,8 @@ def parse_args(argv=None):
   args.models = args.models.split(",")
   if unknown := [m for m in args.models if m not in TASKS]:
     parser.error(f"unknown --models {unknown}; choose from {sorted(TASKS)}")
-  if args.steps_per_call < 1 or args.steps_per_call % 10:
-    parser.error(
-      f"--steps-per-call must be a multiple of 10, got {args.steps_per_call}"
-    )
+  if (n := args.steps_per_call) < 1 or n % 10:
+    parser.error(f"--steps-per-call must be a multiple of 10, got {n}")
   return args
 
 

@@ -20,26 +20,17 @@ def _is_shape(x: Any) -> bool:
 
 
 BOTTLENECK_BLOCKS = {
-  14: (1, 1, 1, 1),
-  26: (2, 2, 2, 2),
-  50: (3, 4, 6, 3),
-  101: (3, 4, 23, 3),
+  14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
   152: (3, 8, 36, 3),
-}
+}  # fmt: skip
+"""The blocks per stage of a bottleneck ResNet of each depth."""
 
 
-def resnet50_shapes(
-  width: float = 1.0, depth: int = 50, num_classes: int = 1000
-) -> Shapes:
-  """The parameter shapes of a bottleneck ResNet (He et al., 2016).
+def resnet50_shapes(width: float = 1.0, depth: int = 50) -> Shapes:
+  """The parameter shapes of a bottleneck ResNet (He et al., 2016) for ImageNet.
 
-  ResNet-50 by default: 53 convolutions each followed by a BatchNorm (scale and
-  bias), and the classifier; 161 leaves, 25.6M parameters.
-
-  Args:
-    width: factor on the number of channels.
-    depth: one of `BOTTLENECK_BLOCKS` (the blocks per stage).
-    num_classes: outputs of the classifier.
+  ResNet-50 by default (161 leaves, 25.6M parameters); ``width`` multiplies the
+  channels, ``depth`` is one of `BOTTLENECK_BLOCKS`.
   """
   if depth not in BOTTLENECK_BLOCKS:
     raise ValueError(f"depth must be one of {sorted(BOTTLENECK_BLOCKS)}, got {depth}.")
@@ -69,7 +60,7 @@ def resnet50_shapes(
         block["projection_bn"] = norm(out)
       tree[f"stage{stage + 1}_block{b}"] = block
       cin = out
-  tree["head"] = {"kernel": (cin, num_classes), "bias": (num_classes,)}
+  tree["head"] = {"kernel": (cin, 1000), "bias": (1000,)}
   return tree
 
 
