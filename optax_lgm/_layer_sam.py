@@ -51,7 +51,7 @@ class LayerSamState(NamedTuple):
       float32.
     sq_norm_var: its running variance :math:`\sigma^2`, float32.
     key: the PRNG key of ``schedule="random"`` (a raw ``uint32[2]`` key, split
-      at each finite step; kept with every schedule).
+      at each finite step; kept, unchanged, with the other schedules).
     orthogonal: with ``skipped="orthogonal"``, LookSAM's stored component
       :math:`g_v` of the last SAM gradient orthogonal to its first-pass
       gradient (shaped like the params, in their dtypes); else an
@@ -364,7 +364,11 @@ def layer_sam(
 
     total_sq = jnp.sum(sq)
     moments = sq_norm_moments(state, total_sq)
-    key, draw = jax.random.split(state.key)
+    # Only the random schedule draws: the others leave the key (and the
+    # program) without a PRNG.
+    key, draw = (
+      jax.random.split(state.key) if schedule == "random" else (state.key, None)
+    )
     if perturb is not None:  # Chosen on the host: no conditional.
       take = jnp.asarray(perturb, bool)
       sam_grads, orthogonal = sam_step() if perturb else plain_step()

@@ -229,6 +229,18 @@ def test_every_layer_every_step_is_optax_sam(schedule):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("schedule", ["every", "adaptive", "random"])
+def test_only_the_random_schedule_advances_the_key(schedule):
+  tx = optax_lgm.layer_sam(optax.sgd(0.1), 0.3, k=2, schedule=schedule, every=2)
+  step = jit_step(tx)
+  params = init_params()
+  state = first = tx.init(params)
+  for _ in range(3):
+    params, state, _ = step(params, state)
+  moved = not np.array_equal(np.asarray(state.key), np.asarray(first.key))
+  assert moved == (schedule == "random")
+
+
 def test_static_selection_with_a_schedule():
   # The first step may be skipped (seed 1, p=0.3: it is): the state still
   # records the selection, so StaticSelection picks as many layers as k.
