@@ -31,8 +31,7 @@ import numpy as np
 from benchmarks import _tasks, _timing
 from examples import loop
 
-sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "docs"))
-import make_tables  # noqa: E402  (docs/make_tables.py: the results page's cells)
+make_tables = loop.docs_script("make_tables")  # The results page's cells.
 
 LENGTHS = {
   "digits": {

@@ -25,9 +25,8 @@ from examples.config import Config, Parser, UsageError, with_defaults
 from examples.optimizers import OPTIMIZERS
 
 # The results page's tables and figures (docs/), here of one comparison.
-sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "docs"))
-import make_figures  # noqa: E402
-import make_tables  # noqa: E402
+make_figures = loop.docs_script("make_figures")
+make_tables = loop.docs_script("make_tables")
 
 PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png")
 """The results page's figures (the last two only with lgm / layer_sam)."""

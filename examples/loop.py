@@ -10,11 +10,14 @@ counts as infinite.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import pathlib
 import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,6 +68,23 @@ def commit() -> str | None:
     return subprocess.check_output(git, text=True, stderr=subprocess.DEVNULL).strip()
   except (OSError, subprocess.CalledProcessError):
     return None
+
+
+def docs_script(name: str) -> types.ModuleType:
+  """``docs/<name>.py`` of this checkout: the results page's tables or figures.
+
+  The examples and benchmarks print and draw through the scripts that build
+  the results page, so there is one definition of each table and figure.
+  """
+  if name in sys.modules:
+    return sys.modules[name]
+  path = pathlib.Path(__file__).resolve().parents[1] / "docs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None or not path.exists():
+    raise FileNotFoundError(f"{path} is missing: run from a checkout of the repository")
+  module = sys.modules[name] = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 class Compilations:
