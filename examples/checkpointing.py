@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from examples.config import RESUME_KEYS, UsageError
+from examples.optimizers import DEFAULT_RHOS
 
 KEEP = 2
 """How many checkpoints are kept: the latest and the one before it."""
@@ -146,7 +147,10 @@ class Checkpoints:
     return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def _check(self, saved: dict, config: Any) -> None:
-    if changed := [k for k in RESUME_KEYS if saved.get(k) != getattr(config, k)]:
+    # The radius only where the optimizer has one: checkpoints written before
+    # each optimizer had its own default hold rho=0.05 for sgd and the rest too.
+    keys = [k for k in RESUME_KEYS if k != "rho" or config.optimizer in DEFAULT_RHOS]
+    if changed := [k for k in keys if saved.get(k) != getattr(config, k)]:
       was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
       now = ", ".join(f"{k}={getattr(config, k)!r}" for k in changed)
       raise UsageError(  # Before orbax reads arrays of another shape.

@@ -17,6 +17,7 @@ from _checkpoints import without_times
 from flax import nnx
 
 from examples import checkpointing, train
+from examples.config import UsageError
 
 
 def _config(data_dir, **kwargs):
@@ -258,3 +259,30 @@ def test_resume_loads_the_step_functions_state_under_either_key(
   finally:
     checkpoints.close()
   assert calls == loaded and losses == [np.float32(0.5)]
+
+
+@pytest.mark.parametrize(
+  ("optimizer", "changes", "refused"),
+  [
+    ("sgd", {}, None),
+    ("sgd", {"batch_size": 32}, "batch_size=64"),
+    # Written before each optimizer had its own radius: 0.05 for all of them.
+    ("sgd", {"rho": None}, None),
+    ("sam", {"rho": 0.05}, None),
+    ("layer_sam", {"rho": 0.01}, "rho=0.05"),
+  ],
+)
+def test_a_checkpoint_of_other_settings_is_refused(
+  tmp_path, optimizer, changes, refused
+):
+  written = train.Config(optimizer=optimizer, batch_size=64, rho=0.05)
+  saved, config = dataclasses.asdict(written), dataclasses.replace(written, **changes)
+  checkpoints = checkpointing.Checkpoints(tmp_path, resume=True)
+  try:
+    if refused is None:
+      checkpoints._check(saved, config)
+    else:
+      with pytest.raises(UsageError, match=refused):
+        checkpoints._check(saved, config)
+  finally:
+    checkpoints.close()
