@@ -51,7 +51,7 @@ def tune(
   if factor <= 1:
     raise ValueError(f"factor={factor} must be above 1")
   default, default_rho = DEFAULT_LEARNING_RATES[name], DEFAULT_RHOS.get(name)
-  tried: dict[tuple[float, float], dict[str, Any]] = {}
+  tried: dict[tuple[float, float | None], dict[str, Any]] = {}
 
   def trial(power: float, rho: float | None) -> dict[str, Any]:
     lr = default * factor**power
