@@ -5,8 +5,9 @@ compiles its programs, as a user's first run does), with the trainer's
 defaults for each optimizer, batch 32, an evaluation every 20 steps, no
 robustness and no checkpoints. The contenders run interleaved (seed by seed,
 the order rotating), at the run lengths of `LENGTHS`, all at the same learning
-rate. Time to target is the trainer's (`examples.loop`); a run that misses the
-target counts as infinite in a median. ``--cache`` also checks JAX's
+rate, each at its optimizer's default radius. Time to target is the trainer's
+(`examples.loop`); a run that misses the target counts as infinite in a
+median. ``--cache`` also checks JAX's
 persistent compilation cache; ``--optimizers`` also takes the contenders of
 `CONTENDERS`; ``--dataset fashion_mnist`` runs the CNN on Fashion-MNIST.
 
@@ -83,10 +84,10 @@ every 5 steps (under ``lax.cond``) and dynamic ``layer_sam`` every 5 steps.
 
 RUN_KEYS = (
   "time_to_target", "steps_to_target", "final_test_accuracy", "evaluated_on",
-  "compile", "layer_sam_static", "train_seconds",
+  "compile", "layer_sam_static", "train_seconds", "learning_rate", "rho",
 )  # fmt: skip
 """What the JSON keeps of each run's metrics (``final_test_accuracy``: on the
-split of ``evaluated_on``)."""
+split of ``evaluated_on``; ``rho``: each optimizer's own default radius)."""
 
 
 def run(
