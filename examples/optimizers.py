@@ -40,44 +40,33 @@ def make_optimizer(
 
   The arguments are the `examples.config.Config` settings of the same names
   (``sam_*``: ``layer_sam``'s ``schedule``, ``every``, ``probability`` and
-  ``skipped``); ``learning_rate=None`` is ``DEFAULT_LEARNING_RATES[name]``
-  and ``rho=None`` ``DEFAULT_RHOS[name]``;
-  ``total_steps`` is the run over which ``"adaptive"``'s threshold rises from -1
-  to 1 (``None``: 0).
+  ``skipped``), ``None`` the optimizer's default (`DEFAULT_LEARNING_RATES`,
+  `DEFAULT_RHOS`); ``total_steps`` is the run over which ``"adaptive"``'s
+  threshold rises from -1 to 1 (``None``: 0).
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"Unknown optimizer name={name!r}; expected one of {OPTIMIZERS}.")
   lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else learning_rate
-
-  def accumulate(tx):
-    if grad_accum == 1:
-      return tx  # The same state as without.
-    return optax.MultiSteps(tx, grad_accum).gradient_transformation()
-
-  if name in ("sam", "layer_sam"):
-    rho = DEFAULT_RHOS[name] if rho is None else rho
-    base = accumulate(optax.sgd(lr, momentum=0.9))
-    if name == "sam" and sam_schedule == "every" and sam_every == 1:
-      adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-      tx = optax.contrib.sam(base, adversary, opaque_mode=True)
-    else:
-      selection = dict(k=None, unselected="recompute") if name == "sam" else {}
-      threshold = optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0
-      tx = optax_lgm.layer_sam(
-        base, rho, layer_axes=layer_axes, schedule=sam_schedule, every=sam_every,
-        probability=sam_probability, skipped=sam_skipped, threshold=threshold,
-        **selection,
-      )  # fmt: skip
-  else:
-    tx = accumulate(
-      {
-        "sgd": lambda: optax.sgd(lr, momentum=0.9),
-        "adam": lambda: optax.adam(lr),
-        "lars": lambda: optax.lars(lr),
-        "lgm": lambda: optax_lgm.lgm(learning_rate=lr, layer_axes=layer_axes),
-        "dgs": lambda: optax_lgm.dgs(learning_rate=lr, layer_axes=layer_axes),
-      }[name]()
-    )
+  if name in ("lgm", "dgs"):
+    tx = getattr(optax_lgm, name)(learning_rate=lr, layer_axes=layer_axes)
+  elif name in ("adam", "lars"):
+    tx = getattr(optax, name)(lr)
+  else:  # sgd, and the base of sam and layer_sam.
+    tx = optax.sgd(lr, momentum=0.9)
+  if grad_accum != 1:
+    tx = optax.MultiSteps(tx, grad_accum).gradient_transformation()
+  rho = DEFAULT_RHOS.get(name) if rho is None else rho
+  if name == "sam" and sam_schedule == "every" and sam_every == 1:
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+    tx = optax.contrib.sam(tx, adversary, opaque_mode=True)
+  elif name in ("sam", "layer_sam"):
+    selection = dict(k=None, unselected="recompute") if name == "sam" else {}
+    threshold = optax.linear_schedule(-1.0, 1.0, total_steps) if total_steps else 0.0
+    tx = optax_lgm.layer_sam(
+      tx, rho, layer_axes=layer_axes, schedule=sam_schedule, every=sam_every,
+      probability=sam_probability, skipped=sam_skipped, threshold=threshold,
+      **selection,
+    )  # fmt: skip
   if skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=skip_nonfinite)
   return tx
