@@ -22,7 +22,7 @@ from typing import Any
 
 from examples import distributed, loop, train, tune
 from examples.config import Config, Parser, UsageError, with_defaults
-from examples.optimizers import OPTIMIZERS
+from examples.optimizers import DEFAULT_RHOS, OPTIMIZERS
 
 # The results page's tables and figures (docs/), here of one comparison.
 make_figures = loop.docs_script("make_figures")
@@ -32,18 +32,17 @@ PLOTS = ("learning_curves.png", "lgm_layer_scale.png", "layer_sam_selection.png"
 """The results page's figures (the last two only with lgm / layer_sam)."""
 
 
-def summarize(runs: dict[str, list[dict]], target: float) -> dict[str, dict]:
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
   """Per-optimizer summary over seeds of the results of `train_and_evaluate`."""
   summary = {}
   for name, results in runs.items():
-    seconds, reached = zip(*(loop.time_to_target(r["curve"], target) for r in results))
     compiles = [r["compile"] for r in results]
     summary[name] = {
       "learning_rate": results[0]["config"]["learning_rate"],
-      "rho": results[0]["config"]["rho"] if name in tune.SAM_LIKE else None,
+      "rho": results[0]["config"]["rho"] if name in DEFAULT_RHOS else None,
       "test_accuracy": [r["final_test_accuracy"] for r in results],
-      "steps_to_target": list(reached),
-      "time_to_target": list(seconds),
+      "steps_to_target": [r["steps_to_target"] for r in results],
+      "time_to_target": [r["time_to_target"] for r in results],
       # Epochs after the first: without compilation.
       "images_per_s": [
         statistics.fmean(h["images_per_s"] for h in r["history"][1:] or r["history"])
@@ -67,11 +66,10 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[str]:
   """Draws `PLOTS` (those that apply) of ``results``, saved as ``out/results.json``."""
   sha = make_figures.sha256(out / "results.json")
   names = dict(zip(("_curves", "_lgm", "_layer_sam"), PLOTS))
-  written = []
-  for suffix, draw, _ in make_figures.figures_for("compare", results):
+  figures = make_figures.figures_for("compare", results)
+  for suffix, draw, _ in figures:
     draw(results, out / names[suffix], sha)
-    written.append(str(out / names[suffix]))
-  return written
+  return [str(out / names[suffix]) for suffix, _, _ in figures]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -93,9 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(arguments)
   config, target = args.config, args.config.target_accuracy
   optimizers = [name for name in args.optimizers.split(",") if name]
-  for name in optimizers:
-    if name not in OPTIMIZERS:
-      parser.error(f"unknown optimizer {name!r}; expected some of {OPTIMIZERS}")
+  if unknown := [name for name in optimizers if name not in OPTIMIZERS]:
+    parser.error(f"unknown optimizer {unknown[0]!r}; expected some of {OPTIMIZERS}")
   if args.tune and args.tune_points < 2:
     parser.error(f"--tune_points={args.tune_points} must be at least 2")
   if args.tune and not args.tune_factor > 1:
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "at the chosen settings, on the test set (their programs were compiled "
       "by the tuning runs, so the compile seconds below are near 0):"
     )
-  results["summary"] = summary = summarize(runs, target)
+  results["summary"] = summary = summarize(runs)
   robust = next(iter(summary.values()), {}).get("robustness", {})
   table = make_tables.compare_table(
     results, {k: k for k in robust if k != "clean"}, performance=True
@@ -163,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   results["table"] = make_tables.markdown(table)
   results["runs"] = runs
   print(results["table"])
-  with open(out / "results.json", "w") as f:
-    json.dump(results, f, indent=2)
+  (out / "results.json").write_text(json.dumps(results, indent=2))
   results["plots"] = plot(results, out)
   print(f"wrote {out / 'results.json'} and {', '.join(results['plots'])}")
   return results

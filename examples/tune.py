@@ -8,6 +8,7 @@ radius at that rate. Of runs that tie, the one nearest the default wins.
 """
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,9 +20,6 @@ from examples.optimizers import DEFAULT_LEARNING_RATES, DEFAULT_RHOS
 RHO_FACTORS = (0.4, 1.0, 2.0)
 """The radii tried for ``sam`` and ``layer_sam`` at their chosen rate, as
 multiples of the optimizer's default radius (``DEFAULT_RHOS``)."""
-
-SAM_LIKE = ("sam", "layer_sam")
-"""The optimizers with a radius to tune."""
 
 
 def powers(points: int) -> list[int]:
@@ -51,22 +49,20 @@ def tune(
   if factor <= 1:
     raise ValueError(f"factor={factor} must be above 1")
   default, default_rho = DEFAULT_LEARNING_RATES[name], DEFAULT_RHOS.get(name)
-  tried: dict[tuple[float, float | None], dict[str, Any]] = {}
 
-  def trial(power: float, rho: float | None) -> dict[str, Any]:
+  @functools.cache  # A rate and radius tried before are not run again.
+  def trial(power: int, rho: float | None) -> dict[str, Any]:
     lr = default * factor**power
-    if (lr, rho) not in tried:
-      run = dataclasses.replace(
-        config, optimizer=name, learning_rate=lr, rho=rho, seed=0,
-        evaluate_on="validation", eval_every=0, robustness=False,
-      )  # fmt: skip
-      start = time.perf_counter()
-      accuracy = train(run)["final_validation_accuracy"]
-      tried[lr, rho] = {
-        "learning_rate": lr, "power": power, "rho": rho,
-        "validation_accuracy": accuracy, "seconds": time.perf_counter() - start,
-      }  # fmt: skip
-    return tried[lr, rho]
+    run = dataclasses.replace(
+      config, optimizer=name, learning_rate=lr, rho=rho, seed=0,
+      evaluate_on="validation", eval_every=0, robustness=False,
+    )  # fmt: skip
+    start = time.perf_counter()
+    accuracy = train(run)["final_validation_accuracy"]
+    return {
+      "learning_rate": lr, "power": power, "rho": rho,
+      "validation_accuracy": accuracy, "seconds": time.perf_counter() - start,
+    }  # fmt: skip
 
   def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: (r["validation_accuracy"], -abs(r["power"])))
@@ -79,7 +75,7 @@ def tune(
     chosen = best(grid)
     widened.append(default * factor**edge)
   inside = chosen not in (grid[0], grid[-1])
-  rhos = [round(default_rho * f, 12) for f in rho_factors] if name in SAM_LIKE else []
+  rhos = [round(default_rho * f, 12) for f in rho_factors] if default_rho else []
   rho_grid = [trial(chosen["power"], rho) for rho in rhos]
   if rho_grid:  # Of radii that tie, the default.
     chosen = max(
