@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -297,7 +296,7 @@ def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namesp
     group.add_argument(
       f"--{name}", type=kind, help=f"with --distributed: {what} (default: found by JAX)"
     )
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
   cluster = (args.coordinator_address, args.num_processes, args.process_id)
   if not args.distributed and any(value is not None for value in cluster):
     parser.error(

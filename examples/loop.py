@@ -143,10 +143,8 @@ class Metrics:
 
   def evaluated(self, step: int, accuracy: float) -> None:
     """Records a test accuracy at ``step`` (with the clock stopped)."""
-    curve = self.data["curve"]
-    if not curve or curve[-1]["step"] != step:
-      seconds = self.data["train_seconds"]
-      curve.append({"step": step, "test_accuracy": accuracy, "seconds": seconds})
+    seconds, curve = self.data["train_seconds"], self.data["curve"]
+    curve.append({"step": step, "test_accuracy": accuracy, "seconds": seconds})
     seconds, step = time_to_target(curve, self.target_accuracy)
     self.data["time_to_target"], self.data["steps_to_target"] = seconds, step
 
