@@ -297,23 +297,18 @@ def parse(argv: Sequence[str] | None = None, **parser_kwargs) -> argparse.Namesp
       f"--{name}", type=kind, help=f"with --distributed: {what} (default: found by JAX)"
     )
   args = parser.parse_args(argv)
-  cluster = (args.coordinator_address, args.num_processes, args.process_id)
-  if not args.distributed and any(value is not None for value in cluster):
+  args.cluster = (args.coordinator_address, args.num_processes, args.process_id)
+  if not args.distributed and any(value is not None for value in args.cluster):
     parser.error(
       "--coordinator_address, --num_processes and --process_id need --distributed"
     )
-  config = with_defaults(args.config)
-  return argparse.Namespace(
-    config=config, workdir=args.workdir or f"workdir/{config.optimizer}",
-    distributed=args.distributed, cluster=cluster,
-  )  # fmt: skip
+  args.config = with_defaults(args.config)
+  args.workdir = args.workdir or f"workdir/{args.config.optimizer}"
+  return args
 
 
 def with_defaults(config: Config) -> Config:
-  """``config``, its ``learning_rate`` and ``rho`` the optimizer's where ``None``.
-
-  ``rho`` stays ``None`` for the optimizers that have none.
-  """
+  """``config`` with the optimizer's defaults (if any) for a None learning_rate, rho."""
   from examples import optimizers  # noqa: PLC0415 A cycle.
 
   if config.learning_rate is None:

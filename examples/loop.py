@@ -1,11 +1,10 @@
 """One training loop, one clock and one time to target, for examples and benchmarks.
 
-`run` calls a step ``step(state, batch) -> (state, loss)`` for the steps of a
-``range``, each fed ``data(step)``, so a resumed run starts at its step;
-`Trainer` runs `examples.train` through it. Training time follows AlgoPerf's
-rule: it runs from the first step, compilation included, and stops while the
-model is evaluated. The time to target is the training time at the first
-evaluation at or above the target accuracy; in a median over seeds a miss
+`run` feeds each step the batch of its number, so a resumed run starts at its
+step; `Trainer` runs `examples.train` through it. Training time follows
+AlgoPerf's rule: it runs from the first step, compilation included, and stops
+while the model is evaluated. The time to target is the training time at the
+first evaluation at or above the target accuracy; in a median over seeds a miss
 counts as infinite.
 """
 
@@ -62,8 +61,7 @@ def summary(results: dict[str, Any]) -> str:
 
 def commit() -> str | None:
   """The git commit of this checkout (``None`` outside a git checkout)."""
-  here = str(pathlib.Path(__file__).parent)
-  git = ["git", "-C", here, "rev-parse", "--short", "HEAD"]
+  git = ["git", "-C", pathlib.Path(__file__).parent, "rev-parse", "--short", "HEAD"]
   try:
     return subprocess.check_output(git, text=True, stderr=subprocess.DEVNULL).strip()
   except (OSError, subprocess.CalledProcessError):
@@ -71,11 +69,7 @@ def commit() -> str | None:
 
 
 def docs_script(name: str) -> types.ModuleType:
-  """``docs/<name>.py`` of this checkout: the results page's tables or figures.
-
-  The examples and benchmarks print and draw through the scripts that build
-  the results page, so there is one definition of each table and figure.
-  """
+  """``docs/<name>.py``: the one definition of the results page's tables or figures."""
   if name in sys.modules:
     return sys.modules[name]
   path = pathlib.Path(__file__).resolve().parents[1] / "docs" / f"{name}.py"
