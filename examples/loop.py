@@ -171,37 +171,35 @@ def run(
     progress: the label of a progress bar (``None``: no bar).
     stop_at_target: stop after the evaluation that reaches the target.
   """
-  bar = tqdm.tqdm(
+  with tqdm.tqdm(
     total=steps.stop, initial=steps.start, leave=False, desc=progress,
     disable=progress is None,
-  )  # fmt: skip
-  began = time.perf_counter()
-  for i in steps:
-    state, loss = step(state, data(i))
-    bar.update(1)
-    if eval_at(i + 1):
-      jax.block_until_ready(state)  # The steps are on the clock.
-      metrics.data["train_seconds"] += time.perf_counter() - began
-      accuracy = evaluate(state)
-      metrics.evaluated(i + 1, accuracy)
-      bar.set_postfix(acc=f"{accuracy:.3f}")
-      began = time.perf_counter()
-      if stop_at_target and metrics.data["time_to_target"] is not None:
-        break
-    after_step(i + 1, state, loss)
-  jax.block_until_ready(state)
-  metrics.data["train_seconds"] += time.perf_counter() - began
-  bar.close()
+  ) as bar:  # fmt: skip
+    began = time.perf_counter()
+    for i in steps:
+      state, loss = step(state, data(i))
+      bar.update(1)
+      if eval_at(i + 1):
+        jax.block_until_ready(state)  # The steps are on the clock.
+        metrics.data["train_seconds"] += time.perf_counter() - began
+        accuracy = evaluate(state)
+        metrics.evaluated(i + 1, accuracy)
+        bar.set_postfix(acc=f"{accuracy:.3f}")
+        began = time.perf_counter()
+        if stop_at_target and metrics.data["time_to_target"] is not None:
+          break
+      after_step(i + 1, state, loss)
+    jax.block_until_ready(state)
+    metrics.data["train_seconds"] += time.perf_counter() - began
   return state
 
 
 class Trainer(Metrics):
   """The run of `examples.train`: `run`, evaluations, metrics.json, checkpoints.
 
-  It evaluates ``model`` on ``test`` with the clock stopped, adds an entry to
-  ``data["history"]`` at each epoch's end, checkpoints (`examples.checkpointing`)
-  and resumes, writes ``workdir/metrics.json`` and stops after
-  ``config.skip_nonfinite`` non-finite steps in a row (`NonFiniteError`).
+  Evaluates ``model`` on ``test``, adds an entry to ``data["history"]`` at each
+  epoch's end, checkpoints (`examples.checkpointing`) and resumes, and stops
+  after ``config.skip_nonfinite`` non-finite steps in a row (`NonFiniteError`).
   """
 
   def __init__(self, config, workdir, mesh, model, optimizer, step_fn, test: dict):

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from examples.config import Config
@@ -31,8 +31,7 @@ def powers(points: int) -> list[int]:
 
 def tune(
   config: Config, name: str, train: Callable[[Config], dict[str, Any]], *,
-  points: int = 4, factor: float = 3.0, rho_factors: Sequence[float] = RHO_FACTORS,
-  max_widen: int = 3,
+  points: int = 4, factor: float = 3.0, max_widen: int = 3,
 ) -> dict[str, Any]:  # fmt: skip
   """Tunes optimizer ``name``'s learning rate (and radius) on the validation split.
 
@@ -75,7 +74,7 @@ def tune(
     chosen = best(grid)
     widened.append(default * factor**edge)
   inside = chosen not in (grid[0], grid[-1])
-  rhos = [round(default_rho * f, 12) for f in rho_factors] if default_rho else []
+  rhos = [round(default_rho * f, 12) for f in RHO_FACTORS] if default_rho else []
   rho_grid = [trial(chosen["power"], rho) for rho in rhos]
   if rho_grid:  # Of radii that tie, the default.
     chosen = max(
