@@ -103,28 +103,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   start = time.perf_counter()
   runs: dict[str, list[dict]] = {}
   tuning: dict[str, dict] = {}
-  with tempfile.TemporaryDirectory() as workdirs:
 
-    def run(settings: Config) -> dict:
-      workdir = tempfile.mkdtemp(prefix=f"{settings.optimizer}_", dir=workdirs)
+  def run(settings: Config) -> dict:  # In a work directory deleted after it.
+    with tempfile.TemporaryDirectory(prefix=f"{settings.optimizer}_") as workdir:
       return train.train_and_evaluate(with_defaults(settings), workdir)
 
-    try:
-      if args.tune and not config.validation:
-        examples = len(train.splits(config)[0]["label"])
-        config = dataclasses.replace(config, validation=examples // 6)
-      for name in optimizers:
-        settings = dataclasses.replace(config, optimizer=name)
-        if args.tune:
-          tuning[name] = tune.tune(
-            config, name, run, points=args.tune_points, factor=args.tune_factor
-          )
-          settings = dataclasses.replace(settings, **tuning[name]["chosen"])
-        runs[name] = [
-          run(dataclasses.replace(settings, seed=seed)) for seed in range(args.seeds)
-        ]
-    except UsageError as error:  # One line, no traceback.
-      parser.exit(2, f"error: {error}\n")
+  try:
+    if args.tune and not config.validation:
+      examples = len(train.splits(config)[0]["label"])
+      config = dataclasses.replace(config, validation=examples // 6)
+    for name in optimizers:
+      settings = dataclasses.replace(config, optimizer=name)
+      if args.tune:
+        tuning[name] = tune.tune(
+          config, name, run, points=args.tune_points, factor=args.tune_factor
+        )
+        settings = dataclasses.replace(settings, **tuning[name]["chosen"])
+      runs[name] = [
+        run(dataclasses.replace(settings, seed=seed)) for seed in range(args.seeds)
+      ]
+  except UsageError as error:  # One line, no traceback.
+    parser.exit(2, f"error: {error}\n")
   elapsed = time.perf_counter() - start
 
   settings = {**dataclasses.asdict(config), **vars(args), "target": target}
@@ -154,9 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
   results["summary"] = summary = summarize(runs)
   robust = next(iter(summary.values()), {}).get("robustness", {})
-  table = make_tables.compare_table(
-    results, {k: k for k in robust if k != "clean"}, performance=True
-  )
+  columns = {k: k for k in robust if k != "clean"}  # Each under its own name.
+  table = make_tables.compare_table(results, columns, performance=True)
   results["table"] = make_tables.markdown(table)
   results["runs"] = runs
   print(results["table"])
