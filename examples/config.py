@@ -25,12 +25,10 @@ class UsageError(ValueError):
 
 
 def field(default: Any, help_text: str, choices: Sequence[str] = ()) -> Any:
-  """A setting: simple-parsing's choice, ``--name/--no_name`` flag or field."""
-  if choices:
-    return sp.choice(*choices, default=default, help=help_text)
+  """A setting: simple-parsing's ``--name/--no_name`` flag or field (of ``choices``)."""
   if isinstance(default, bool):
     return sp.flag(default=default, help=help_text, negative_prefix="--no_")
-  return sp.field(default=default, help=help_text)
+  return sp.field(default=default, help=help_text, choices=choices or None)
 
 
 @dataclasses.dataclass
