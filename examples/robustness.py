@@ -26,24 +26,7 @@ def _logits(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.
   return model(images)
 
 
-def _input_gradient(graphdef, state, images, labels):
-  """Gradient of the summed cross-entropy with respect to the images."""
-
-  def loss_fn(x):
-    logits = _logits(graphdef, state, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-
-  return jax.grad(loss_fn)(images)
-
-
 # Perturbations of one batch: (graphdef, state, images, labels, key) -> images.
-@functools.partial(jax.jit, static_argnums=0)
-def _fgsm(graphdef, state, images, labels, key=None, *, eps):
-  del key  # Deterministic.
-  gradient = _input_gradient(graphdef, state, images, labels)
-  return jnp.clip(images + eps * jnp.sign(gradient), 0.0, 1.0)
-
-
 def _pgd_batch(graphdef, state, images, labels, key, *, eps, steps, step_size=None):
   if step_size is None:
     step_size = 2.5 * eps / steps
@@ -57,6 +40,10 @@ def _noise_batch(graphdef, state, images, labels, key, *, sigma):
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="steps")
 def _pgd(graphdef, state, images, labels, key, eps, step_size, *, steps):
+  def loss_fn(x):  # Summed over the batch: each image's own gradient.
+    logits = _logits(graphdef, state, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
   def project(x):
     return jnp.clip(jnp.clip(x, images - eps, images + eps), 0.0, 1.0)
 
@@ -67,8 +54,7 @@ def _pgd(graphdef, state, images, labels, key, eps, step_size, *, steps):
   # Unrolled, not a fori_loop: XLA:CPU runs the convolutions of a loop body as
   # naive loops, several times slower.
   for _ in range(steps):
-    gradient = _input_gradient(graphdef, state, x, labels)
-    x = project(x + step_size * jnp.sign(gradient))
+    x = project(x + step_size * jnp.sign(jax.grad(loss_fn)(x)))
   return x
 
 
@@ -91,8 +77,7 @@ def fgsm(
     Goodfellow et al., `Explaining and Harnessing Adversarial Examples
     <https://arxiv.org/abs/1412.6572>`_, 2015.
   """
-  graphdef, state = nnx.split(model)
-  return _fgsm(graphdef, state, images, labels, eps=eps)
+  return pgd(model, images, labels, eps, step_size=eps, steps=1)
 
 
 def pgd(
@@ -152,7 +137,8 @@ def evaluate_robustness(
   evaluations = [("clean", None, None)]
   for eps in eps_list:
     pgd_eps = functools.partial(_pgd_batch, eps=eps, steps=pgd_steps)
-    evaluations.append((f"fgsm@{eps:.3g}", functools.partial(_fgsm, eps=eps), None))
+    fgsm_eps = functools.partial(_pgd_batch, eps=eps, steps=1, step_size=eps)
+    evaluations.append((f"fgsm@{eps:.3g}", fgsm_eps, None))
     evaluations.append((f"pgd@{eps:.3g}", pgd_eps, pgd_key))
   for sigma in sigmas:
     noise = functools.partial(_noise_batch, sigma=sigma)
