@@ -81,10 +81,9 @@ class CNN(_Classifier):
 
 def _conv_bn(in_features, out_features, kernel, strides, **kwargs):
   """A bias-free He-initialised convolution and the BatchNorm after it."""
-  he = nnx.initializers.he_normal()
   conv = nnx.Conv(
     in_features, out_features, (kernel, kernel), strides, use_bias=False,
-    kernel_init=he, **kwargs,
+    kernel_init=nnx.initializers.he_normal(), **kwargs,
   )  # fmt: skip
   return conv, nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, **kwargs)
 
@@ -104,11 +103,10 @@ class BasicBlock(nnx.Module):
     self.strides = strides
     self.conv1, self.bn1 = _conv_bn(in_features, out_features, 3, strides, **kwargs)
     self.conv2, self.bn2 = _conv_bn(out_features, out_features, 3, 1, **kwargs)
-    reshapes = strides != 1 or in_features != out_features
     self.pad_features = out_features - in_features if shortcut == "padding" else 0
     self.projection = (
       nnx.Sequential(*_conv_bn(in_features, out_features, 1, strides, **kwargs))
-      if reshapes and shortcut == "projection"
+      if shortcut == "projection" and (strides != 1 or in_features != out_features)
       else None
     )
 
