@@ -26,18 +26,6 @@ def _logits(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.
   return model(images)
 
 
-# Perturbations of one batch: (graphdef, state, images, labels, key) -> images.
-def _pgd_batch(graphdef, state, images, labels, key, *, eps, steps, step_size=None):
-  if step_size is None:
-    step_size = 2.5 * eps / steps
-  return _pgd(graphdef, state, images, labels, key, eps, step_size, steps=steps)
-
-
-def _noise_batch(graphdef, state, images, labels, key, *, sigma):
-  del graphdef, state, labels  # The noise does not look at the model.
-  return gaussian_noise(images, sigma, key)
-
-
 @functools.partial(jax.jit, static_argnums=0, static_argnames="steps")
 def _pgd(graphdef, state, images, labels, key, eps, step_size, *, steps):
   def loss_fn(x):  # Summed over the batch: each image's own gradient.
@@ -97,10 +85,10 @@ def pgd(
     Madry et al., `Towards Deep Learning Models Resistant to Adversarial
     Attacks <https://arxiv.org/abs/1706.06083>`_, 2018.
   """
+  if step_size is None:
+    step_size = 2.5 * eps / steps
   graphdef, state = nnx.split(model)
-  return _pgd_batch(
-    graphdef, state, images, labels, key, eps=eps, steps=steps, step_size=step_size
-  )
+  return _pgd(graphdef, state, images, labels, key, eps, step_size, steps=steps)
 
 
 @jax.jit
@@ -114,8 +102,7 @@ def accuracy(
   model: nnx.Module, images: ArrayLike, labels: ArrayLike, *, batch_size: int = 256
 ) -> float:
   """Top-1 accuracy of a model in eval mode, ``batch_size`` images at a time."""
-  graphdef, state = nnx.split(model)
-  return _accuracy(graphdef, state, images, labels, batch_size)
+  return _accuracy(model, images, labels, batch_size)
 
 
 def evaluate_robustness(
@@ -132,26 +119,31 @@ def evaluate_robustness(
   5); names formatted with ``'.3g'``. ``key`` seeds the PGD starts and the
   noise. The last batch is padded, so that every batch compiles once.
   """
-  graphdef, state = nnx.split(model)
   pgd_key, noise_key = jax.random.split(key)
   evaluations = [("clean", None, None)]
   for eps in eps_list:
-    pgd_eps = functools.partial(_pgd_batch, eps=eps, steps=pgd_steps)
-    fgsm_eps = functools.partial(_pgd_batch, eps=eps, steps=1, step_size=eps)
+    fgsm_eps = functools.partial(pgd, model, eps=eps, step_size=eps, steps=1)
+    pgd_eps = functools.partial(pgd, model, eps=eps, steps=pgd_steps)
     evaluations.append((f"fgsm@{eps:.3g}", fgsm_eps, None))
     evaluations.append((f"pgd@{eps:.3g}", pgd_eps, pgd_key))
   for sigma in sigmas:
-    noise = functools.partial(_noise_batch, sigma=sigma)
+    noise = functools.partial(_noise, sigma=sigma)
     evaluations.append((f"noise@{sigma:.3g}", noise, noise_key))
   bar = tqdm.tqdm(evaluations, desc="robustness", disable=not progress)
   return {
-    name: _accuracy(graphdef, state, images, labels, batch_size, perturb, key)
+    name: _accuracy(model, images, labels, batch_size, perturb, key)
     for name, perturb, key in bar
   }
 
 
-def _accuracy(graphdef, state, images, labels, batch_size, perturb=None, key=None):
-  """Accuracy on ``perturb``-ed images; batch ``i`` with ``fold_in(key, i)``."""
+def _noise(images, labels, *, key, sigma):
+  del labels  # The noise does not look at the model.
+  return gaussian_noise(images, sigma, key)
+
+
+def _accuracy(model, images, labels, batch_size, perturb=None, key=None):
+  """Accuracy on ``perturb(images, labels, key=fold_in(key, i))`` for batch ``i``."""
+  graphdef, state = nnx.split(model)
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
   num_examples = len(labels)
@@ -166,6 +158,6 @@ def _accuracy(graphdef, state, images, labels, batch_size, perturb=None, key=Non
     y = np.pad(y, (0, padding))
     if perturb is not None:
       batch_key = None if key is None else jax.random.fold_in(key, i)
-      x = perturb(graphdef, state, x, y, batch_key)
+      x = perturb(x, y, key=batch_key)
     correct += int(_num_correct(graphdef, state, x, y, valid))
   return correct / num_examples
