@@ -237,6 +237,8 @@ class TransformerClassifier(_Classifier):
       nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches, dim))
     )
     self.stacked = stacked
+    # Stacked: one layer per block, one function for all (optimizers hash alike).
+    self.layer_axes = _stacked_layer_axes if stacked else None
 
     def block(rngs: nnx.Rngs) -> EncoderBlock:
       return EncoderBlock(dim, num_heads, mlp_dim, dtype=dtype, rngs=rngs)
@@ -268,11 +270,6 @@ class TransformerClassifier(_Classifier):
       for block in self.blocks:
         x = block(x)
     return self.head(self.norm(x).mean(axis=1))
-
-  @property
-  def layer_axes(self) -> Callable[[tuple, Any], int] | None:
-    """Stacked: one layer per block, one function for all (optimizers hash alike)."""
-    return _stacked_layer_axes if self.stacked else None
 
 
 def _stacked_layer_axes(path: tuple, leaf: Any) -> int:
