@@ -137,7 +137,7 @@ def evaluate_robustness(
 
 
 def _noise(images, labels, *, key, sigma):
-  del labels  # The noise does not look at the model.
+  del labels  # The noise does not look at them.
   return gaussian_noise(images, sigma, key)
 
 
