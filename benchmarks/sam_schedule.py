@@ -15,8 +15,8 @@ Run: ``python -m benchmarks.sam_schedule [--models resnet20,cnn --batch 128
 --reps 5]``; ``--batch 16 --reps 2 --models cnn`` takes under a minute.
 """
 
-import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -56,29 +56,19 @@ def host_step(task: _tasks.Task, tx: optax.GradientTransformationExtraArgs):
   return jax.jit(step, static_argnames="perturb")
 
 
-@dataclasses.dataclass
-class Steps:
-  """``n`` steps of a compiled step per call, the state fed back (``fixed``:
-  every call restarts from the same state); with ``every``, step ``i`` (counted
-  over the calls) is passed ``perturb=(i % every == 0)``."""
+def repeat(step: Callable, carry: tuple, batch: tuple, n: int, every=None) -> Callable:
+  """A call of ``n`` steps from ``carry``, the state fed back; with ``every``,
+  step ``i`` (counted over the calls) is passed ``perturb=(i % every == 0)``."""
+  count = itertools.count()
 
-  step: Callable
-  carry: tuple
-  batch: tuple
-  n: int
-  fixed: bool = False
-  every: int | None = None
-  i: int = 0
-
-  def __call__(self) -> Any:
-    carry = self.carry
-    for _ in range(self.n):
-      kwargs = {} if self.every is None else {"perturb": self.i % self.every == 0}
-      *carry, _ = self.step(*carry, *self.batch, **kwargs)
-      self.i += 0 if self.fixed else 1
-    if not self.fixed:
-      self.carry = tuple(carry)
+  def call() -> tuple:
+    nonlocal carry
+    for _ in range(n):
+      kwargs = {} if every is None else {"perturb": next(count) % every == 0}
+      *carry, _ = step(*carry, *batch, **kwargs)
     return carry
+
+  return call
 
 
 def measure(name: str, args) -> dict[str, Any]:
@@ -86,24 +76,25 @@ def measure(name: str, args) -> dict[str, Any]:
   data = _tasks.digits(32)[0]
   task = _tasks.Task(data["image"], model=name)
   batch = tuple(input_pipeline.batch_at(data, args.batch, 0, 0).values())
-  fns = {}
+  fns, steps = {}, {}
   for label, (tx, sam) in optimizers().items():
     carry = (task.params, task.stats, tx.init(task.params))
     if label in HOST:
       step = host_step(task, tx)
-      fns[label] = Steps(step, carry, batch, args.steps_per_call, every=HOST[label])
+      fns[label] = repeat(step, carry, batch, args.steps_per_call, HOST[label])
       continue
     step = _tasks.jit_step(task, tx, sam=sam)
-    fns[label] = Steps(step, carry, batch, args.steps_per_call)
+    fns[label] = repeat(step, carry, batch, args.steps_per_call)
     if label == "SAM every=2":  # At count 0 the step is perturbed, at 1 skipped.
       states = {"perturbed": carry, "skipped": step(*carry, *batch)[:3]}
-      for kind, state in states.items():
-        fns[f"every=2, {kind} step"] = Steps(step, state, batch, 1, fixed=True)
+      for kind, state in states.items():  # One step, always from this state.
+        fns[f"every=2, {kind} step"] = functools.partial(step, *state, *batch)
+        steps[f"every=2, {kind} step"] = 1
   timings = _timing.interleaved(
     fns, baseline="SGD", reps=args.reps, warmup=args.warmup,
     progress=(lambda m: print(f"  {name}: {m}", flush=True)) if args.verbose else None,
   )  # fmt: skip
-  steps = {label: fns[label].n for label in timings}
+  steps = {label: steps.get(label, args.steps_per_call) for label in timings}
   per_step = {label: t.median_s / steps[label] for label, t in timings.items()}
   # The single-step rows are timed against SGD's call of steps_per_call steps:
   # their ratio is rescaled to a per-step ratio.
