@@ -24,17 +24,8 @@ MIN_SAMPLE_S = 0.02
 dominate (the number of calls is calibrated once per contender)."""
 
 
-class _Ratios:
-  ratios: list[float]  # Each round's measurement over the baseline's.
-
-  @property
-  def ratio(self) -> float:
-    """Median of the paired ratios to the baseline."""
-    return float(np.median(self.ratios))
-
-
 @dataclasses.dataclass
-class Timing(_Ratios):
+class Timing:
   """The interleaved measurement of one contender.
 
   Attributes:
@@ -50,6 +41,11 @@ class Timing(_Ratios):
   @property
   def median_s(self) -> float:
     return float(np.median(self.samples))
+
+  @property
+  def ratio(self) -> float:
+    """Median of the paired ratios to the baseline."""
+    return float(np.median(self.ratios))
 
   def to_json(self) -> dict[str, Any]:
     q25, q75 = np.percentile(self.ratios, [25, 75])
@@ -111,28 +107,15 @@ def interleaved(
   }
 
 
-class Stepper:
-  """Calls a compiled ``update(grads, state, params)``, feeding the state back."""
-
-  def __init__(self, compiled: Any, grads: Any, state: Any, params: Any):
-    self.compiled, self.grads, self.params = compiled, grads, params
-    # A private copy, in case the executable donates it.
-    self.state = jax.tree.map(lambda x: x.copy(), state)
-
-  def __call__(self) -> Any:
-    updates, self.state = self.compiled(self.grads, self.state, self.params)
-    return updates
-
-
 @dataclasses.dataclass
-class CompileTiming(_Ratios):
+class CompileTiming:
   """Interleaved compile-time measurement of one contender.
 
   Attributes:
     trace_lower_s: seconds to trace and lower to StableHLO, one per round.
     compile_s: seconds of XLA compilation, one per round.
-    ratios: total (trace + lower + compile) divided by the baseline's total
-      of the same round.
+    ratio: median of the total (trace + lower + compile) divided by the
+      baseline's total of the same round.
     fusions: number of fused computations in the optimised HLO, and
     distinct_fusions: how many of them differ (`fusion_counts`).
     bytes_accessed: XLA's estimate of the bytes one call reads and writes.
@@ -143,7 +126,7 @@ class CompileTiming(_Ratios):
 
   trace_lower_s: list[float]
   compile_s: list[float]
-  ratios: list[float]
+  ratio: float
   fusions: int
   distinct_fusions: int
   bytes_accessed: float
@@ -181,16 +164,13 @@ def fusion_counts(hlo_text: str) -> tuple[int, int]:
   blocks = re.findall(
     r"\n(%[\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo_text, flags=re.S
   )
+  fused = [body for name, body in blocks if re.search("fused|fusion|wrapped", name)]
   canon = set()
-  count = 0
-  for name, body in blocks:
-    if "fused" not in name and "fusion" not in name and "wrapped" not in name:
-      continue
-    count += 1
+  for body in fused:
     body = re.sub(r", metadata=\{[^}]*\}", "", body)
     body = re.sub(r"stack_frame_id=\d+", "", body)
     canon.add(re.sub(r"%[\w.\-]+", "%", body))
-  return count, len(canon)
+  return len(fused), len(canon)
 
 
 def compile_interleaved(
@@ -202,8 +182,7 @@ def compile_interleaved(
   Args:
     fns: contender name -> ``(fn, args)``: the function and the arguments to
       lower it with (each round traces it anew).
-    baseline: the contender the ratios are taken against.
-    reps: number of rounds.
+    baseline, reps: as in `interleaved`.
     workers: with more than one, each round's XLA compilations run on that
       many threads at once (where the compile times are not the figure of
       interest; they are then marked ``parallel``).
@@ -248,7 +227,7 @@ def compile_interleaved(
   for name in fns:
     total = np.add(lower_s[name], comp_s[name])
     out[name] = CompileTiming(
-      lower_s[name], comp_s[name], list(total / base),
+      lower_s[name], comp_s[name], float(np.median(total / base)),
       *fusion_counts(last[name].as_text()),
       bytes_accessed=cost(last[name], "bytes accessed"),
       parallel=workers > 1, compiled=last[name],

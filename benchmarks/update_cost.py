@@ -70,8 +70,8 @@ def updates_interleaved(
   """Compiles ``tx.update`` of each of ``txs``, then times the compiled updates.
 
   Both interleaved, against ``baseline``; the state is fed back from call to
-  call (`benchmarks._timing.Stepper`). Without ``time_updates`` the timings are
-  ``{}``. ``workers``: compilations at once (1 where compile time is a figure).
+  call. Without ``time_updates`` the timings are ``{}``. ``workers``:
+  compilations at once (1 where compile time is a figure).
   """
   states = {name: tx.init(params) for name, tx in txs.items()}
   # The state is not donated: on XLA:CPU, donating Adam's state adds a copy
@@ -83,10 +83,16 @@ def updates_interleaved(
   )  # fmt: skip
   if not time_updates:
     return comp, {}
-  fns = {
-    name: _timing.Stepper(c.compiled, grads, states[name], params)
-    for name, c in comp.items()
-  }
+
+  def stepper(compiled, state):
+    def call():
+      nonlocal state
+      updates, state = compiled(grads, state, params)
+      return updates
+
+    return call
+
+  fns = {name: stepper(c.compiled, states[name]) for name, c in comp.items()}
   return comp, _timing.interleaved(fns, baseline=baseline, reps=reps, progress=progress)
 
 
