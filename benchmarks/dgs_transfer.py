@@ -17,10 +17,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import optax_lgm
-from benchmarks import _tasks, trees
+from benchmarks import _tasks
 from examples import models
 
 MODELS = ("mlp", "cnn", "resnet20", "transformer")
@@ -73,7 +74,7 @@ def main():
         model, tx, train_split, test_split, epochs=args.epochs, batch=args.batch,
         seed=args.seed,
       )[0]  # fmt: skip
-      n = trees.describe(nnx.state(model, nnx.Param))[1]
+      n = optax.tree.size(nnx.state(model, nnx.Param))
       rows.append(dict(model=name, params=n, lr=lr, accuracy=acc))
       accs.append(f"{acc:.1%}")
       print(f"{name:12s} {n:8d} params  lr={lr:g}  test accuracy {acc:.4f}", flush=True)

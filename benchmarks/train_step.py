@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 import optax_lgm
-from benchmarks import _tasks, _timing, trees, update_cost
+from benchmarks import _tasks, _timing, update_cost
 from examples import models
 
 BASELINE = "SGD (momentum 0.9)"
@@ -105,7 +105,7 @@ def run(
     rows[name]["step_bound"] = 1 + (t.median_s - base_update) / base_step
   return dict(
     model=f"ResNet-{sizes['depth']} (width {sizes['width']})",
-    params=trees.describe(params)[1],
+    params=optax.tree.size(params),
     batch=b,
     image=s,
     rows=rows,

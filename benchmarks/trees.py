@@ -99,9 +99,3 @@ def abstract(shapes: Shapes) -> Any:
   return jax.tree.map(
     lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes, is_leaf=_is_shape
   )
-
-
-def describe(tree: Any) -> tuple[int, int]:
-  """``(number of leaves, number of parameters)`` of a tree of arrays."""
-  leaves = jax.tree.leaves(tree)
-  return len(leaves), int(sum(np.prod(np.shape(x)) for x in leaves))

@@ -108,7 +108,7 @@ def run_tree(
   """
   params = trees.materialize(shapes, seed=0)
   grads = trees.materialize(shapes, seed=1, scale=1e-3)
-  num_leaves, num_params = trees.describe(params)
+  num_leaves, num_params = len(jax.tree.leaves(params)), optax.tree.size(params)
   txs = {name: factory() for name, factory in UPDATE_CONTENDERS.items()}
   comp, timings = updates_interleaved(
     txs, grads, params, reps=reps, compile_reps=compile_reps, workers=workers,
@@ -134,7 +134,7 @@ def run_memory(found: dict[str, tuple[str, trees.Shapes]]) -> dict[str, Any]:
   out = {}
   for tree_name, (title, shapes) in found.items():
     params = trees.abstract(shapes)
-    num_leaves, num_params = trees.describe(params)
+    num_leaves, num_params = len(jax.tree.leaves(params)), optax.tree.size(params)
     size = {name: state_bytes(f(), params) for name, f in MEMORY_CONTENDERS.items()}
     out[tree_name] = dict(
       title=title,
