@@ -232,8 +232,9 @@ def parser(doc: str, **flags: Any) -> argparse.ArgumentParser:
   """A benchmark's command line: ``--name`` for each keyword ``name=default``.
 
   The flag takes values of the default's type (``False``: a switch; ``None``: a
-  string); ``name=(default, help)`` gives a help text (else `HELP`'s).
-  Underscores in the name become dashes.
+  string; a list: one of its strings, the first by default);
+  ``name=(default, help)`` gives a help text (else `HELP`'s). Underscores in the
+  name become dashes.
   """
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   for name, spec in flags.items():
@@ -241,6 +242,8 @@ def parser(doc: str, **flags: Any) -> argparse.ArgumentParser:
     flag = "--" + name.replace("_", "-")
     if isinstance(default, bool):
       parser.add_argument(flag, action="store_true", help=text)
+    elif isinstance(default, list):
+      parser.add_argument(flag, default=default[0], choices=default, help=text)
     else:
       kind = str if default is None else type(default)
       parser.add_argument(flag, type=kind, default=default, help=text)

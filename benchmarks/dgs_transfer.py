@@ -40,36 +40,26 @@ class MLP(nnx.Module):
     return self.out(nnx.relu(self.hidden(x)))
 
 
-def make_model(name, meta, seed):
-  create = MLP if name == "mlp" else functools.partial(models.create_model, name)
-  return create(
-    meta.num_classes, meta.input_shape, meta.mean, meta.std, rngs=nnx.Rngs(seed)
-  )
-
-
 def main():
-  parser = _tasks.parser(
+  args = _tasks.parser(
     __doc__, lrs="0.0003", models=",".join(MODELS), epochs=20, batch=64, seed=0,
-    momentum=(0.9, "<0: none"), json=None,
-  )  # fmt: skip
-  parser.add_argument("--denominator", default="mean", choices=("mean", "sum"))
-  parser.add_argument(
-    "--reduction", default="global", choices=("global", "layer", "element")
-  )
-  args = parser.parse_args()
+    momentum=(0.9, "<0: none"), json=None, denominator=["mean", "sum"],
+    reduction=["global", "layer", "element"],
+  ).parse_args()  # fmt: skip
   train_split, test_split, meta = _tasks.digits(8)
+  data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
   lrs = [float(v) for v in args.lrs.split(",")]
-  names = args.models.split(",")
   rows, table = [], []
   start = time.perf_counter()
-  for name in names:
+  for name in args.models.split(","):
+    create = MLP if name == "mlp" else functools.partial(models.create_model, name)
     accs = []
     for lr in lrs:
       tx = optax_lgm.dgs(
         lr, None if args.momentum < 0 else args.momentum,
         denominator=args.denominator, reduction=args.reduction,
       )  # fmt: skip
-      model = make_model(name, meta, args.seed)
+      model = create(*data, rngs=nnx.Rngs(args.seed))
       acc = _tasks.train_nnx(
         model, tx, train_split, test_split, epochs=args.epochs, batch=args.batch,
         seed=args.seed,

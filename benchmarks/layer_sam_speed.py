@@ -287,7 +287,7 @@ def defaults(args) -> None:
 
 
 def main() -> None:
-  parser = _tasks.parser(
+  args = _tasks.parser(
     __doc__, batch=128, reps=5, steps_warmup=2, k=2, layers="module", rho=0.05,
     lr=0.05, train_steps=40, reselect_every=10,
     share_forward_in_training=(
@@ -295,12 +295,11 @@ def main() -> None:
     ),
     budget="blocks/8,head", defaults=False, ks=("1,2,4", "k values for --defaults"),
     probe_every=10, json=None,
-  )  # fmt: skip
-  parser.add_argument(
-    "--xla", choices=("both", "default", "share"), default="both",
-    help="XLA pass configurations to time: default, reshape-mover disabled, both",
-  )  # fmt: skip
-  args = parser.parse_args()
+    xla=(
+      ["both", "default", "share"],
+      "XLA pass configurations to time: default, reshape-mover disabled, both",
+    ),
+  ).parse_args()  # fmt: skip
   if args.defaults:
     defaults(args)
   else:

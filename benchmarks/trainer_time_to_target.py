@@ -178,14 +178,12 @@ def cache_check(model: str, optimizers: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the measurement and prints the table and the targets."""
-  parser = _tasks.parser(
+  args = _tasks.parser(
     __doc__, models="cnn,resnet20", lengths="short,medium,long",
     optimizers="sgd,sam,layer_sam", seeds=3, cache=(False, "check the cache too"),
     out=(None, "write the results as JSON"),
-    machine=(platform.platform(), "for the record"),
-  )  # fmt: skip
-  parser.add_argument("--dataset", default="digits", choices=sorted(LENGTHS))
-  args = parser.parse_args(argv)
+    machine=(platform.platform(), "for the record"), dataset=sorted(LENGTHS),
+  ).parse_args(argv)  # fmt: skip
   optimizers = args.optimizers.split(",")
   began = time.perf_counter()
   command = " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]])
