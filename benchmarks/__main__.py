@@ -72,8 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   add("--only", default=",".join(SECTIONS), help=f"sections, of {','.join(SECTIONS)}")
   args = parser.parse_args(argv)
   args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
-  unknown = set(args.sections) - set(SECTIONS)
-  if unknown:
+  if unknown := set(args.sections) - set(SECTIONS):
     parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
   args.sizes = parse_sizes(args.sizes, QUICK_SIZES if args.quick else DEFAULT_SIZES)
   if args.reps is None:
@@ -129,10 +128,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   found = update_cost.report_trees(args.sizes)
 
   def tree(name: str, section: str, **kwargs) -> dict[str, Any]:
-    title, shapes = found[name]
     progress = _progress(f"{section}/{name}")
     return update_cost.run_tree(
-      shapes, title=title, reps=args.reps, progress=progress, **kwargs
+      *found[name], reps=args.reps, progress=progress, **kwargs
     )
 
   sections = args.sections

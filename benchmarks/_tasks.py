@@ -55,10 +55,8 @@ class Task:
     if isinstance(model, str):
       model = functools.partial(models.create_model, model)
     model = model(10, x.shape[1:], mean, std, rngs=nnx.Rngs(seed))
-    self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    self.params = nnx.as_pure(params)
-    self.stats = nnx.as_pure(stats)
-    self.rest = nnx.as_pure(rest)
+    self.graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    self.params, self.stats, self.rest = map(nnx.as_pure, states)
 
   def loss(self, params, stats, x, y):
     """Cross-entropy and the updated batch statistics."""
@@ -183,12 +181,10 @@ def budget_mask(prefixes: str | Sequence[str]) -> Callable[[Any], Any]:
   """
   prefixes = tuple(prefixes.split(",") if isinstance(prefixes, str) else prefixes)
 
-  def name(path) -> str:  # blocks/8/conv1/kernel
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+  def under(path, _) -> bool:  # A path such as blocks/8/conv1/kernel.
+    return jax.tree_util.keystr(path, simple=True, separator="/").startswith(prefixes)
 
-  return lambda params: jax.tree_util.tree_map_with_path(
-    lambda path, _: name(path).startswith(prefixes), params
-  )
+  return functools.partial(jax.tree_util.tree_map_with_path, under)
 
 
 def output_side(names: Sequence[str], k: int) -> tuple[list[str], tuple[int, ...]]:

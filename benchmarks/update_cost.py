@@ -97,14 +97,13 @@ def updates_interleaved(
 
 
 def run_tree(
-  shapes: trees.Shapes, *, title: str, reps: int, compile_reps: int,
+  title: str, shapes: trees.Shapes, *, reps: int, compile_reps: int,
   progress: Callable[[str], None], time_updates: bool = True, workers: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
   """Compiles (and with ``time_updates`` times) every contender on one tree.
 
-  Returns:
-    A JSON-ready dict: the tree's size, and per contender its compile and
-    update measurements (`updates_interleaved`).
+  Returns, JSON-ready, the tree's size and per contender its compile and update
+  measurements (`updates_interleaved`).
   """
   params = trees.materialize(shapes, seed=0)
   grads = trees.materialize(shapes, seed=1, scale=1e-3)
