@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as work:
     for model in args.models.split(","):
       for length in args.lengths.split(","):
-        runs = []
+        first = len(results["runs"])
         for seed, order in enumerate(_timing.rounds(optimizers, args.seeds)):
           for name in order:
             workdir = os.path.join(work, f"{model}_{length}_{name}_{seed}")
@@ -206,15 +206,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "dataset": args.dataset, "model": model, "length": length,
               "optimizer": name, "seed": seed, **{k: metrics.get(k) for k in RUN_KEYS},
             }  # fmt: skip
-            runs.append(entry)
-            if args.out:  # Every run is kept, even if the benchmark stops early.
-              partial = {**results, "runs": results["runs"] + runs}
-              pathlib.Path(args.out).write_text(json.dumps(partial, indent=1))
+            results["runs"].append(entry)
+            _tasks.write_json(args.out, results, indent=1)  # Kept if it stops early.
             print(
               f"{model} {length} {name} seed {seed}: {entry['time_to_target']} s "
               f"(step {entry['steps_to_target']})", file=sys.stderr, flush=True,
             )  # fmt: skip
-        results["runs"] += runs
+        runs = results["runs"][first:]
         results["summaries"][f"{model}/{length}"] = summarize(runs, optimizers)
     if args.cache:
       results["cache"] = cache_check(args.models.split(",")[-1], optimizers)
@@ -224,8 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if "cache" in results:
     print("persistent cache (compile seconds, first run / rerun):", results["cache"])
   print(f"wall-clock: {results['wall_seconds']:.0f} s")
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+  _tasks.write_json(args.out, results, indent=1)
   return results
 
 
