@@ -10,7 +10,7 @@ and JSON output that several benchmarks have in common.
 import argparse
 import functools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import _timing
 from examples import input_pipeline, loop, models, robustness, train
 
 SHARE_FORWARD = {"xla_disable_hlo_passes": "reshape-mover"}
@@ -98,6 +99,24 @@ def jit_step(task: Task, tx, *, sam: bool, traces: list | None = None, options=N
   """`make_step` jitted, ``selection`` static, with the XLA compiler ``options``."""
   step = make_step(task, tx, sam=sam, traces=traces)
   return jax.jit(step, static_argnames="selection", compiler_options=options)
+
+
+def compile_steps(task: Task, contenders: Mapping, params, stats, batch, **kwargs):
+  """Compiles each contender's step once: `benchmarks._timing.compile_interleaved`
+  (with ``kwargs``) of ``contenders``, name -> (transformation, whether it takes
+  ``grad_fn``, static selection).
+
+  Returns the compile timings and, per contender, a call of its compiled step on
+  ``batch`` from ``(params, stats, tx.init(params))``.
+  """
+  steps = {}
+  for name, (tx, sam, selection) in contenders.items():
+    step = functools.partial(make_step(task, tx, sam=sam), selection=selection)
+    steps[name] = (step, (params, stats, tx.init(params), *batch))
+  comp = _timing.compile_interleaved(steps, reps=1, **kwargs)
+  return comp, {
+    name: functools.partial(c.compiled, *steps[name][1]) for name, c in comp.items()
+  }
 
 
 def opaque_sam(base: optax.GradientTransformation, rho: float):

@@ -175,7 +175,8 @@ def fusion_counts(hlo_text: str) -> tuple[int, int]:
 
 def compile_interleaved(
   fns: Mapping[str, tuple[Callable, tuple]], *, baseline: str, reps: int,
-  workers: int = 1, progress: Callable[[str], None] | None = None,
+  workers: int = 1, options: dict[str, Any] | None = None,
+  progress: Callable[[str], None] | None = None,
 ) -> dict[str, CompileTiming]:  # fmt: skip
   """Traces, lowers and compiles each contender ``reps`` times, interleaved.
 
@@ -186,6 +187,7 @@ def compile_interleaved(
     workers: with more than one, each round's XLA compilations run on that
       many threads at once (where the compile times are not the figure of
       interest; they are then marked ``parallel``).
+    options: XLA compiler options of every compilation.
     progress: called with a short message after each compilation.
   """
   _check_baseline(baseline, fns)
@@ -193,16 +195,12 @@ def compile_interleaved(
   comp_s: dict[str, list[float]] = {name: [] for name in fns}
   last: dict[str, Any] = {}
 
-  def compile_one(name: str, lowered: Any) -> tuple[str, Any, float]:
+  def compile_one(i: int, name: str, lowered: Any) -> None:
     t0 = time.perf_counter()
-    compiled = lowered.compile()  # XLA releases the GIL while it compiles.
-    return name, compiled, time.perf_counter() - t0
-
-  def record(i: int, name: str, compiled: Any, seconds: float) -> None:
-    last[name] = compiled
-    comp_s[name].append(seconds)
+    last[name] = lowered.compile()  # XLA releases the GIL while it compiles.
+    comp_s[name].append(time.perf_counter() - t0)
     if progress is not None:
-      progress(f"round {i + 1}/{reps}: compiled {name} in {seconds:.1f} s")
+      progress(f"round {i + 1}/{reps}: compiled {name} in {comp_s[name][-1]:.1f} s")
 
   for i, order in enumerate(rounds(list(fns), reps)):
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -214,14 +212,14 @@ def compile_interleaved(
           return fn(*args)
 
         t0 = time.perf_counter()
-        lowered = jax.jit(fresh).lower(*args)
+        lowered = jax.jit(fresh, compiler_options=options).lower(*args)
         lower_s[name].append(time.perf_counter() - t0)
+        # With several workers, lowering the next one overlaps these compilations.
+        futures.append(pool.submit(compile_one, i, name, lowered))
         if workers <= 1:
-          record(i, *compile_one(name, lowered))
-        else:  # Lowering the next one overlaps with these compilations.
-          futures.append(pool.submit(compile_one, name, lowered))
-      for future in futures:
-        record(i, *future.result())
+          futures[-1].result()
+      for future in futures:  # Raises what a compilation raised.
+        future.result()
   base = np.add(lower_s[baseline], comp_s[baseline])
   out = {}
   for name in fns:

@@ -37,12 +37,6 @@ XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWA
 MEANS = ("captured", "cosine", "share")  # The probes' figures averaged (--defaults).
 
 
-def compile_step(task, tx, carry, batch, *, sam, selection=None, options=SHARE_FORWARD):
-  """The training step of ``tx`` from ``carry = (params, stats, state)``, compiled."""
-  step = _tasks.jit_step(task, tx, sam=sam, options=options)
-  return step.lower(*carry, *batch, selection=selection).compile()
-
-
 def train_selection(task: _tasks.Task, args, data, mask=None) -> dict[str, Any]:
   """Trains with ``optax_lgm.StaticSelection``; returns what it selected."""
   sgd = optax.sgd(args.lr, momentum=0.9)
@@ -90,10 +84,8 @@ def speed(args) -> None:
   layer_sam = dict(rho=args.rho, k=args.k, layers=args.layers)
   ls = optax_lgm.layer_sam(sgd, **layer_sam)
   ls_budget = optax_lgm.layer_sam(sgd, **layer_sam, mask=budget)
-  dynamic, budget_name = (
-    f"layer_sam dynamic, k={args.k}",
-    f"layer_sam static, budget {args.budget}",
-  )
+  dynamic = f"layer_sam dynamic, k={args.k}"
+  budget_name = f"layer_sam static, budget {args.budget}"
   contenders = {  # Name -> (transformation, takes grad_fn, static selection).
     "SGD": (sgd, False, None),
     "optax.contrib.sam": (_tasks.opaque_sam(sgd, args.rho), True, None),
@@ -110,17 +102,13 @@ def speed(args) -> None:
   }
   runs, fns = {}, {}
   for cfg, options in configs.items():
-    for name, (tx, is_sam, sel) in contenders.items():
-      state = tx.init(params)
-      t0 = time.perf_counter()
-      compiled = compile_step(
-        task, tx, (params, stats, state), batch, sam=is_sam, selection=sel,
-        options=options,
-      )  # fmt: skip
-      compile_s = time.perf_counter() - t0
-      fns[f"{cfg}/{name}"] = lambda c=compiled, s=state: c(params, stats, s, *batch)
-      gflops = _timing.cost(compiled, "flops") / 1e9
-      runs[f"{cfg}/{name}"] = dict(gflops=gflops, compile_s=compile_s)
+    comp, calls = _tasks.compile_steps(
+      task, contenders, params, stats, batch, baseline="SGD", options=options
+    )
+    for name, c in comp.items():
+      fns[f"{cfg}/{name}"] = calls[name]
+      gflops = _timing.cost(c.compiled, "flops") / 1e9
+      runs[f"{cfg}/{name}"] = dict(gflops=gflops, compile_s=c.total_s)
   timings = _timing.interleaved(
     fns, baseline=next(iter(fns)), reps=args.reps, warmup=args.steps_warmup
   )
@@ -251,9 +239,11 @@ def defaults(args) -> None:
   batch = tuple(input_pipeline.batch_at(data, args.batch, 2, 0).values())
 
   def gflops(tx, sam: bool, selection=None) -> float:
-    carry = (params, stats, tx.init(params))
-    compiled = compile_step(task, tx, carry, batch, sam=sam, selection=selection)
-    return _timing.cost(compiled, "flops") / 1e9
+    contender = {"": (tx, sam, selection)}
+    comp, _ = _tasks.compile_steps(
+      task, contender, params, stats, batch, baseline="", options=SHARE_FORWARD
+    )
+    return _timing.cost(comp[""].compiled, "flops") / 1e9
 
   flops = {"sgd": gflops(tx, False), "sam": gflops(full, True)}
   print(

@@ -67,18 +67,11 @@ def run(
   params, stats = task.params, task.stats
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   optimizers = contenders(params)
-  states = {name: tx.init(params) for name, (tx, _, _) in optimizers.items()}
-
-  def step(name: str) -> tuple:
-    tx, sam, selection = optimizers[name]
-    step = functools.partial(_tasks.make_step(task, tx, sam=sam), selection=selection)
-    return step, (params, stats, states[name], xs, ys)
-
-  comp = _timing.compile_interleaved(
-    {name: step(name) for name in optimizers}, baseline=BASELINE, reps=1,
-    workers=workers, progress=progress,
+  comp, fns = _tasks.compile_steps(
+    task, optimizers, params, stats, (xs, ys), baseline=BASELINE, workers=workers,
+    progress=progress,
   )  # fmt: skip
-  rows, fns = {}, {}
+  rows = {}
   for name, c in comp.items():
     selection = optimizers[name][2]
     rows[name] = dict(
@@ -86,7 +79,6 @@ def run(
       compile_s=c.compile_s[0] + c.trace_lower_s[0],
       gflops=_timing.cost(c.compiled, "flops") / 1e9,
     )
-    fns[name] = functools.partial(c.compiled, params, stats, states[name], xs, ys)
   timings = _timing.interleaved(
     fns, baseline=BASELINE, reps=reps, warmup=0, progress=progress
   )
