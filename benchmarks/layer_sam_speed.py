@@ -37,10 +37,8 @@ XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWA
 MEANS = ("captured", "cosine", "share")  # The probes' figures averaged (--defaults).
 
 
-def train_selection(task: _tasks.Task, args, data, mask=None) -> dict[str, Any]:
-  """Trains with ``optax_lgm.StaticSelection``; returns what it selected."""
-  sgd = optax.sgd(args.lr, momentum=0.9)
-  tx = optax_lgm.layer_sam(sgd, rho=args.rho, k=args.k, layers=args.layers, mask=mask)
+def train_selection(task: _tasks.Task, tx, args, data, mask=None) -> dict[str, Any]:
+  """Trains ``tx`` with ``optax_lgm.StaticSelection``; returns what it selected."""
   traces: list = []
   options = SHARE_FORWARD if args.share_forward_in_training else None
   step = optax_lgm.StaticSelection(
@@ -76,14 +74,14 @@ def speed(args) -> None:
   task = _tasks.Task(data["image"])
   names = optax_lgm.layer_names(task.params, args.layers)
   budget = budget_mask(args.budget)
-  trained = train_selection(task, args, data)
-  budgeted = train_selection(task, args, data, mask=budget)
-  params, stats = trained["params"], trained["stats"]
-  out_side, out_sel = _tasks.output_side(names, args.k)
   sgd = optax.sgd(args.lr, momentum=0.9)
   layer_sam = dict(rho=args.rho, k=args.k, layers=args.layers)
   ls = optax_lgm.layer_sam(sgd, **layer_sam)
   ls_budget = optax_lgm.layer_sam(sgd, **layer_sam, mask=budget)
+  trained = train_selection(task, ls, args, data)
+  budgeted = train_selection(task, ls_budget, args, data, mask=budget)
+  params, stats = trained["params"], trained["stats"]
+  out_side, out_sel = _tasks.output_side(names, args.k)
   dynamic = f"layer_sam dynamic, k={args.k}"
   budget_name = f"layer_sam static, budget {args.budget}"
   contenders = {  # Name -> (transformation, takes grad_fn, static selection).
