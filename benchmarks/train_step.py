@@ -52,10 +52,8 @@ def run(
   ``sizes`` are the report's (``batch``, ``image``, ``depth``, ``width``);
   ``reps`` and ``update_reps`` are the rounds of the step timing and of the
   update alone; ``workers`` steps compile at once. Returns, JSON-ready, the
-  model's size and per optimizer the step's time, ratio to SGD, FLOPs and
-  compile time; for those without ``grad_fn`` also the time of ``tx.update``
-  alone and the step ratio it implies, ``1 + (update - SGD's update) / SGD
-  step``, a bound that the noise of whole steps cannot blur.
+  model's size and the rows of section 4 (`benchmarks.report.train_section`
+  says what each figure is).
   """
   rng = np.random.default_rng(0)
   b, s = sizes["batch"], sizes["image"]
