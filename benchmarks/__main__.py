@@ -24,7 +24,6 @@ import optax
 
 import optax_lgm
 from benchmarks import _tasks, report, train_step, update_cost
-from examples import loop
 
 SECTIONS = ("update", "compile", "memory", "train")
 
@@ -100,7 +99,7 @@ def _load() -> str:
     return "n/a"
 
 
-def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
   """Runs the selected sections; returns the results (JSON-ready)."""
   start, cpu_start = time.perf_counter(), time.process_time()
   device = jax.devices()[0]
@@ -123,10 +122,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     "python": platform.python_version(),
     **{key: getattr(args, key) for key in settings},
   }
-  machine = f"{kind}, {os.cpu_count()} CPU cores, jax {jax.__version__}"
-  results: dict[str, Any] = dict(
-    command=command, commit=loop.commit(), machine=machine, meta=meta
-  )
+  results: dict[str, Any] = dict(**_tasks.record("benchmarks", argv), meta=meta)
   # Where compile time is not the figure, compile on every core at once.
   workers = max(1, min(4, os.cpu_count() or 1))
   found = update_cost.report_trees(args.sizes)
@@ -169,15 +165,12 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the report, prints it and writes the JSON; returns the results."""
   args = parse_args(argv)
-  command = " ".join(
-    ["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]
-  )
   previous = jax.config._read("jax_disable_most_optimizations")
   if args.quick:
     # A smoke test: compile fast; the figures then mean nothing.
     jax.config.update("jax_disable_most_optimizations", True)
   try:
-    results = run(args, command)
+    results = run(args, argv)
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
   print(report.render(results), flush=True)

@@ -10,6 +10,9 @@ and JSON output that several benchmarks have in common.
 import argparse
 import functools
 import json
+import os
+import shlex
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -228,6 +231,18 @@ def table(header: str, rows: Iterable[Sequence[Any]]) -> str:
   lines = [f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
   lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def record(module: str, argv: Sequence[str] | None) -> dict[str, Any]:
+  """The command, commit and machine of a run of ``module``, for its JSON."""
+  argv = sys.argv[1:] if argv is None else argv
+  device = jax.devices()[0]
+  machine = (
+    f"{device.device_kind} ({jax.device_count()} device), "
+    f"{os.cpu_count()} CPU cores, jax {jax.__version__}"
+  )
+  command = shlex.join(["python", "-m", module, *argv])
+  return dict(command=command, commit=loop.commit(), machine=machine)
 
 
 def write_json(path: str | None, data: Any, indent: int = 2) -> None:

@@ -19,7 +19,7 @@ from flax import nnx
 
 import optax_lgm
 from benchmarks import _tasks
-from examples import models
+from examples import loop, models
 
 NO_CLIP = dict(min_scale=None, max_scale=None)
 VARIANTS = {
@@ -36,10 +36,10 @@ VARIANTS = {
 }
 
 
-def main():
+def main(argv=None):
   args = _tasks.parser(
     __doc__, epochs=15, seeds=3, batch=64, lr=0.05, target=0.95, json=None
-  ).parse_args()
+  ).parse_args(argv)
   train_split, test_split, meta = _tasks.digits(8)
   data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
   rows = {}
@@ -68,15 +68,13 @@ def main():
     f"digits CNN, SGD momentum 0.9, {args.epochs} epochs, batch {args.batch}, "
     f"{args.seeds} seeds, {time.perf_counter() - start:.0f} s, {jax.devices()[0]}"
   )
-  lines = []
-  for name, r in rows.items():
-    steps = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
-    acc = f"{r['acc_mean']:.4f} ± {r['acc_std']:.4f}"
-    reached = f"{steps} ({r['reached']}/{args.seeds})"
-    lines.append([name, f"{r['lr']:g}", acc, reached, r["diverged"]])
-  header = f"variant | lr | test acc | steps to {args.target:.0%} (runs) | diverged"
-  print(_tasks.table(header, lines))
-  _tasks.write_json(args.json, rows)
+  result = dict(
+    **_tasks.record("benchmarks.lgm_defaults", argv), target=args.target,
+    seeds=args.seeds, settings=vars(args), rows=rows,
+  )  # fmt: skip
+  tables = loop.docs_script("make_tables")
+  print(tables.markdown(tables.lgm_defaults_table(result)))
+  _tasks.write_json(args.json, result)
 
 
 if __name__ == "__main__":

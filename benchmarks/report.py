@@ -1,27 +1,14 @@
 """Markdown rendering of the benchmark results, and the targets of the issue."""
 
-import statistics
-from collections.abc import Callable
 from typing import Any
 
-from benchmarks import _tasks, train_step, update_cost
+from benchmarks import train_step, update_cost
+from examples import loop
 
 
-def _ratio(r: dict[str, Any]) -> str:
-  return f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}–{r['ratio_q75']:.2f})"
-
-
-def _kernels(c: dict[str, Any]) -> str:
-  return f"{c['fusions']} ({c['distinct_fusions']})"
-
-
-def _tree_title(tree: dict[str, Any]) -> str:
-  return f"{tree['title']}: {tree['leaves']:,} leaves, {tree['params']:,} parameters"
-
-
-def _table(header: str, rows: dict[str, Any], cells: Callable) -> str:
-  """A markdown table: per ``rows`` entry its name, then ``cells(row)``."""
-  return _tasks.table(header, ([name, *cells(row)] for name, row in rows.items()))
+def _tables():
+  """``docs/make_tables.py``: the cells of every table, on the page and here."""
+  return loop.docs_script("make_tables")
 
 
 def update_section(results: dict[str, Any]) -> list[str]:
@@ -36,71 +23,39 @@ def update_section(results: dict[str, Any]) -> list[str]:
     "2). Kernels: the fused computations of the optimised HLO, and how many "
     "are distinct (XLA compiles identical ones once).",
   ]
-  header = "transformation | median ms | × scale_by_adam | passes | kernels (distinct)"
-
-  def cells(row):
-    u = row.get("update")
-    timing = ["-", "-"] if u is None else [f"{u['median_s'] * 1e3:.2f}", _ratio(u)]
-    return [*timing, f"{row['passes']:.1f}", _kernels(row["compile"])]
-
+  t = _tables()
   for tree in results.values():
-    lines += ["", f"### {_tree_title(tree)}", "", _table(header, tree["rows"], cells)]
+    lines += ["", f"### {t.tree_title(tree)}", "", t.markdown(t.update_table(tree))]
   return lines
 
 
 def compile_section(tree: dict[str, Any], reps: int) -> list[str]:
   """Section 2: compile time on the many-leaf tree."""
-  header = "transformation | trace+lower s | XLA compile s | total s | "
-  header += "× scale_by_adam | kernels (distinct)"
-
-  def cells(row):
-    c = row["compile"]
-    tl, cs = statistics.median(c["trace_lower_s"]), statistics.median(c["compile_s"])
-    seconds = [f"{s:.1f}" for s in (tl, cs, c["total_s"])]
-    return [*seconds, f"{c['ratio']:.2f}", _kernels(c)]
-
+  t = _tables()
   return [
-    f"## 2. Compile time: {_tree_title(tree)}",
+    f"## 2. Compile time: {t.tree_title(tree)}",
     "",
     f"Trace + lower + XLA compile of the same jitted update, median of {reps} "
     "interleaved round(s), each from a new Python function (no cache).",
     "",
-    _table(header, tree["rows"], cells),
+    t.markdown(t.compile_table(tree)),
   ]
 
 
 def memory_section(results: dict[str, Any]) -> list[str]:
   """Section 3: optimizer-state bytes, a pair of columns per tree."""
+  t = _tables()
   lines = ["## 3. Optimizer-state memory (bytes of `tx.init(params)`)", ""]
-  for t in results.values():
+  for tree in results.values():
     lines.append(
-      f"- {_tree_title(t)}; {t['layers']} layers with `layers='leaf'`, "
-      f"{t['modules']} with `layers='module'`."
+      f"- {t.tree_title(tree)}; {tree['layers']} layers with `layers='leaf'`, "
+      f"{tree['modules']} with `layers='module'`."
     )
-  header = " | ".join(["transformation", *(f"{n} bytes | × Adam" for n in results)])
-  names = next(iter(results.values()))["rows"]
-  rows = {name: [t["rows"][name] for t in results.values()] for name in names}
-
-  def cells(rows):
-    return [f"{r['bytes']:,} | {r['ratio']:.2g}" for r in rows]
-
-  return [*lines, "", _table(header, rows, cells)]
+  return [*lines, "", t.markdown(t.memory_table(results))]
 
 
 def train_section(res: dict[str, Any]) -> list[str]:
   """Section 4: train-step cost."""
-  header = "optimizer | median ms | × SGD | GFLOP/step | compile s | "
-  header += "update alone ms | step ratio implied"
-
-  def cells(row):
-    step, alone, bound = row["step"], "-", "-"
-    if "update_alone" in row:
-      alone = f"{row['update_alone']['median_s'] * 1e3:.3f}"
-      bound = f"{row['step_bound']:.4f}"
-    ms, gflops, compile_s = step["median_s"] * 1e3, row["gflops"], row["compile_s"]
-    cells = [f"{ms:.1f}", _ratio(step), f"{gflops:.2f}", f"{compile_s:.1f}"]
-    return [*cells, alone, bound]
-
   return [
     f"## 4. Train step: {res['model']}, {res['params']:,} parameters, "
     f"batch {res['batch']}, {res['image']}x{res['image']}x3",
@@ -114,7 +69,7 @@ def train_section(res: dict[str, Any]) -> list[str]:
     "whole-step noise does not blur (not for the SAMs: their update runs a "
     "second forward and backward pass).",
     "",
-    _table(header, res["rows"], cells),
+    _tables().markdown(_tables().train_table(res)),
   ]
 
 

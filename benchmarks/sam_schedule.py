@@ -25,7 +25,7 @@ import optax
 
 import optax_lgm
 from benchmarks import _tasks, _timing
-from examples import input_pipeline
+from examples import input_pipeline, loop
 
 RHO = 0.05
 LR = 0.05
@@ -123,13 +123,9 @@ def measure(name: str, args) -> dict[str, Any]:
 
 
 def report(name: str, result: dict[str, Any]) -> None:
-  rows = [
-    [label, f"{1e3 * seconds:.2f}", f"{result['ratio_to_sgd'][label]:.2f}"]
-    for label, seconds in result["per_step_s"].items()
-  ]
-  print(
-    f"\n### {name}\n\n" + _tasks.table("contender | ms / step | x SGD", rows) + "\n"
-  )
+  tables = loop.docs_script("make_tables")
+  [(_, table)] = tables.sam_schedule_tables({"results": {name: result}})
+  print(f"\n### {name}\n\n{tables.markdown(table)}\n")
   for target, t in result["targets"].items():
     print(
       f"- {target}: {t['value']:.2f}x SGD, {t['vs_half']:.2f}x (SAM + SGD) / 2;"
@@ -163,7 +159,8 @@ def main(argv=None) -> None:
   for name in args.models:
     results[name] = measure(name, args)
     report(name, results[name])
-  _tasks.write_json(args.json, {"args": vars(args), "results": results}, indent=1)
+  record = _tasks.record("benchmarks.sam_schedule", argv)
+  _tasks.write_json(args.json, {**record, "args": vars(args), "results": results}, 1)
 
 
 if __name__ == "__main__":

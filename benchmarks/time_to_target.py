@@ -14,12 +14,9 @@ Run: ``python -m benchmarks.time_to_target [--seeds 3 --json out.json]``.
 """
 
 import math
-import platform
-import sys
 import time
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 
@@ -155,25 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
       )
   rows = summarize(runs)
-  machine = (
-    f"{jax.devices()[0].device_kind} ({jax.device_count()} device), "
-    f"{platform.processor() or platform.machine()}, jax {jax.__version__}"
-  )
-  argv = sys.argv[1:] if argv is None else argv
-  command = "python -m benchmarks.time_to_target " + " ".join(argv)
+  record = _tasks.record("benchmarks.time_to_target", argv)
   print(
     f"\nResNet-20, digits 32x32 ({len(train_data['label'])} train / "
     f"{len(test_data['label'])} test), batch {args.batch}, {args.steps} steps, "
     f"eval every {args.eval_every}, lr {args.lr} (dgs {args.dgs_lr}), "
     f"rho {args.rho}, k {args.k}, StaticSelection every {args.every} margin "
     f"{args.margin} max {args.max_compilations}, budget {args.budget}; "
-    f"{args.seeds} seeds; {machine}; "
+    f"{args.seeds} seeds; {record['machine']}; "
     f"{time.perf_counter() - wall:.0f} s in all\n"
   )
   print(markdown(rows, args))
   result = dict(
-    command=command.strip(), commit=loop.commit(), machine=machine, target=args.target,
-    settings=vars(args), contenders=rows, runs=runs,
+    **record, target=args.target, settings=vars(args), contenders=rows, runs=runs,
   )  # fmt: skip
   _tasks.write_json(args.json, result)
   return result

@@ -257,6 +257,128 @@ def tuned_tables(data: dict) -> list[tuple[str, Table]]:
   ]
 
 
+def _ratio(r: dict) -> str:
+  """A median ratio with its 25th–75th percentile in brackets."""
+  return f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}–{r['ratio_q75']:.2f})"
+
+
+def _kernels(c: dict) -> str:
+  return f"{c['fusions']} ({c['distinct_fusions']})"
+
+
+def tree_title(tree: dict) -> str:
+  """The title of a parameter tree of ``python -m benchmarks``."""
+  return f"{tree['title']}: {tree['leaves']:,} leaves, {tree['params']:,} parameters"
+
+
+def update_table(tree: dict) -> Table:
+  """``python -m benchmarks``, section 1: the update cost on one tree."""
+  header = ["transformation", "median ms", "× scale_by_adam", "passes"]
+  rows = []
+  for name, row in tree["rows"].items():
+    u = row.get("update")
+    timing = ["—", "—"] if u is None else [f"{u['median_s'] * 1e3:.2f}", _ratio(u)]
+    rows.append([name, *timing, f"{row['passes']:.1f}", _kernels(row["compile"])])
+  return [*header, "kernels (distinct)"], rows
+
+
+def compile_table(tree: dict) -> Table:
+  """``python -m benchmarks``, section 2: the compile time on the many-leaf tree."""
+  header = ["transformation", "trace+lower s", "XLA compile s", "total s"]
+  rows = []
+  for name, row in tree["rows"].items():
+    c = row["compile"]
+    tl, cs = statistics.median(c["trace_lower_s"]), statistics.median(c["compile_s"])
+    seconds = [f"{s:.1f}" for s in (tl, cs, c["total_s"])]
+    rows.append([name, *seconds, f"{c['ratio']:.2f}", _kernels(c)])
+  return [*header, "× scale_by_adam", "kernels (distinct)"], rows
+
+
+def memory_table(trees: dict) -> Table:
+  """``python -m benchmarks``, section 3: optimizer-state bytes, two columns a tree."""
+  header = ["transformation"]
+  for name in trees:
+    header += [f"{name} bytes", "× Adam"]
+  rows = []
+  for name in next(iter(trees.values()))["rows"]:
+    row = [name]
+    for tree in trees.values():
+      r = tree["rows"][name]
+      row += [f"{r['bytes']:,}", f"{r['ratio']:.2g}"]
+    rows.append(row)
+  return header, rows
+
+
+def train_table(res: dict) -> Table:
+  """``python -m benchmarks``, section 4: a whole training step per optimizer."""
+  header = ["optimizer", "median ms", "× SGD", "GFLOP/step", "compile s"]
+  header += ["update alone ms", "step ratio implied"]
+  rows = []
+  for name, row in res["rows"].items():
+    step, alone, bound = row["step"], "—", "—"
+    if "update_alone" in row:
+      alone = f"{row['update_alone']['median_s'] * 1e3:.3f}"
+      bound = f"{row['step_bound']:.4f}"
+    ms, gflops, compile_s = step["median_s"] * 1e3, row["gflops"], row["compile_s"]
+    cells = [f"{ms:.1f}", _ratio(step), f"{gflops:.2f}", f"{compile_s:.1f}"]
+    rows.append([name, *cells, alone, bound])
+  return header, rows
+
+
+def lgm_defaults_table(data: dict) -> Table:
+  """``python -m benchmarks.lgm_defaults --json``: one row per LGM variant.
+
+  The test accuracy as mean ± std over seeds; the steps to the target as the
+  mean over the runs that reached it, with how many did.
+  """
+  header = ["variant", "lr", "test acc", f"steps to {_percent(data['target'])} (runs)"]
+  rows = []
+  for name, r in data["rows"].items():
+    steps = "—" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
+    rows.append(
+      [
+        name,
+        f"{r['lr']:g}",
+        f"{r['acc_mean']:.4f} ± {r['acc_std']:.4f}",
+        f"{steps} ({r['reached']}/{data['seeds']})",
+        str(r["diverged"]),
+      ]
+    )
+  return [*header, "diverged"], rows
+
+
+def sam_schedule_tables(data: dict) -> list[tuple[str, Table]]:
+  """``python -m benchmarks.sam_schedule --json``: a table of step times per model."""
+  tables = []
+  for model, result in data["results"].items():
+    rows = [
+      [label, f"{1e3 * seconds:.2f}", f"{result['ratio_to_sgd'][label]:.2f}"]
+      for label, seconds in result["per_step_s"].items()
+    ]
+    tables.append((f"{model}. ", (["contender", "ms / step", "× SGD"], rows)))
+  return tables
+
+
+def benchmarks_tables(data: dict) -> list[tuple[str, Table]]:
+  """``python -m benchmarks --json``: a table per section that ran."""
+  tables = [
+    (f"Update cost, {tree_title(tree)}. ", update_table(tree))
+    for tree in data.get("update", {}).values()
+  ]
+  if "compile" in data:
+    title = f"Compile time, {tree_title(data['compile'])}. "
+    tables.append((title, compile_table(data["compile"])))
+  if "memory" in data:
+    tables.append(("Optimizer-state memory. ", memory_table(data["memory"])))
+  if "train" in data:
+    t = data["train"]
+    title = (
+      f"Train step, {t['model']}, {t['params']:,} parameters, batch {t['batch']}. "
+    )
+    tables.append((title, train_table(t)))
+  return tables
+
+
 TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "compare_digits": compare_table,
   "compare_fashion_mnist": compare_table,
@@ -269,6 +391,9 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "compare_tuned_fashion_mnist_cnn": tuned_tables,
   "compare_tuned_fashion_mnist_resnet20": tuned_tables,
   "compare_tuned_digits_resnet20": tuned_tables,
+  "benchmarks": benchmarks_tables,
+  "lgm_defaults": lgm_defaults_table,
+  "sam_schedule": sam_schedule_tables,
 }
 """JSON file stem under ``docs/data`` -> the function that makes its table (or
 its titled tables)."""

@@ -61,7 +61,9 @@ def test_report_prints_every_section_and_row(quick_report):
 
 def test_json_is_complete(quick_report):
   _, results = quick_report
-  assert set(results) == {"meta", "update", "compile", "memory", "train", "targets"}
+  sections = {"meta", "update", "compile", "memory", "train", "targets"}
+  assert set(results) == {"command", "commit", "machine", *sections}
+  assert results["command"].startswith("python -m benchmarks")
   assert results["meta"]["quick"] is True
   for tree in ("resnet50", "many_leaves"):
     rows = results["update"][tree]["rows"]
