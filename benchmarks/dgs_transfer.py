@@ -22,7 +22,7 @@ from flax import nnx
 
 import optax_lgm
 from benchmarks import _tasks
-from examples import models
+from examples import loop, models
 
 MODELS = ("mlp", "cnn", "resnet20", "transformer")
 
@@ -40,20 +40,19 @@ class MLP(nnx.Module):
     return self.out(nnx.relu(self.hidden(x)))
 
 
-def main():
+def main(argv=None):
   args = _tasks.parser(
     __doc__, lrs="0.0003", models=",".join(MODELS), epochs=20, batch=64, seed=0,
     momentum=(0.9, "<0: none"), json=None, denominator=["mean", "sum"],
     reduction=["global", "layer", "element"],
-  ).parse_args()  # fmt: skip
+  ).parse_args(argv)  # fmt: skip
   train_split, test_split, meta = _tasks.digits(8)
   data = (meta.num_classes, meta.input_shape, meta.mean, meta.std)
   lrs = [float(v) for v in args.lrs.split(",")]
-  rows, table = [], []
+  rows = []
   start = time.perf_counter()
   for name in args.models.split(","):
     create = MLP if name == "mlp" else functools.partial(models.create_model, name)
-    accs = []
     for lr in lrs:
       tx = optax_lgm.dgs(
         lr, None if args.momentum < 0 else args.momentum,
@@ -66,18 +65,18 @@ def main():
       )[0]  # fmt: skip
       n = optax.tree.size(nnx.state(model, nnx.Param))
       rows.append(dict(model=name, params=n, lr=lr, accuracy=acc))
-      accs.append(f"{acc:.1%}")
       print(f"{name:12s} {n:8d} params  lr={lr:g}  test accuracy {acc:.4f}", flush=True)
-    table.append([name, f"{n:,}", *accs])
   print(
     f"\ndgs(lr, {args.momentum}, denominator={args.denominator!r}, "
     f"reduction={args.reduction!r}), digits, "
     f"{args.epochs} epochs, batch {args.batch}, seed {args.seed}, "
     f"{time.perf_counter() - start:.0f} s, {jax.devices()[0].platform}"
   )
-  header = " | ".join(["model | parameters", *(f"lr {lr:g}" for lr in lrs)])
-  print(_tasks.table(header, table))
-  _tasks.write_json(args.json, rows)
+  record = _tasks.record("benchmarks.dgs_transfer", argv)
+  result = dict(**record, settings=vars(args), rows=rows)
+  tables = loop.docs_script("make_tables")
+  print(tables.markdown(tables.dgs_transfer_table(result)))
+  _tasks.write_json(args.json, result)
 
 
 if __name__ == "__main__":

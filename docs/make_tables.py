@@ -359,6 +359,23 @@ def sam_schedule_tables(data: dict) -> list[tuple[str, Table]]:
   return tables
 
 
+def dgs_transfer_table(data: dict) -> Table:
+  """``python -m benchmarks.dgs_transfer --json``: a row per model, a column per rate.
+
+  The final test accuracy of each (model, learning rate); one seed.
+  """
+  rates = list(dict.fromkeys(r["lr"] for r in data["rows"]))
+  cells: dict[str, dict] = {}
+  for r in data["rows"]:
+    row = cells.setdefault(r["model"], {"params": r["params"]})
+    row[r["lr"]] = f"{100 * r['accuracy']:.1f}%"
+  rows = [
+    [model, f"{row['params']:,}", *(row.get(lr, "—") for lr in rates)]
+    for model, row in cells.items()
+  ]
+  return ["model", "parameters", *(f"lr {lr:g}" for lr in rates)], rows
+
+
 def benchmarks_tables(data: dict) -> list[tuple[str, Table]]:
   """``python -m benchmarks --json``: a table per section that ran."""
   tables = [
@@ -394,6 +411,7 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "benchmarks": benchmarks_tables,
   "lgm_defaults": lgm_defaults_table,
   "sam_schedule": sam_schedule_tables,
+  "dgs_transfer": dgs_transfer_table,
 }
 """JSON file stem under ``docs/data`` -> the function that makes its table (or
 its titled tables)."""
