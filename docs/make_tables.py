@@ -355,7 +355,8 @@ def sam_schedule_tables(data: dict) -> list[tuple[str, Table]]:
       [label, f"{1e3 * seconds:.2f}", f"{result['ratio_to_sgd'][label]:.2f}"]
       for label, seconds in result["per_step_s"].items()
     ]
-    tables.append((f"{model}. ", (["contender", "ms / step", "× SGD"], rows)))
+    title = f"Step time, {model}. "
+    tables.append((title, (["contender", "ms / step", "× SGD"], rows)))
   return tables
 
 
