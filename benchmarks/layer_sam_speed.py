@@ -31,7 +31,7 @@ import optax
 import optax_lgm
 from benchmarks import _tasks, _timing
 from benchmarks._tasks import SHARE_FORWARD, budget_mask
-from examples import input_pipeline
+from examples import input_pipeline, loop
 
 XLA_CONFIGS = {"default XLA passes": None, "reshape-mover disabled": SHARE_FORWARD}
 MEANS = ("captured", "cosine", "share")  # The probes' figures averaged (--defaults).
@@ -68,7 +68,7 @@ def train_selection(task: _tasks.Task, tx, args, data, mask=None) -> dict[str, A
   )  # fmt: skip
 
 
-def speed(args) -> None:
+def speed(args, argv) -> None:
   """The step-time comparison."""
   data = _tasks.digits(32)[0]
   task = _tasks.Task(data["image"])
@@ -135,20 +135,22 @@ def speed(args) -> None:
     f"{budgeted['selection']} = {budgeted['selection_names']}, "
     f"{budgeted['compilations']} compilations"
   )
-  for cfg in configs:
+  selections = {name: sel for name, (_, _, sel) in contenders.items()}
+  result = dict(
+    **_tasks.record("benchmarks.layer_sam_speed", argv), settings=vars(args),
+    contenders={n: None if s is None else list(s) for n, s in selections.items()},
+    results=results, selection=list(trained["selection"]), budget=args.budget,
+    budget_selection=list(budgeted["selection"]),
+    budget_selection_names=budgeted["selection_names"],
+    selection_names=trained["selection_names"],
+    compilations=trained["compilations"], history=trained["history"],
+  )  # fmt: skip
+  tables = loop.docs_script("make_tables")
+  for cfg, (_, table) in zip(configs, tables.layer_sam_speed_tables(result)):
+    print(f"\n### {cfg}\n\n" + tables.markdown(table))
     run = {name: results[f"{cfg}/{name}"] for name in contenders}
     ms = {name: float(np.median(r["ms"])) for name, r in run.items()}
-    base, sam_ms, base_gf = ms["SGD"], ms["optax.contrib.sam"], run["SGD"]["gflops"]
-    rows = [
-      [
-        name, "-" if sel is None else str(sel), f"{run[name]['gflops']:.2f}",
-        f"{ms[name]:.0f}", f"{min(run[name]['ms']):.0f}", f"{ms[name] / base:.2f}",
-        f"{sam_ms / ms[name]:.2f}", f"{run[name]['gflops'] / base_gf:.2f}",
-      ]
-      for name, (_, _, sel) in contenders.items()
-    ]  # fmt: skip
-    header = "contender | selection | GFLOP/step | median ms | min ms | × SGD | "
-    print(f"\n### {cfg}\n\n" + _tasks.table(header + "SAM ÷ this | GFLOP × SGD", rows))
+    base, sam_ms = ms["SGD"], ms["optax.contrib.sam"]
     static_out = ms["layer_sam static, output-side layers"] / base
     static_train = sam_ms / ms["layer_sam static, training's selection"]
     dyn, static_budget = ms[dynamic] / sam_ms, sam_ms / ms[budget_name]
@@ -161,19 +163,10 @@ def speed(args) -> None:
       f"{static_budget:.2f}x faster than SAM (>= 1.5: {met[static_budget >= 1.5]}); "
       f"dynamic {dyn:.2f}x SAM (<= 1.00: {met[dyn <= 1.0]})"
     )
-  _tasks.write_json(
-    args.json,
-    dict(
-      results=results, selection=list(trained["selection"]), budget=args.budget,
-      budget_selection=list(budgeted["selection"]),
-      budget_selection_names=budgeted["selection_names"],
-      selection_names=trained["selection_names"],
-      compilations=trained["compilations"], history=trained["history"],
-    ),
-  )  # fmt: skip
+  _tasks.write_json(args.json, result)
 
 
-def defaults(args) -> None:
+def defaults(args, argv) -> None:
   """The measurement behind the defaults ``layers`` and ``k``."""
   data = _tasks.digits(32)[0]
   task = _tasks.Task(data["image"])
@@ -253,7 +246,7 @@ def defaults(args) -> None:
     f"{np.mean(sgd_cos):.4f}. FLOPs with reshape-mover disabled; SGD "
     f"{flops['sgd']:.2f}, SAM {flops['sam']:.2f} GFLOP.\n"
   )
-  rows, lines = {}, []
+  rows = {}
   for layers, k, budget in configs:
     recs = records[layers, k, budget]
     names = optax_lgm.layer_names(task.params, layers, mask=masks[budget])
@@ -262,19 +255,18 @@ def defaults(args) -> None:
     gf = gflops(partial[layers, k, budget], True, common)
     row = {key: float(np.mean([r[key] for r in recs])) for key in MEANS}
     row.update(distinct=len(set(sels)), common=[names[j] for j in common], gflops=gf)
+    row.update(layers=layers, k=k, budget=budget)
     rows[f"{layers}/{k}" + (f"/{budget}" if budget else "")] = row
-    lines.append([
-      layers, k, budget or "all", f"{row['captured']:.3f}", f"{row['cosine']:.4f}",
-      f"{row['share']:.3f}", row["distinct"], ", ".join(row["common"]),
-      f"{gf:.2f} ({gf / flops['sgd']:.2f})",
-    ])  # fmt: skip
-  header = "layers | k | candidates | captured | cosine(g~, g_SAM) | norm² share of S"
-  header += " | distinct selections | most frequent selection | static GFLOP (× SGD)"
-  print(_tasks.table(header, lines))
-  _tasks.write_json(args.json, dict(rows=rows, sgd_cosine=sgd_cos, flops=flops))
+  result = dict(
+    **_tasks.record("benchmarks.layer_sam_speed", argv), settings=vars(args),
+    rows=rows, sgd_cosine=sgd_cos, flops=flops,
+  )  # fmt: skip
+  tables = loop.docs_script("make_tables")
+  print(tables.markdown(tables.layer_sam_defaults_table(result)))
+  _tasks.write_json(args.json, result)
 
 
-def main() -> None:
+def main(argv=None) -> None:
   args = _tasks.parser(
     __doc__, batch=128, reps=5, steps_warmup=2, k=2, layers="module", rho=0.05,
     lr=0.05, train_steps=40, reselect_every=10,
@@ -287,11 +279,11 @@ def main() -> None:
       ["both", "default", "share"],
       "XLA pass configurations to time: default, reshape-mover disabled, both",
     ),
-  ).parse_args()  # fmt: skip
+  ).parse_args(argv)  # fmt: skip
   if args.defaults:
-    defaults(args)
+    defaults(args, argv)
   else:
-    speed(args)
+    speed(args, argv)
 
 
 if __name__ == "__main__":

@@ -377,6 +377,64 @@ def dgs_transfer_table(data: dict) -> Table:
   return ["model", "parameters", *(f"lr {lr:g}" for lr in rates)], rows
 
 
+def layer_sam_speed_tables(data: dict) -> list[tuple[str, Table]]:
+  """``python -m benchmarks.layer_sam_speed --json``: a table per XLA configuration.
+
+  Medians over the interleaved rounds; ratios of medians to SGD's step and
+  SAM's step of the same configuration.
+  """
+  tables = []
+  configs = dict.fromkeys(key.split("/", 1)[0] for key in data["results"])
+  for cfg in configs:
+    run = {name: data["results"][f"{cfg}/{name}"] for name in data["contenders"]}
+    ms = {name: statistics.median(r["ms"]) for name, r in run.items()}
+    sgd, sam, sgd_gflops = ms["SGD"], ms["optax.contrib.sam"], run["SGD"]["gflops"]
+    rows = []
+    for name, selection in data["contenders"].items():
+      r = run[name]
+      rows.append(
+        [
+          name,
+          "—" if selection is None else ", ".join(map(str, selection)),
+          f"{r['gflops']:.2f}",
+          f"{ms[name]:.0f}",
+          f"{min(r['ms']):.0f}",
+          f"{ms[name] / sgd:.2f}",
+          f"{sam / ms[name]:.2f}",
+          f"{r['gflops'] / sgd_gflops:.2f}",
+        ]
+      )
+    header = ["contender", "selection", "GFLOP/step", "median ms", "min ms", "× SGD"]
+    tables.append((f"{cfg}. ", ([*header, "SAM ÷ this", "GFLOP × SGD"], rows)))
+  return tables
+
+
+def layer_sam_defaults_table(data: dict) -> Table:
+  """``python -m benchmarks.layer_sam_speed --defaults --json``: a row per setting.
+
+  Means over the probes along the SGD run; the static step's FLOPs with the
+  most frequent selection.
+  """
+  sgd = data["flops"]["sgd"]
+  rows = [
+    [
+      r["layers"],
+      str(r["k"]),
+      r["budget"] or "all",
+      f"{r['captured']:.3f}",
+      f"{r['cosine']:.4f}",
+      f"{r['share']:.3f}",
+      str(r["distinct"]),
+      ", ".join(r["common"]),
+      f"{r['gflops']:.2f} ({r['gflops'] / sgd:.2f})",
+    ]
+    for r in data["rows"].values()
+  ]
+  header = ["layers", "k", "candidates", "captured", "cosine(g~, g_SAM)"]
+  header += ["norm² share of S", "distinct selections", "most frequent selection"]
+  return [*header, "static GFLOP (× SGD)"], rows
+
+
 def benchmarks_tables(data: dict) -> list[tuple[str, Table]]:
   """``python -m benchmarks --json``: a table per section that ran."""
   tables = [
@@ -413,6 +471,8 @@ TABLES: dict[str, Callable[[dict], Table | list[tuple[str, Table]]]] = {
   "lgm_defaults": lgm_defaults_table,
   "sam_schedule": sam_schedule_tables,
   "dgs_transfer": dgs_transfer_table,
+  "layer_sam_speed": layer_sam_speed_tables,
+  "layer_sam_defaults": layer_sam_defaults_table,
 }
 """JSON file stem under ``docs/data`` -> the function that makes its table (or
 its titled tables)."""
