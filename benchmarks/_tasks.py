@@ -13,7 +13,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -224,13 +224,6 @@ def output_side(names: Sequence[str], k: int) -> tuple[list[str], tuple[int, ...
 
   side = sorted(names, key=key)[-k:]
   return side, tuple(sorted(names.index(n) for n in side))
-
-
-def table(header: str, rows: Iterable[Sequence[Any]]) -> str:
-  """A markdown table: ``header`` (``"a | b"``), then a line per row of cells."""
-  lines = [f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
-  lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-  return "\n".join(lines)
 
 
 def record(module: str, argv: Sequence[str] | None) -> dict[str, Any]:

@@ -106,24 +106,6 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
   return rows
 
 
-def markdown(rows: dict[str, dict], args) -> str:
-  sam = rows.get("sam", {}).get("median_seconds")
-  header = f"contender | time to {args.target:.0%} (median s) | × SAM | reached | "
-  header += "steps to target (median) | final accuracy | compilations | s/step (all)"
-  lines = []
-  for name, row in rows.items():
-    med, steps = row["median_seconds"], row["median_steps"]
-    acc = np.asarray(row["final_accuracy"]) * 100
-    lines.append([
-      name, "—" if med is None else f"{med:.1f}",
-      "—" if med is None or not sam else f"{med / sam:.2f}",
-      f"{sum(s is not None for s in row['seconds'])}/{len(row['seconds'])}",
-      "—" if steps is None else int(steps), f"{acc.mean():.1f} ± {acc.std():.1f}",
-      max(row["compilations"]), f"{row['seconds_per_step']:.3f}",
-    ])  # fmt: skip
-  return _tasks.table(header, lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
   parser = _tasks.parser(
     __doc__, contenders=",".join(CONTENDERS), seeds=3, steps=(400, "steps per run"),
@@ -162,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     f"{args.seeds} seeds; {record['machine']}; "
     f"{time.perf_counter() - wall:.0f} s in all\n"
   )
-  print(markdown(rows, args))
   result = dict(
     **record, target=args.target, settings=vars(args), contenders=rows, runs=runs,
   )  # fmt: skip
+  tables = loop.docs_script("make_tables")
+  print(tables.markdown(tables.time_to_target_table(result)))
   _tasks.write_json(args.json, result)
   return result
 
