@@ -301,19 +301,23 @@ def figures_for(name: str, data: dict) -> list[tuple[str, Drawer, str]]:
   return figures
 
 
-def make_figures(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
-  """Draws the figures of every data file of ``data_dir``; returns the files."""
-  out.mkdir(parents=True, exist_ok=True)
-  written = []
-  sources = sorted(data_dir.glob("compare_*.json"))
+def sources(data_dir: pathlib.Path) -> list[pathlib.Path]:
+  """The data files of ``data_dir`` that have figures (the others: tables only)."""
+  found = sorted(data_dir.glob("compare_*.json"))
   benchmarks = ("time_to_target.json", "time_to_target_default_rule.json")
   benchmarks += ("trainer_time_to_target.json",)
   benchmarks += (
     "trainer_time_sparse.json",
     "trainer_time_to_target_fashion_mnist.json",
   )
-  sources += [data_dir / name for name in benchmarks if (data_dir / name).exists()]
-  for source in sources:
+  return found + [data_dir / name for name in benchmarks if (data_dir / name).exists()]
+
+
+def make_figures(data_dir: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
+  """Draws the figures of every data file of ``data_dir``; returns the files."""
+  out.mkdir(parents=True, exist_ok=True)
+  written = []
+  for source in sources(data_dir):
     data = json.loads(source.read_text())
     sha = sha256(source)
     fragment = []

@@ -499,7 +499,7 @@ def test_committed_figures_match_their_data():
   pytest.importorskip("PIL")
   from PIL import Image
 
-  sources = sorted((DOCS / "data").glob("*.json"))
+  sources = make_figures.sources(DOCS / "data")
   assert sources, "no data under docs/data"
   for source in sources:
     inc = DOCS / "figures" / f"{source.stem}.inc"
@@ -514,6 +514,15 @@ def test_committed_figures_match_their_data():
         f"docs/figures/{png} was not drawn from the current docs/data/{source.name}: "
         "run python docs/make_figures.py"
       )
+
+
+def test_every_data_file_has_a_table_or_figures():
+  drawn = make_figures.sources(DOCS / "data")
+  for source in sorted((DOCS / "data").glob("*.json")):
+    assert source.stem in make_tables.TABLES or source in drawn, (
+      f"docs/data/{source.name} is on no page: give it a table in "
+      "docs/make_tables.py or figures in docs/make_figures.py"
+    )
 
 
 @pytest.mark.parametrize("stem", list(make_tables.TABLES))
