@@ -405,7 +405,9 @@ def layer_sam_speed_tables(data: dict) -> list[tuple[str, Table]]:
         ]
       )
     header = ["contender", "selection", "GFLOP/step", "median ms", "min ms", "× SGD"]
-    tables.append((f"{cfg}. ", ([*header, "SAM ÷ this", "GFLOP × SGD"], rows)))
+    tables.append(
+      (f"Step time, {cfg}. ", ([*header, "SAM ÷ this", "GFLOP × SGD"], rows))
+    )
   return tables
 
 
