@@ -186,11 +186,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ).parse_args(argv)  # fmt: skip
   optimizers = args.optimizers.split(",")
   began = time.perf_counter()
-  command = " ".join(["python -m benchmarks.trainer_time_to_target", *sys.argv[1:]])
-  results: dict[str, Any] = dict(
-    command=command, commit=loop.commit(), machine=args.machine, dataset=args.dataset,
-    lengths=LENGTHS[args.dataset], runs=[], summaries={},
-  )  # fmt: skip
+  results: dict[str, Any] = {
+    **_tasks.record("benchmarks.trainer_time_to_target", argv),
+    "machine": args.machine, "dataset": args.dataset,
+    "lengths": LENGTHS[args.dataset], "runs": [], "summaries": {},
+  }  # fmt: skip
   with tempfile.TemporaryDirectory() as work:
     for model in args.models.split(","):
       for length in args.lengths.split(","):

@@ -1,6 +1,7 @@
 """The time to target (one definition, `examples.loop`), its clock, the budget."""
 
 import json
+import shlex
 import types
 
 import jax
@@ -193,3 +194,26 @@ def test_trainer_benchmark_runs_the_contenders_command(
   assert all(flag in command for flag in flags), command
   learning_rate, target, _ = bench.LENGTHS[dataset]["cnn"]["short"]
   assert f"--learning_rate {learning_rate:g} --target_accuracy {target:g}" in joined
+
+
+def test_trainer_benchmark_records_its_own_command(tmp_path, monkeypatch):
+  from benchmarks import trainer_time_to_target as bench
+
+  def fake_run(contender, *_, **__):
+    return {
+      "time_to_target": 1.0, "steps_to_target": 20, "final_test_accuracy": 0.9,
+      "evaluated_on": "test", "train_seconds": 2.0, "learning_rate": 0.05,
+      "rho": None, "compile": {"critical_seconds": 0.5, "background_seconds": 0.0,
+                               "compilations": 1},
+    }  # fmt: skip
+
+  monkeypatch.setattr(bench, "run", fake_run)
+  argv = ["--models", "cnn", "--lengths", "short", "--optimizers", "sgd,sam"]
+  argv += ["--seeds", "1", "--machine", "test box", "--out", str(tmp_path / "r.json")]
+  result = bench.main(argv)
+  assert result["command"] == shlex.join(
+    ["python", "-m", "benchmarks.trainer_time_to_target", *argv]
+  )
+  assert result["machine"] == "test box"
+  assert "commit" in result
+  assert json.loads((tmp_path / "r.json").read_text())["command"] == result["command"]
