@@ -5,10 +5,7 @@ from typing import Any
 from benchmarks import train_step, update_cost
 from examples import loop
 
-
-def _tables():
-  """``docs/make_tables.py``: the cells of every table, on the page and here."""
-  return loop.docs_script("make_tables")
+make_tables = loop.docs_script("make_tables")  # The results page's cells.
 
 
 def update_section(results: dict[str, Any]) -> list[str]:
@@ -23,35 +20,34 @@ def update_section(results: dict[str, Any]) -> list[str]:
     "2). Kernels: the fused computations of the optimised HLO, and how many "
     "are distinct (XLA compiles identical ones once).",
   ]
-  t = _tables()
   for tree in results.values():
-    lines += ["", f"### {t.tree_title(tree)}", "", t.markdown(t.update_table(tree))]
+    table = make_tables.markdown(make_tables.update_table(tree))
+    lines += ["", f"### {make_tables.tree_title(tree)}", "", table]
   return lines
 
 
 def compile_section(tree: dict[str, Any], reps: int) -> list[str]:
   """Section 2: compile time on the many-leaf tree."""
-  t = _tables()
   return [
-    f"## 2. Compile time: {t.tree_title(tree)}",
+    f"## 2. Compile time: {make_tables.tree_title(tree)}",
     "",
     f"Trace + lower + XLA compile of the same jitted update, median of {reps} "
     "interleaved round(s), each from a new Python function (no cache).",
     "",
-    t.markdown(t.compile_table(tree)),
+    make_tables.markdown(make_tables.compile_table(tree)),
   ]
 
 
 def memory_section(results: dict[str, Any]) -> list[str]:
   """Section 3: optimizer-state bytes, a pair of columns per tree."""
-  t = _tables()
   lines = ["## 3. Optimizer-state memory (bytes of `tx.init(params)`)", ""]
   for tree in results.values():
+    title = make_tables.tree_title(tree)
     lines.append(
-      f"- {t.tree_title(tree)}; {tree['layers']} layers with `layers='leaf'`, "
+      f"- {title}; {tree['layers']} layers with `layers='leaf'`, "
       f"{tree['modules']} with `layers='module'`."
     )
-  return [*lines, "", t.markdown(t.memory_table(results))]
+  return [*lines, "", make_tables.markdown(make_tables.memory_table(results))]
 
 
 def train_section(res: dict[str, Any]) -> list[str]:
@@ -69,7 +65,7 @@ def train_section(res: dict[str, Any]) -> list[str]:
     "whole-step noise does not blur (not for the SAMs: their update runs a "
     "second forward and backward pass).",
     "",
-    _tables().markdown(_tables().train_table(res)),
+    make_tables.markdown(make_tables.train_table(res)),
   ]
 
 
